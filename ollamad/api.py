@@ -1,0 +1,397 @@
+"""HTTP routes: Ollama's native API (first slice) over the scheduler and runners."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import aiohttp
+import anyio
+import structlog
+from aiohttp import web
+from pydantic import ValidationError
+
+from ollamad import __version__
+from ollamad.catalog import Catalog, InvalidName, Model
+from ollamad.describe import details
+from ollamad.durations import FOREVER, keep_alive_from_request
+from ollamad.ggufmeta import GGUFError
+from ollamad.modelfacts import ModelFacts
+from ollamad.proxy import UpstreamError, error_of, sse_events
+from ollamad.scheduler import Lease, Scheduler, SchedulerError
+from ollamad.settings import Settings
+from ollamad.translate import (
+    ChatRequest,
+    GenerateRequest,
+    chat_payload,
+    completion_payload,
+    describe_validation,
+    done_reason,
+    durations,
+    now_iso,
+    ollama_tool_calls,
+)
+
+log = structlog.get_logger("ollamad.api")
+NDJSON = "application/x-ndjson"
+_Req = TypeVar("_Req", GenerateRequest, ChatRequest)
+
+
+@dataclass
+class AppContext:
+    settings: Settings
+    catalog: Catalog
+    scheduler: Scheduler
+    session: aiohttp.ClientSession | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+CTX = web.AppKey("ctx", AppContext)
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+def dumps(obj: Any) -> bytes:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every failure becomes Ollama's ``{"error": ...}`` with the right status."""
+    try:
+        return await handler(request)
+    except ApiError as e:
+        return error(e.status, e.message)
+    except SchedulerError as e:
+        return error(e.status, e.message)
+    except UpstreamError as e:
+        return error(e.status, e.message)
+    except web.HTTPException as e:
+        if e.status >= 400:
+            return error(e.status, e.reason)
+        raise
+    except GGUFError as e:
+        return error(500, str(e))
+
+
+async def read_json(request: web.Request) -> dict[str, Any]:
+    raw = await request.read()
+    if not raw.strip():
+        raise ApiError(400, "missing request body")
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"invalid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "request body must be a JSON object")
+    return body
+
+
+def resolve(ctx: AppContext, name: str) -> Model:
+    try:
+        model = ctx.catalog.resolve(name)
+    except InvalidName as e:
+        raise ApiError(400, str(e)) from None
+    if model is None:
+        raise ApiError(404, f"model '{name}' not found")
+    return model
+
+
+def parse_keep_alive(value: object) -> float | None:
+    if value is None:
+        return None
+    try:
+        return keep_alive_from_request(value)
+    except ValueError as e:
+        raise ApiError(400, f"invalid keep_alive: {e}") from None
+
+
+def validate(cls: type[_Req], body: dict[str, Any]) -> _Req:
+    if not body.get("model"):
+        raise ApiError(400, "model is required")
+    try:
+        return cls.model_validate(body)
+    except ValidationError as e:
+        raise ApiError(400, describe_validation(e)) from None
+
+
+# --- simple routes ----------------------------------------------------------------------
+async def root(request: web.Request) -> web.Response:
+    return web.Response(text="Ollama is running")
+
+
+async def version(request: web.Request) -> web.Response:
+    return web.json_response({"version": __version__})
+
+
+async def tags(request: web.Request) -> web.Response:
+    ctx = request.app[CTX]
+    out = []
+    for m in sorted(ctx.catalog.list(), key=lambda m: -m.modified):
+        try:
+            facts = ctx.catalog.facts(m)
+        except (GGUFError, OSError):
+            continue
+        digest = await anyio.to_thread.run_sync(ctx.catalog.digest, m)
+        out.append({
+            "name": m.name, "model": m.name, "modified_at": _iso(m.modified), "size": m.size,
+            "digest": digest, "details": details(facts),
+        })
+    return web.json_response({"models": out})
+
+
+async def ps(request: web.Request) -> web.Response:
+    ctx = request.app[CTX]
+    return web.json_response(await ps_body(ctx))
+
+
+async def ps_body(ctx: AppContext) -> dict[str, Any]:
+    sched = ctx.scheduler
+    now_mono, now_wall = sched.clock(), time.time()
+    models = []
+    for rid, r in sorted(sched.state.runners.items()):
+        model = ctx.catalog.resolve(r.plan.model)
+        facts = ctx.catalog.facts(model) if model else None
+        expires: float | None
+        if r.status == "stopping":
+            expires = now_wall
+        elif r.in_flight or r.expires_at is None:
+            expires = now_wall + r.keep_alive if r.keep_alive != FOREVER else None
+        else:
+            expires = now_wall + (r.expires_at - now_mono)
+        digest = await anyio.to_thread.run_sync(ctx.catalog.digest, model) if model else ""
+        models.append({
+            "name": r.plan.model, "model": r.plan.model, "size": r.memory, "digest": digest,
+            "details": details(facts) if facts else {},
+            "expires_at": _iso(expires) if expires is not None else "2318-08-07T02:09:33.437417Z",
+            "size_vram": 0, "context_length": r.plan.ctx,
+            # beyond Ollama's fields
+            "runner_id": rid, "status": r.status, "num_parallel": r.plan.num_parallel,
+            "busy_slots": r.in_flight, "queued": sched.state.waiting(r.plan.model),
+            "pid": sched.runners[rid].pid if rid in sched.runners else None,
+            "estimated_size": r.plan.estimate,
+        })
+    return {"models": models, "queue": {"waiting": sched.state.waiting(), "max": sched.state.max_queue}}
+
+
+def _iso(ts: float) -> str:
+    import datetime as dt
+
+    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+# --- generate and chat ------------------------------------------------------------------
+async def generate(request: web.Request) -> web.StreamResponse:
+    ctx = request.app[CTX]
+    t0 = time.monotonic_ns()
+    req = validate(GenerateRequest, await read_json(request))
+    model = resolve(ctx, req.model)
+    facts = ctx.catalog.facts(model)
+    if facts.embedding:
+        raise ApiError(400, f'"{req.model}" does not support generate')
+    keep_alive = parse_keep_alive(req.keep_alive)
+    if not req.prompt and not req.images:
+        return await load_or_unload(ctx, model, req.model, keep_alive, req.options.num_ctx,
+                                    {"response": ""})
+    lease = await ctx.scheduler.acquire(model, num_ctx=req.options.num_ctx,
+                                        load=req.options.load_options(), keep_alive=keep_alive)
+    async with lease:
+        prompt = await _generate_prompt(ctx, lease, req, facts)
+        payload = completion_payload(req, prompt, stream=True)
+        return await relay(request, ctx, lease, "/completion", payload, req.stream, t0,
+                           _GenerateShape(req.model))
+
+
+async def _generate_prompt(ctx: AppContext, lease: Lease, req: GenerateRequest, facts: ModelFacts) -> str:
+    """Ollama applies the model's chat template to a generate prompt unless raw is set."""
+    if req.raw or not facts.chat_template:
+        return req.prompt
+    messages = []
+    if req.system:
+        messages.append({"role": "system", "content": req.system})
+    messages.append({"role": "user", "content": req.prompt})
+    assert ctx.session is not None
+    async with ctx.session.post(f"{lease.runner.url}/apply-template", json={"messages": messages},
+                                headers=lease.runner.headers) as up:
+        if up.status != 200:
+            raise await error_of(up)
+        body = await up.json()
+    return str(body.get("prompt", req.prompt))
+
+
+async def chat(request: web.Request) -> web.StreamResponse:
+    ctx = request.app[CTX]
+    t0 = time.monotonic_ns()
+    req = validate(ChatRequest, await read_json(request))
+    model = resolve(ctx, req.model)
+    facts = ctx.catalog.facts(model)
+    if facts.embedding:
+        raise ApiError(400, f'"{req.model}" does not support chat')
+    keep_alive = parse_keep_alive(req.keep_alive)
+    if not req.messages:
+        return await load_or_unload(ctx, model, req.model, keep_alive, req.options.num_ctx,
+                                    {"message": {"role": "assistant", "content": ""}})
+    try:
+        payload = chat_payload(req, stream=True)
+    except ValueError as e:
+        raise ApiError(400, str(e)) from None
+    lease = await ctx.scheduler.acquire(model, num_ctx=req.options.num_ctx,
+                                        load=req.options.load_options(), keep_alive=keep_alive)
+    async with lease:
+        return await relay(request, ctx, lease, "/v1/chat/completions", payload, req.stream, t0,
+                           _ChatShape(req.model))
+
+
+async def load_or_unload(ctx: AppContext, model: Model, name: str, keep_alive: float | None,
+                         num_ctx: int | None, empty: dict[str, Any]) -> web.Response:
+    """Empty prompt: load the model (done_reason "load"), or with keep_alive 0 unload it."""
+    if keep_alive == 0:
+        ctx.scheduler.unload(model)
+        reason = "unload"
+    else:
+        lease = await ctx.scheduler.acquire(model, num_ctx=num_ctx, keep_alive=keep_alive, load_only=True)
+        lease.release()
+        reason = "load"
+    return web.json_response({"model": name, "created_at": now_iso(), **empty, "done": True,
+                              "done_reason": reason})
+
+
+class _GenerateShape:
+    """How generate chunks look."""
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+        self.text: list[str] = []
+
+    def piece(self, event: dict[str, Any]) -> dict[str, Any] | None:
+        content = event.get("content") or ""
+        if not content:
+            return None
+        self.text.append(content)
+        return {"model": self.model, "created_at": now_iso(), "response": content, "done": False}
+
+    def is_final(self, event: dict[str, Any]) -> bool:
+        return bool(event.get("stop"))
+
+    def final(self, event: dict[str, Any], total_ns: int, load_ns: int, whole: bool) -> dict[str, Any]:
+        return {
+            "model": self.model, "created_at": now_iso(), "response": "".join(self.text) if whole else "",
+            "done": True, "done_reason": done_reason(event.get("stop_type")),
+            **durations(event.get("timings"), total_ns, load_ns, event.get("tokens_evaluated")),
+        }
+
+
+class _ChatShape:
+    """How chat chunks look; tool calls are gathered and sent whole."""
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+        self.text: list[str] = []
+        self.thinking: list[str] = []
+        self.calls: dict[int, dict[str, Any]] = {}
+        self.finish: str | None = None
+        self.timings: dict[str, Any] | None = None
+        self.prompt_tokens: int | None = None
+
+    def piece(self, event: dict[str, Any]) -> dict[str, Any] | None:
+        if event.get("timings"):
+            self.timings = event["timings"]
+        if event.get("usage"):
+            self.prompt_tokens = event["usage"].get("prompt_tokens")
+        choices = event.get("choices") or []
+        if not choices:
+            return None
+        choice = choices[0]
+        self.finish = choice.get("finish_reason") or self.finish
+        delta = choice.get("delta") or {}
+        for tc in delta.get("tool_calls") or []:
+            slot = self.calls.setdefault(tc.get("index", 0), {"function": {"name": "", "arguments": ""}})
+            fn = tc.get("function") or {}
+            slot["function"]["name"] += fn.get("name") or ""
+            slot["function"]["arguments"] += fn.get("arguments") or ""
+        content = delta.get("content") or ""
+        thinking = delta.get("reasoning_content") or ""
+        if not content and not thinking:
+            return None
+        self.text.append(content)
+        self.thinking.append(thinking)
+        msg: dict[str, Any] = {"role": "assistant", "content": content}
+        if thinking:
+            msg["thinking"] = thinking
+        return {"model": self.model, "created_at": now_iso(), "message": msg, "done": False}
+
+    def is_final(self, event: dict[str, Any]) -> bool:
+        return False  # the chat stream ends with [DONE], after the usage chunk
+
+    def final(self, event: dict[str, Any], total_ns: int, load_ns: int, whole: bool) -> dict[str, Any]:
+        msg: dict[str, Any] = {"role": "assistant", "content": "".join(self.text) if whole else ""}
+        if whole and any(self.thinking):
+            msg["thinking"] = "".join(self.thinking)
+        if self.calls:
+            msg["tool_calls"] = ollama_tool_calls([self.calls[i] for i in sorted(self.calls)])
+        return {
+            "model": self.model, "created_at": now_iso(), "message": msg, "done": True,
+            "done_reason": done_reason(None, self.finish),
+            **durations(self.timings, total_ns, load_ns, self.prompt_tokens),
+        }
+
+
+async def relay(request: web.Request, ctx: AppContext, lease: Lease, path: str, payload: dict[str, Any],
+                stream: bool, t0: int, shape: _GenerateShape | _ChatShape) -> web.StreamResponse:
+    """Send ``payload`` to the runner and translate its event stream into NDJSON (or one object)."""
+    assert ctx.session is not None
+    load_ns = int(lease.queued_for * 1e9)
+    async with ctx.session.post(f"{lease.runner.url}{path}", json=payload, headers=lease.runner.headers) as up:
+        if up.status != 200:
+            raise await error_of(up)
+        if not stream:
+            last: dict[str, Any] = {}
+            async for event in sse_events(up):
+                shape.piece(event)
+                last = event
+            return web.json_response(shape.final(last, time.monotonic_ns() - t0, load_ns, whole=True))
+        resp = web.StreamResponse(headers={"Content-Type": NDJSON})
+        await resp.prepare(request)
+        last = {}
+        try:
+            async for event in sse_events(up):
+                last = event
+                chunk = shape.piece(event)
+                if chunk is not None:
+                    await resp.write(dumps(chunk))
+                if shape.is_final(event):
+                    break
+        except UpstreamError as e:
+            log.warning("stream cut", model=shape.model, error=e.message)
+            await resp.write(dumps({"error": e.message}))
+            return resp
+        await resp.write(dumps(shape.final(last, time.monotonic_ns() - t0, load_ns, whole=False)))
+        return resp
+
+
+def make_app(ctx: AppContext) -> web.Application:
+    app = web.Application(middlewares=[errors_middleware], client_max_size=64 * 1024 * 1024)
+    app[CTX] = ctx
+    app.router.add_get("/", root)
+    app.router.add_head("/", root, allow_head=False)
+    app.router.add_get("/api/version", version)
+    app.router.add_get("/api/tags", tags)
+    app.router.add_get("/api/ps", ps)
+    app.router.add_post("/api/generate", generate)
+    app.router.add_post("/api/chat", chat)
+    return app

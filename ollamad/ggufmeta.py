@@ -1,0 +1,169 @@
+"""Read a GGUF file's metadata and tensor table without loading the tensors.
+
+Large arrays (a 150k-token vocabulary) are skipped, not parsed: only their length is kept.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+MAGIC = b"GGUF"
+_SCALARS = {
+    0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d",
+}  # fmt: skip
+_STRING, _ARRAY = 8, 9
+KEEP_ARRAY_MAX = 64  # arrays longer than this are skipped (tokens, merges, scores)
+
+
+class GGUFError(ValueError):
+    """The file is not a readable GGUF file."""
+
+
+@dataclass(frozen=True)
+class SkippedArray:
+    """Stands in for an array too long to be worth reading."""
+
+    length: int
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]
+    type: int
+
+    @property
+    def n_elements(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def n_bytes(self) -> int:
+        try:
+            block, size = GGML_QUANT_SIZES[GGMLQuantizationType(self.type)]
+        except (ValueError, KeyError):
+            raise GGUFError(f"tensor {self.name} has unknown type {self.type}") from None
+        return self.n_elements * size // block
+
+
+@dataclass(frozen=True)
+class GGUFInfo:
+    version: int
+    metadata: dict[str, Any]
+    tensors: tuple[TensorInfo, ...] = field(repr=False)
+
+    @property
+    def architecture(self) -> str:
+        return str(self.metadata.get("general.architecture", "unknown"))
+
+    def arch(self, key: str, default: Any = None) -> Any:
+        """``<architecture>.<key>`` from the metadata."""
+        return self.metadata.get(f"{self.architecture}.{key}", default)
+
+    @property
+    def tensor_bytes(self) -> int:
+        return sum(t.n_bytes for t in self.tensors)
+
+    @property
+    def parameter_count(self) -> int:
+        return sum(t.n_elements for t in self.tensors)
+
+
+class _Reader:
+    def __init__(self, f: BinaryIO) -> None:
+        self.f = f
+
+    def read(self, n: int) -> bytes:
+        b = self.f.read(n)
+        if len(b) != n:
+            raise GGUFError("file is truncated")
+        return b
+
+    def scalar(self, fmt: str) -> Any:
+        return struct.unpack(fmt, self.read(struct.calcsize(fmt)))[0]
+
+    def u32(self) -> int:
+        return int(self.scalar("<I"))
+
+    def u64(self) -> int:
+        return int(self.scalar("<Q"))
+
+    def string(self) -> str:
+        n = self.u64()
+        if n > 1 << 26:
+            raise GGUFError("string length is implausible")
+        return self.read(n).decode("utf-8", errors="replace")
+
+    def skip_string(self) -> None:
+        n = self.u64()
+        self.f.seek(n, 1)
+
+    def value(self, vtype: int) -> Any:
+        if vtype in _SCALARS:
+            return self.scalar(_SCALARS[vtype])
+        if vtype == _STRING:
+            return self.string()
+        if vtype == _ARRAY:
+            itype, count = self.u32(), self.u64()
+            if count > KEEP_ARRAY_MAX:
+                self.skip_array(itype, count)
+                return SkippedArray(count)
+            return [self.value(itype) for _ in range(count)]
+        raise GGUFError(f"unknown metadata value type {vtype}")
+
+    def skip_array(self, itype: int, count: int) -> None:
+        if itype in _SCALARS:
+            self.f.seek(struct.calcsize(_SCALARS[itype]) * count, 1)
+        elif itype == _STRING:
+            for _ in range(count):
+                self.skip_string()
+        else:
+            for _ in range(count):
+                self.value(itype)
+
+
+def read_gguf(path: str | Path) -> GGUFInfo:
+    """Read metadata and tensor infos from ``path``; raises GGUFError on a bad file."""
+    try:
+        with open(path, "rb", buffering=1 << 20) as f:
+            return _read(_Reader(f), Path(path).stat().st_size)
+    except (struct.error, UnicodeDecodeError, OverflowError, MemoryError) as e:
+        raise GGUFError(f"{path}: not a valid GGUF file ({e})") from None
+    except GGUFError as e:
+        raise GGUFError(f"{path}: {e}") from None
+
+
+def _read(r: _Reader, size: int) -> GGUFInfo:
+    if r.read(4) != MAGIC:
+        raise GGUFError("not a GGUF file (bad magic)")
+    version = r.u32()
+    if version not in (2, 3):
+        raise GGUFError(f"unsupported GGUF version {version}")
+    n_tensors, n_kv = r.u64(), r.u64()
+    if n_tensors > 1_000_000 or n_kv > 1_000_000:
+        raise GGUFError("header counts are implausible")
+    meta: dict[str, Any] = {}
+    for _ in range(n_kv):
+        key = r.string()
+        meta[key] = r.value(r.u32())
+    tensors = []
+    for _ in range(n_tensors):
+        name = r.string()
+        n_dims = r.u32()
+        if n_dims > 8:
+            raise GGUFError(f"tensor {name} has {n_dims} dimensions")
+        shape = tuple(r.u64() for _ in range(n_dims))
+        ttype = r.u32()
+        r.u64()  # offset
+        tensors.append(TensorInfo(name, shape, ttype))
+    info = GGUFInfo(version, meta, tuple(tensors))
+    if info.tensors and r.f.tell() + info.tensor_bytes > size:
+        raise GGUFError("file is truncated (tensor data missing)")
+    return info

@@ -1,0 +1,304 @@
+"""The async driver around the pure scheduler core (schedcore.decide).
+
+Events (a request arrives or leaves, a runner becomes ready, fails or exits, a timer fires)
+update the state; ``_step`` asks ``decide`` what to do and carries it out: hand a lease to a
+waiting request, refuse it, start or stop a runner. One task group owns every runner task.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import anyio
+import structlog
+from anyio.abc import TaskGroup, TaskStatus
+
+from ollamad.catalog import Catalog, Model
+from ollamad.plan import (
+    LoadOptions,
+    ModelDefaults,
+    PlanSettings,
+    RunnerPlan,
+    plan_candidates,
+    request_context,
+)
+from ollamad.runner import Runner, RunnerError, describe_exit
+from ollamad.schedcore import QUEUE_FULL, Dispatch, Reject, Request, SchedState, Start, Stop, decide
+from ollamad.settings import Settings
+
+log = structlog.get_logger("ollamad.scheduler")
+NO_LOAD_OPTIONS = LoadOptions()
+
+
+class SchedulerError(Exception):
+    """A request could not be served; ``status`` is the HTTP status to answer with."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass
+class Lease:
+    """The right to send one request to one runner; release it exactly once."""
+
+    runner: Runner
+    runner_id: int
+    request_id: int
+    queued_for: float  # seconds from arrival to dispatch (queue wait and load)
+    holds_slot: bool
+    _release: Callable[[Lease], None]
+    released: bool = False
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self._release(self)
+
+    async def __aenter__(self) -> Lease:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.release()
+
+
+@dataclass
+class _Waiter:
+    event: anyio.Event = field(default_factory=anyio.Event)
+    lease: Lease | None = None
+    error: SchedulerError | None = None
+    request: Request | None = None
+
+
+def plan_settings(settings: Settings) -> PlanSettings:
+    return PlanSettings(
+        num_parallel=settings.num_parallel,
+        context_length=settings.context_length,
+        kv_cache_type=settings.kv_cache_type,
+        flash_attention=settings.flash_attention,
+        single_slot_architectures=settings.single_slot_architectures,
+        threads=settings.threads,
+    )
+
+
+def auto_max_loaded(settings: Settings, gpus: int = 0) -> int:
+    """OLLAMA_MAX_LOADED_MODELS, with 0 meaning 3 per GPU (3 without a GPU)."""
+    return settings.max_loaded_models or 3 * max(gpus, 1)
+
+
+class Scheduler:
+    def __init__(self, settings: Settings, catalog: Catalog, binary: str, *,
+                 clock: Callable[[], float] = time.monotonic, gpus: int = 0,
+                 runner_env: dict[str, str] | None = None) -> None:
+        self.settings = settings
+        self.catalog = catalog
+        self.binary = binary
+        self.clock = clock
+        self.runner_env = runner_env
+        self.plan_settings = plan_settings(settings)
+        self.state = SchedState(
+            max_loaded=auto_max_loaded(settings, gpus),
+            max_queue=settings.max_queue,
+            policy=settings.sched_policy,
+            max_passover=settings.max_passover,
+            default_keep_alive=settings.keep_alive,
+            capacity=settings.memory_budget or math.inf,
+            backoff_base=settings.load_backoff,
+        )
+        self.runners: dict[int, Runner] = {}
+        self._waiters: dict[int, _Waiter] = {}
+        self._ids = itertools.count(1)
+        self._tg: TaskGroup | None = None
+        self._wake = anyio.Event()
+        self._idle = anyio.Event()
+        self._session: aiohttp.ClientSession | None = None
+        self.accepting = True
+
+    # --- lifecycle ---------------------------------------------------------------------
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Run until cancelled; on the way out every runner is stopped."""
+        async with aiohttp.ClientSession() as session:
+            self._session = session
+            try:
+                async with anyio.create_task_group() as tg:
+                    self._tg = tg
+                    task_status.started()
+                    await self._timer_loop()
+            finally:
+                self._tg = None
+                with anyio.CancelScope(shield=True):
+                    await self.stop_all("ollamad is shutting down")
+
+    async def stop_all(self, reason: str) -> None:
+        runners = list(self.runners.items())
+        for rid, _ in runners:
+            log.info("stopping runner", runner_id=rid, reason=reason)
+        async with anyio.create_task_group() as tg:
+            for _, runner in runners:
+                tg.start_soon(runner.stop)
+        for waiter in self._waiters.values():
+            if not waiter.event.is_set():
+                waiter.error = SchedulerError(503, reason)
+                waiter.event.set()
+
+    async def _timer_loop(self) -> None:
+        while True:
+            self._wake = wake = anyio.Event()
+            now = self.clock()
+            t = self.state.next_wakeup(now)
+            delay = math.inf if t is None else max(t - now, 0.0)
+            with anyio.move_on_after(delay) as scope:
+                await wake.wait()
+            if scope.cancelled_caught:
+                self._step(from_timer=True)
+
+    # --- requests ----------------------------------------------------------------------
+    def plans_for(self, model: Model, num_ctx: int | None, load: LoadOptions,
+                  defaults: ModelDefaults | None = None) -> tuple[int, tuple[RunnerPlan, ...]]:
+        facts = self.catalog.facts(model)
+        defaults = defaults or model.defaults
+        ctx = request_context(facts, num_ctx, defaults, self.plan_settings)
+        plans = plan_candidates(model.name, model.path, facts, self.plan_settings, defaults, ctx,
+                                load, projector=model.projector)
+        return ctx, plans
+
+    async def acquire(self, model: Model, *, num_ctx: int | None = None,
+                      load: LoadOptions = NO_LOAD_OPTIONS, keep_alive: float | None = None,
+                      load_only: bool = False) -> Lease:
+        """Wait for a slot on a runner for ``model``; SchedulerError if it cannot be had."""
+        if not self.accepting:
+            raise SchedulerError(503, "ollamad is shutting down; not accepting new requests")
+        ctx, plans = self.plans_for(model, num_ctx, load)
+        if keep_alive is None and model.defaults.keep_alive is not None:
+            keep_alive = model.defaults.keep_alive
+        req = Request(id=next(self._ids), model=model.name, ctx=ctx, plans=plans,
+                      arrived=self.clock(), load=load, keep_alive=keep_alive, load_only=load_only)
+        waiter = self._waiters[req.id] = _Waiter(request=req)
+        try:
+            self.state.submit(req)
+            self._step()
+            if not waiter.event.is_set() and self.state.waiting() > self.state.max_queue:
+                self.state.cancel(req.id)
+                raise SchedulerError(503, QUEUE_FULL)
+            try:
+                await waiter.event.wait()
+            except BaseException:
+                if waiter.lease is not None:
+                    waiter.lease.release()
+                elif self.state.cancel(req.id):
+                    log.info("request left the queue", request_id=req.id, model=model.name)
+                    self._step()
+                raise
+        finally:
+            self._waiters.pop(req.id, None)
+        if waiter.error is not None:
+            raise waiter.error
+        assert waiter.lease is not None
+        return waiter.lease
+
+    def unload(self, model: Model) -> bool:
+        """keep_alive 0 with nothing to run: unload once idle; False if not loaded."""
+        found = self.state.unload(model.name, self.clock())
+        self._step()
+        return found
+
+    def _release(self, lease: Lease) -> None:
+        if lease.holds_slot:
+            self.state.release(lease.runner_id, self.clock())
+        self._step()
+
+    # --- carrying out decisions --------------------------------------------------------
+    def _step(self, from_timer: bool = False) -> None:
+        now = self.clock()
+        for action in decide(self.state, now):
+            if isinstance(action, Dispatch):
+                self._dispatch(action, now)
+            elif isinstance(action, Reject):
+                self._reject(action)
+            elif isinstance(action, Start):
+                self._spawn(self._run_runner, action.runner_id, action.plan)
+            elif isinstance(action, Stop):
+                self._spawn(self._stop_runner, action.runner_id, action.reason)
+        if not from_timer:
+            self._wake.set()
+        if self.busy() == 0:
+            self._idle.set()
+
+    def _spawn(self, fn: Callable[..., Any], *args: Any) -> None:
+        if self._tg is None:
+            raise RuntimeError("scheduler is not running")
+        self._tg.start_soon(fn, *args)
+
+    def _dispatch(self, action: Dispatch, now: float) -> None:
+        waiter = self._waiters[action.request_id]
+        assert waiter.request is not None
+        lease = Lease(self.runners[action.runner_id], action.runner_id, action.request_id,
+                      now - waiter.request.arrived, not waiter.request.load_only, self._release)
+        waiter.lease = lease
+        waiter.event.set()
+
+    def _reject(self, action: Reject) -> None:
+        waiter = self._waiters.get(action.request_id)
+        if waiter is not None:
+            waiter.error = SchedulerError(action.status, action.message)
+            waiter.event.set()
+
+    async def _run_runner(self, rid: int, plan: RunnerPlan) -> None:
+        runner = Runner(plan, self.binary, load_timeout=self.settings.load_timeout,
+                        stop_grace=self.settings.stop_grace, env=self.runner_env)
+        self.runners[rid] = runner
+        logger = log.bind(model=plan.model, runner_id=rid)
+        for note in plan.notes:
+            logger.warning(note, architecture=plan.model)
+        logger.info("loading model", num_parallel=plan.num_parallel, ctx=plan.ctx,
+                    total_ctx=plan.total_ctx, estimate=plan.estimate)
+        assert self._session is not None
+        try:
+            try:
+                await runner.start(self._session)
+            except RunnerError as e:
+                logger.error("model failed to load", error=str(e))
+                for reject in self.state.runner_failed(rid, self.clock(), str(e)):
+                    self._reject(reject)
+                self.runners.pop(rid, None)
+                self._step()
+                return
+            self.state.runner_ready(rid, self.clock())
+            self._step()
+            code = await runner.wait()
+            if not runner.stopping:
+                logger.error("runner died", pid=runner.pid, how=describe_exit(code),
+                             last_output=runner.tail())
+        finally:
+            with anyio.CancelScope(shield=True):
+                if runner.proc is not None and runner.proc.returncode is None:
+                    await runner.stop()
+            self.state.runner_exited(rid)
+            self.runners.pop(rid, None)
+            with contextlib.suppress(RuntimeError):
+                self._step()
+
+    async def _stop_runner(self, rid: int, reason: str) -> None:
+        runner = self.runners.get(rid)
+        if runner is None:
+            return
+        log.info("unloading model", model=runner.plan.model, runner_id=rid, reason=reason)
+        await runner.stop()
+
+    async def wait_idle(self) -> None:
+        """Return once no request waits or runs."""
+        while self.busy():
+            self._idle = anyio.Event()
+            await self._idle.wait()
+
+    def busy(self) -> int:
+        """Requests waiting or in flight."""
+        return self.state.waiting() + sum(r.in_flight for r in self.state.runners.values())

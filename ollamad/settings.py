@@ -1,0 +1,254 @@
+"""The one settings object, read from the environment with Ollama's variable names.
+
+Settings Ollama also has keep their ``OLLAMA_*`` names so existing systemd ``Environment=``
+overrides keep working; ollamad's own additions are ``OLLAMAD_*``. Pure data and
+validation: nothing here touches hardware or the network.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import AliasChoices, BeforeValidator, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from ollamad.durations import FOREVER, keep_alive_from_env, parse_go_duration
+
+DEFAULT_PORT = 11434
+SINGLE_SLOT_ARCHITECTURES = ("mllama", "qwen3vl", "qwen3vlmoe", "qwen3next", "lfm2", "lfm2moe")
+
+
+def _clean(value: Any) -> Any:
+    """Ollama trims spaces and quotes from every variable."""
+    if isinstance(value, str):
+        return value.strip().strip("\"'").strip()
+    return value
+
+
+def _duration(value: Any) -> Any:
+    value = _clean(value)
+    if isinstance(value, str):
+        try:
+            return parse_go_duration(value)
+        except ValueError:
+            try:
+                return float(int(value))
+            except ValueError:
+                raise ValueError(f"invalid duration {value!r} (use e.g. 30s, 5m, 1h)") from None
+    return value
+
+
+def _keep_alive(value: Any) -> Any:
+    value = _clean(value)
+    if isinstance(value, str):
+        return keep_alive_from_env(value)
+    if isinstance(value, int | float) and value < 0:
+        return FOREVER
+    return value
+
+
+def _bool(value: Any) -> Any:
+    value = _clean(value)
+    if isinstance(value, str) and value == "":
+        return False
+    return value
+
+
+def _bytes(value: Any) -> Any:
+    """Byte counts: plain integers, or with a unit (512MiB, 2GB, 1.5G)."""
+    value = _clean(value)
+    if isinstance(value, str):
+        return parse_bytes(value)
+    return value
+
+
+def _csv(value: Any) -> Any:
+    value = _clean(value)
+    if isinstance(value, str):
+        return tuple(p.strip() for p in value.split(",") if p.strip())
+    return value
+
+
+def parse_bytes(text: str) -> int:
+    """Parse "1073741824", "512MiB", "2GB", "1.5g" into bytes."""
+    s = text.strip().lower().replace(" ", "")
+    units = {
+        "": 1, "b": 1,
+        "k": 1024, "kb": 1000, "kib": 1024,
+        "m": 1024**2, "mb": 1000**2, "mib": 1024**2,
+        "g": 1024**3, "gb": 1000**3, "gib": 1024**3,
+        "t": 1024**4, "tb": 1000**4, "tib": 1024**4,
+    }  # fmt: skip
+    num = s.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = s[len(num) :]
+    if unit not in units or not num:
+        raise ValueError(f"invalid size {text!r} (use e.g. 1073741824, 512MiB or 2GB)")
+    return int(float(num) * units[unit])
+
+
+Seconds = Annotated[float, BeforeValidator(_duration), Field(ge=0)]
+KeepAliveSeconds = Annotated[float, BeforeValidator(_keep_alive)]
+Flag = Annotated[bool, BeforeValidator(_bool)]
+ByteCount = Annotated[int, BeforeValidator(_bytes), Field(ge=0)]
+
+
+def _default_models_dir() -> Path:
+    data = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data) / "ollamad" / "models"
+
+
+def _default_runners_dir() -> Path:
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "ollamad" / "runners"
+
+
+def _env(name: str) -> Any:
+    return Field(validation_alias=AliasChoices(name))
+
+
+class Settings(BaseSettings):
+    """Every setting ollamad reads; the env-var name is each field's alias."""
+
+    model_config = SettingsConfigDict(case_sensitive=True, extra="ignore", populate_by_name=True)
+
+    # --- shared with Ollama -----------------------------------------------------------
+    host: str = Field("127.0.0.1:11434", validation_alias="OLLAMA_HOST",
+                      description="Address the API listens on (host:port, :port, or a URL)")
+    models: Path = Field(default_factory=_default_models_dir, validation_alias="OLLAMA_MODELS",
+                         description="Folder of *.gguf models (or Ollama's manifests/ + blobs/ store)")
+    num_parallel: int = Field(0, ge=0, validation_alias="OLLAMA_NUM_PARALLEL",
+                              description="Parallel requests per model; 0 = auto (4 if it fits, else 1)")
+    context_length: int = Field(4096, ge=1, validation_alias="OLLAMA_CONTEXT_LENGTH",
+                                description="Default context per request when num_ctx is not given")
+    keep_alive: KeepAliveSeconds = Field(300.0, validation_alias="OLLAMA_KEEP_ALIVE",
+                                         description="How long an idle model stays loaded (5m; negative = forever)")
+    max_loaded_models: int = Field(0, ge=0, validation_alias="OLLAMA_MAX_LOADED_MODELS",
+                                   description="Most models loaded at once; 0 = auto (3 x GPUs, 3 without GPU)")
+    max_queue: int = Field(512, ge=0, validation_alias="OLLAMA_MAX_QUEUE",
+                           description="Most requests waiting in the queue before 503")
+    load_timeout: Seconds = Field(300.0, validation_alias="OLLAMA_LOAD_TIMEOUT",
+                                  description="Stall timeout while a model loads; restarts on each line of output")
+    kv_cache_type: Literal["f16", "q8_0", "q4_0"] = Field(
+        "f16", validation_alias="OLLAMA_KV_CACHE_TYPE", description="KV cache element type")
+    flash_attention: Flag = Field(False, validation_alias="OLLAMA_FLASH_ATTENTION",
+                                  description="Enable flash attention in llama-server")
+    gpu_overhead: ByteCount = Field(0, validation_alias="OLLAMA_GPU_OVERHEAD",
+                                    description="Bytes of GPU memory to leave unused per GPU")
+    sched_spread: Flag = Field(False, validation_alias="OLLAMA_SCHED_SPREAD",
+                               description="Spread every model over all GPUs")
+    origins: Annotated[tuple[str, ...], BeforeValidator(_csv)] = Field(
+        (), validation_alias="OLLAMA_ORIGINS", description="Extra allowed CORS origins, comma-separated")
+    debug: Flag = Field(False, validation_alias="OLLAMA_DEBUG", description="Debug logging")
+
+    # --- ollamad's own ----------------------------------------------------------------
+    llama_server: Path | None = Field(None, validation_alias="OLLAMAD_LLAMA_SERVER",
+                                      description="Path of the llama-server binary to run")
+    runners_dir: Path = Field(default_factory=_default_runners_dir, validation_alias="OLLAMAD_RUNNERS_DIR",
+                              description="Where runners/build.sh caches built llama-server binaries")
+    single_slot_architectures: Annotated[tuple[str, ...], BeforeValidator(_csv)] = Field(
+        SINGLE_SLOT_ARCHITECTURES, validation_alias="OLLAMAD_SINGLE_SLOT_ARCHITECTURES",
+        description="Architectures forced to one parallel request, comma-separated")
+    sched_policy: Literal["affinity", "fifo"] = Field(
+        "affinity", validation_alias="OLLAMAD_SCHED_POLICY",
+        description="affinity: serve queued requests of loaded models first (bounded); fifo: loads in arrival order")
+    max_passover: Seconds = Field(10.0, validation_alias="OLLAMAD_MAX_PASSOVER",
+                                  description="Longest a request needing a load may be passed over (affinity policy)")
+    memory_budget: ByteCount = Field(0, validation_alias="OLLAMAD_MEMORY_BUDGET",
+                                     description="Most memory all runners may use together; 0 = what is free")
+    stop_grace: Seconds = Field(10.0, validation_alias="OLLAMAD_STOP_GRACE",
+                                description="How long a runner gets after SIGTERM before SIGKILL")
+    load_backoff: Seconds = Field(5.0, validation_alias="OLLAMAD_LOAD_BACKOFF",
+                                  description="First wait before retrying a model that failed to load (doubles)")
+    threads: int = Field(0, ge=0, validation_alias="OLLAMAD_THREADS",
+                         description="Threads per llama-server; 0 = llama-server's default")
+
+    @field_validator("host", mode="before")
+    @classmethod
+    def _host(cls, v: Any) -> Any:
+        v = _clean(v)
+        if isinstance(v, str):
+            parse_host(v)
+        return v
+
+    @field_validator("models", "llama_server", "runners_dir", mode="before")
+    @classmethod
+    def _path(cls, v: Any) -> Any:
+        v = _clean(v)
+        if isinstance(v, str):
+            return Path(v).expanduser() if v else None
+        return v
+
+    @field_validator("num_parallel", "context_length", "max_loaded_models", "max_queue", "threads",
+                     mode="before")
+    @classmethod
+    def _int(cls, v: Any) -> Any:
+        return _clean(v)
+
+    @property
+    def bind(self) -> tuple[str, int]:
+        return parse_host(self.host)
+
+
+def parse_host(value: str) -> tuple[str, int]:
+    """OLLAMA_HOST as Ollama reads it: "host", "host:port", ":port", "http://host:port"."""
+    s = value.strip()
+    for scheme in ("http://", "https://"):
+        if s.startswith(scheme):
+            s = s[len(scheme) :]
+    s = s.rstrip("/")
+    host, port = s, DEFAULT_PORT
+    if s.startswith("["):  # [::1]:11434
+        end = s.find("]")
+        if end < 0:
+            raise ValueError(f"invalid host {value!r}")
+        host, rest = s[1:end], s[end + 1 :]
+        if rest.startswith(":"):
+            port = _port(rest[1:], value)
+    elif s.count(":") == 1:
+        host, p = s.split(":")
+        port = _port(p, value)
+    return host or "127.0.0.1", port
+
+
+def _port(text: str, value: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise ValueError(f"invalid port in {value!r}")
+    return int(text)
+
+
+class SettingsError(Exception):
+    """Start-up settings are invalid; the message names each variable."""
+
+
+def load_settings(env: dict[str, str] | None = None, **overrides: Any) -> Settings:
+    """Build Settings from the environment (or ``env``), raising SettingsError on bad values."""
+    try:
+        if env is None:
+            return Settings(**overrides)
+        data: dict[str, Any] = {k: v for k, v in env.items() if k.startswith("OLLAMA")}
+        data.update(overrides)
+        return Settings.model_validate(data)
+    except ValidationError as e:
+        raise SettingsError(describe_errors(e)) from None
+
+
+def describe_errors(err: ValidationError) -> str:
+    lines = []
+    for item in err.errors():
+        name = str(item["loc"][0]) if item["loc"] else "?"
+        field = Settings.model_fields.get(name)
+        if field is not None and isinstance(field.validation_alias, str):
+            name = field.validation_alias
+        got = item.get("input")
+        msg = str(item["msg"]).removeprefix("Value error, ")
+        lines.append(f"invalid {name}={got!r}: {msg}")
+    return "; ".join(lines)
+
+
+def env_name(field: str) -> str:
+    alias = Settings.model_fields[field].validation_alias
+    if isinstance(alias, AliasChoices):
+        return str(alias.choices[0])
+    return str(alias)

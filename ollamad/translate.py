@@ -1,0 +1,219 @@
+"""Ollama request/response shapes <-> llama-server's, as pure functions."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ollamad.plan import LoadOptions
+
+
+class Options(BaseModel):
+    """Ollama's ``options``: typed so a wrong type is a 400 naming the field; unknown keys ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    # load-time: a runner must be (re)started for these
+    num_ctx: int | None = Field(None, ge=1, le=1 << 24)
+    num_batch: int | None = Field(None, ge=1, le=1 << 20)
+    num_gpu: int | None = Field(None, ge=-1, le=10_000)
+    main_gpu: int | None = Field(None, ge=0, le=1024)
+    use_mmap: bool | None = None
+    num_thread: int | None = Field(None, ge=0, le=4096)
+    # sampling: per request
+    num_predict: int | None = Field(None, ge=-2, le=1 << 24)
+    num_keep: int | None = Field(None, ge=-1, le=1 << 24)
+    temperature: float | None = Field(None, ge=0, le=1e6)
+    top_k: int | None = Field(None, ge=0, le=1 << 24)
+    top_p: float | None = Field(None, ge=0, le=1)
+    min_p: float | None = Field(None, ge=0, le=1)
+    typical_p: float | None = Field(None, ge=0, le=1)
+    repeat_penalty: float | None = Field(None, ge=0, le=1e6)
+    repeat_last_n: int | None = Field(None, ge=-1, le=1 << 24)
+    presence_penalty: float | None = Field(None, ge=-1e6, le=1e6)
+    frequency_penalty: float | None = Field(None, ge=-1e6, le=1e6)
+    seed: int | None = Field(None, ge=-(1 << 63), le=(1 << 64) - 1)
+    stop: list[str] | None = None
+    mirostat: int | None = Field(None, ge=0, le=2)
+    mirostat_tau: float | None = Field(None, ge=0, le=1e6)
+    mirostat_eta: float | None = Field(None, ge=0, le=1e6)
+
+    def load_options(self) -> LoadOptions:
+        return LoadOptions(num_batch=self.num_batch, num_gpu=self.num_gpu, main_gpu=self.main_gpu,
+                           use_mmap=self.use_mmap, num_thread=self.num_thread)
+
+    def sampling(self) -> dict[str, Any]:
+        """llama-server parameters for the sampling options that were given."""
+        out: dict[str, Any] = {}
+        names = {"num_keep": "n_keep", "num_predict": "n_predict"}
+        for key in ("temperature", "top_k", "top_p", "min_p", "typical_p", "repeat_penalty",
+                    "repeat_last_n", "presence_penalty", "frequency_penalty", "seed", "stop",
+                    "mirostat", "mirostat_tau", "mirostat_eta", "num_keep", "num_predict"):
+            value = getattr(self, key)
+            if value is not None:
+                out[names.get(key, key)] = value
+        if out.get("n_predict", 0) < -1:  # -2: fill the context
+            out["n_predict"] = -1
+        if out.get("seed", 0) < 0:
+            out["seed"] = -1
+        return out
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: str
+    content: str = ""
+    images: list[str] | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_name: str | None = None
+    thinking: str | None = None
+
+
+class _Base(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(min_length=1)
+    stream: bool = True
+    format: str | dict[str, Any] | None = None
+    options: Options = Field(default_factory=lambda: Options())
+    keep_alive: float | str | None = None
+
+
+class GenerateRequest(_Base):
+    prompt: str = ""
+    suffix: str | None = None
+    system: str | None = None
+    template: str | None = None
+    raw: bool = False
+    images: list[str] | None = None
+    context: list[int] | None = None
+
+
+class ChatRequest(_Base):
+    messages: list[Message] = Field(default_factory=list)
+    tools: list[dict[str, Any]] | None = None
+
+
+def describe_validation(err: ValidationError) -> str:
+    parts = []
+    for item in err.errors()[:5]:
+        loc = ".".join(str(x) for x in item["loc"]) or "body"
+        parts.append(f"{loc}: {item['msg']}")
+    return "invalid request: " + "; ".join(parts)
+
+
+def now_iso() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def format_param(fmt: str | dict[str, Any] | None) -> dict[str, Any]:
+    """Ollama ``format`` ("json" or a JSON schema) -> llama-server's json_schema."""
+    if fmt is None or fmt == "":
+        return {}
+    if fmt == "json":
+        return {"json_schema": {}}
+    if isinstance(fmt, dict):
+        return {"json_schema": fmt}
+    raise ValueError(f"invalid format {fmt!r}: use \"json\" or a JSON schema")
+
+
+def done_reason(stop_type: str | None, finish_reason: str | None = None) -> str:
+    if stop_type == "limit" or finish_reason == "length":
+        return "length"
+    return "stop"
+
+
+def durations(timings: dict[str, Any] | None, total_ns: int, load_ns: int,
+              prompt_tokens: int | None = None) -> dict[str, Any]:
+    """Ollama's final-chunk counters from llama-server's ``timings`` (ns)."""
+    t = timings or {}
+    return {
+        "total_duration": total_ns,
+        "load_duration": load_ns,
+        "prompt_eval_count": int(prompt_tokens if prompt_tokens is not None else t.get("prompt_n", 0)),
+        "prompt_eval_duration": int(float(t.get("prompt_ms", 0)) * 1e6),
+        "eval_count": int(t.get("predicted_n", 0)),
+        "eval_duration": int(float(t.get("predicted_ms", 0)) * 1e6),
+    }
+
+
+def completion_payload(req: GenerateRequest, prompt: str, stream: bool = True) -> dict[str, Any]:
+    payload: dict[str, Any] = {"prompt": prompt, "stream": stream, "cache_prompt": True}
+    payload.update(req.options.sampling())
+    payload.update(format_param(req.format))
+    if stream:
+        payload["timings_per_token"] = False
+    return payload
+
+
+def chat_messages(req: ChatRequest) -> list[dict[str, Any]]:
+    """Ollama chat messages -> OpenAI-style messages for llama-server's chat endpoint."""
+    out: list[dict[str, Any]] = []
+    for m in req.messages:
+        msg: dict[str, Any] = {"role": m.role}
+        if m.images:
+            parts: list[dict[str, Any]] = [{"type": "text", "text": m.content}] if m.content else []
+            for img in m.images:
+                parts.append({"type": "image_url", "image_url": {"url": _data_url(img)}})
+            msg["content"] = parts
+        else:
+            msg["content"] = m.content
+        if m.tool_calls:
+            msg["tool_calls"] = [_to_openai_tool_call(i, tc) for i, tc in enumerate(m.tool_calls)]
+        if m.role == "tool" and m.tool_name:
+            msg["name"] = m.tool_name
+        out.append(msg)
+    return out
+
+
+def _data_url(img: str) -> str:
+    if img.startswith("data:"):
+        return img
+    return f"data:image/png;base64,{img}"
+
+
+def _to_openai_tool_call(i: int, tc: dict[str, Any]) -> dict[str, Any]:
+    import json
+
+    fn = tc.get("function", {})
+    args = fn.get("arguments", {})
+    return {"id": tc.get("id", f"call_{i}"), "type": "function",
+            "function": {"name": fn.get("name", ""),
+                         "arguments": args if isinstance(args, str) else json.dumps(args)}}
+
+
+def chat_payload(req: ChatRequest, stream: bool = True) -> dict[str, Any]:
+    payload: dict[str, Any] = {"messages": chat_messages(req), "stream": stream}
+    if stream:
+        payload["stream_options"] = {"include_usage": True}
+    payload.update(req.options.sampling())
+    if "n_predict" in payload:
+        payload["max_tokens"] = payload.pop("n_predict")
+    fmt = format_param(req.format)
+    if fmt:
+        schema = fmt["json_schema"]
+        payload["response_format"] = (
+            {"type": "json_object"} if not schema
+            else {"type": "json_schema", "json_schema": {"name": "format", "schema": schema}})
+    if req.tools:
+        payload["tools"] = req.tools
+    return payload
+
+
+def ollama_tool_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """OpenAI tool calls (arguments as a JSON string) -> Ollama's (arguments as an object)."""
+    import json
+
+    out = []
+    for c in calls:
+        fn = c.get("function", {})
+        args = fn.get("arguments") or "{}"
+        try:
+            parsed = json.loads(args) if isinstance(args, str) else args
+        except ValueError:
+            parsed = {"_raw": args}
+        out.append({"function": {"name": fn.get("name", ""), "arguments": parsed}})
+    return out

@@ -1,0 +1,173 @@
+"""A fake llama-server: same flags and endpoints, with knobs for speed and fault injection.
+
+Knobs (environment): FAKE_START_DELAY (s before /health is 200), FAKE_TOKEN_DELAY (s per
+token), FAKE_TOKENS (default n_predict), FAKE_CRASH_AFTER_TOKENS (exit mid-stream),
+FAKE_EXIT_AT_START (exit code at start-up), FAKE_HANG_AFTER_TOKENS (stop answering),
+FAKE_STATS (file the server writes its peak concurrency to).
+It counts requests in flight; GET /fake/stats reports the peak, so tests can check that the
+supervisor never sends more than --parallel at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+
+from aiohttp import web
+
+state = {"ready": False, "in_flight": 0, "peak": 0, "total": 0, "hang": False}
+
+
+def env_float(name: str, default: float) -> float:
+    return float(os.environ.get(name, default))
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", "-m")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--parallel", "-np", type=int, default=1)
+    p.add_argument("--ctx-size", "-c", type=int, default=4096)
+    p.add_argument("--api-key")
+    p.add_argument("--embeddings", action="store_true")
+    args, _ = p.parse_known_args()
+    return args
+
+
+ARGS = parse()
+
+
+def check_key(request: web.Request) -> None:
+    if ARGS.api_key and request.headers.get("Authorization") != f"Bearer {ARGS.api_key}":
+        raise web.HTTPUnauthorized(text=json.dumps({"error": {"code": 401, "message": "Invalid API Key"}}),
+                                   content_type="application/json")
+
+
+async def health(request: web.Request) -> web.Response:
+    if state["hang"]:
+        await asyncio.sleep(3600)
+    if not state["ready"]:
+        return web.json_response({"error": {"code": 503, "message": "Loading model"}}, status=503)
+    return web.json_response({"status": "ok"})
+
+
+async def stats(request: web.Request) -> web.Response:
+    return web.json_response(state)
+
+
+async def props(request: web.Request) -> web.Response:
+    check_key(request)
+    return web.json_response({"total_slots": ARGS.parallel,
+                              "default_generation_settings": {"n_ctx": ARGS.ctx_size // ARGS.parallel}})
+
+
+async def slots(request: web.Request) -> web.Response:
+    check_key(request)
+    per = ARGS.ctx_size // ARGS.parallel
+    busy = state["in_flight"]
+    return web.json_response([{"id": i, "n_ctx": per, "is_processing": i < busy} for i in range(ARGS.parallel)])
+
+
+async def apply_template(request: web.Request) -> web.Response:
+    body = await request.json()
+    return web.json_response({"prompt": "".join(m.get("content", "") for m in body["messages"])})
+
+
+async def _tokens(n: int) -> None:
+    pass
+
+
+async def stream_tokens(request: web.Request, chat: bool) -> web.StreamResponse:
+    check_key(request)
+    body = await request.json()
+    n = int(body.get("n_predict", body.get("max_tokens", os.environ.get("FAKE_TOKENS", 8))))
+    if n < 0:
+        n = int(os.environ.get("FAKE_TOKENS", 8))
+    delay = env_float("FAKE_TOKEN_DELAY", 0.0)
+    crash_after = int(os.environ.get("FAKE_CRASH_AFTER_TOKENS", -1))
+    hang_after = int(os.environ.get("FAKE_HANG_AFTER_TOKENS", -1))
+    state["in_flight"] += 1
+    state["total"] += 1
+    state["peak"] = max(state["peak"], state["in_flight"])
+    if os.environ.get("FAKE_STATS"):
+        with open(os.environ["FAKE_STATS"], "w") as f:
+            json.dump({"peak": state["peak"], "total": state["total"]}, f)
+    t0 = time.monotonic()
+    try:
+        stream = body.get("stream", False)
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        if stream:
+            await resp.prepare(request)
+        text = []
+        for i in range(n):
+            if i == crash_after:
+                os._exit(137)
+            if i == hang_after:
+                state["hang"] = True
+                await asyncio.sleep(3600)
+            if delay:
+                await asyncio.sleep(delay)
+            tok = f"t{i} "
+            text.append(tok)
+            if stream:
+                ev = ({"choices": [{"index": 0, "delta": {"content": tok}, "finish_reason": None}]}
+                      if chat else {"content": tok, "stop": False})
+                await resp.write(b"data: " + json.dumps(ev).encode() + b"\n\n")
+        ms = (time.monotonic() - t0) * 1000
+        timings = {"prompt_n": 3, "prompt_ms": 1.0, "predicted_n": n, "predicted_ms": ms}
+        if chat:
+            final = {"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}], "timings": timings}
+            usage = {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": n}}
+            events = [final, usage]
+        else:
+            events = [{"content": "" if stream else "".join(text), "stop": True, "stop_type": "limit",
+                       "timings": timings, "tokens_evaluated": 3, "tokens_predicted": n}]
+        if not stream:
+            return web.json_response(events[0])
+        for ev in events:
+            await resp.write(b"data: " + json.dumps(ev).encode() + b"\n\n")
+        if chat:
+            await resp.write(b"data: [DONE]\n\n")
+        return resp
+    finally:
+        state["in_flight"] -= 1
+
+
+async def completion(request: web.Request) -> web.StreamResponse:
+    return await stream_tokens(request, chat=False)
+
+
+async def chat(request: web.Request) -> web.StreamResponse:
+    return await stream_tokens(request, chat=True)
+
+
+async def main() -> None:
+    code = os.environ.get("FAKE_EXIT_AT_START")
+    print(f"fake llama-server: model {ARGS.model} n_slots = {ARGS.parallel}, n_ctx = {ARGS.ctx_size}", flush=True)
+    if code is not None:
+        print("error: failed to load model (FAKE_EXIT_AT_START)", flush=True)
+        sys.exit(int(code))
+    app = web.Application()
+    app.router.add_get("/health", health)
+    app.router.add_get("/fake/stats", stats)
+    app.router.add_get("/props", props)
+    app.router.add_get("/slots", slots)
+    app.router.add_post("/apply-template", apply_template)
+    app.router.add_post("/completion", completion)
+    app.router.add_post("/v1/chat/completions", chat)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, ARGS.host, ARGS.port).start()
+    await asyncio.sleep(env_float("FAKE_START_DELAY", 0.0))
+    state["ready"] = True
+    print("main: server is listening", flush=True)
+    await asyncio.Event().wait()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
