@@ -59,12 +59,17 @@ class ApiError(Exception):
         self.message = message
 
 
-def error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
-
-
 def dumps(obj: Any) -> bytes:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+
+
+def reply(body: Any, status: int = 200) -> web.Response:
+    """A JSON answer, compact as Ollama writes it."""
+    return web.Response(body=dumps(body), status=status, content_type="application/json")
+
+
+def error(status: int, message: str) -> web.Response:
+    return reply({"error": message}, status)
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -136,7 +141,7 @@ async def root(request: web.Request) -> web.Response:
 
 
 async def version(request: web.Request) -> web.Response:
-    return web.json_response({"version": __version__})
+    return reply({"version": __version__})
 
 
 async def tags(request: web.Request) -> web.Response:
@@ -152,12 +157,12 @@ async def tags(request: web.Request) -> web.Response:
             "name": m.name, "model": m.name, "modified_at": _iso(m.modified), "size": m.size,
             "digest": digest, "details": details(facts),
         })
-    return web.json_response({"models": out})
+    return reply({"models": out})
 
 
 async def ps(request: web.Request) -> web.Response:
     ctx = request.app[CTX]
-    return web.json_response(await ps_body(ctx))
+    return reply(await ps_body(ctx))
 
 
 async def ps_body(ctx: AppContext) -> dict[str, Any]:
@@ -267,7 +272,7 @@ async def load_or_unload(ctx: AppContext, model: Model, name: str, keep_alive: f
         lease = await ctx.scheduler.acquire(model, num_ctx=num_ctx, keep_alive=keep_alive, load_only=True)
         lease.release()
         reason = "load"
-    return web.json_response({"model": name, "created_at": now_iso(), **empty, "done": True,
+    return reply({"model": name, "created_at": now_iso(), **empty, "done": True,
                               "done_reason": reason})
 
 
@@ -364,7 +369,7 @@ async def relay(request: web.Request, ctx: AppContext, lease: Lease, path: str, 
             async for event in sse_events(up):
                 shape.piece(event)
                 last = event
-            return web.json_response(shape.final(last, time.monotonic_ns() - t0, load_ns, whole=True))
+            return reply(shape.final(last, time.monotonic_ns() - t0, load_ns, whole=True))
         resp = web.StreamResponse(headers={"Content-Type": NDJSON})
         await resp.prepare(request)
         last = {}
@@ -388,7 +393,6 @@ def make_app(ctx: AppContext) -> web.Application:
     app = web.Application(middlewares=[errors_middleware], client_max_size=64 * 1024 * 1024)
     app[CTX] = ctx
     app.router.add_get("/", root)
-    app.router.add_head("/", root, allow_head=False)
     app.router.add_get("/api/version", version)
     app.router.add_get("/api/tags", tags)
     app.router.add_get("/api/ps", ps)

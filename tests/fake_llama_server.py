@@ -2,8 +2,7 @@
 
 Knobs (environment): FAKE_START_DELAY (s before /health is 200), FAKE_TOKEN_DELAY (s per
 token), FAKE_TOKENS (default n_predict), FAKE_CRASH_AFTER_TOKENS (exit mid-stream),
-FAKE_EXIT_AT_START (exit code at start-up), FAKE_HANG_AFTER_TOKENS (stop answering),
-FAKE_STATS (file the server writes its peak concurrency to).
+FAKE_EXIT_AT_START (exit code at start-up), FAKE_HANG_AFTER_TOKENS (stop answering).
 It counts requests in flight; GET /fake/stats reports the peak, so tests can check that the
 supervisor never sends more than --parallel at once.
 """
@@ -78,10 +77,6 @@ async def apply_template(request: web.Request) -> web.Response:
     return web.json_response({"prompt": "".join(m.get("content", "") for m in body["messages"])})
 
 
-async def _tokens(n: int) -> None:
-    pass
-
-
 async def stream_tokens(request: web.Request, chat: bool) -> web.StreamResponse:
     check_key(request)
     body = await request.json()
@@ -94,9 +89,6 @@ async def stream_tokens(request: web.Request, chat: bool) -> web.StreamResponse:
     state["in_flight"] += 1
     state["total"] += 1
     state["peak"] = max(state["peak"], state["in_flight"])
-    if os.environ.get("FAKE_STATS"):
-        with open(os.environ["FAKE_STATS"], "w") as f:
-            json.dump({"peak": state["peak"], "total": state["total"]}, f)
     t0 = time.monotonic()
     try:
         stream = body.get("stream", False)

@@ -1,0 +1,158 @@
+"""Fixtures: generated models, the real and the fake llama-server, a daemon subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from ollamad.binary import BinaryNotFound, find_llama_server
+from ollamad.settings import load_settings
+from ollamad.testmodels import write_all
+
+HERE = Path(__file__).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("models")
+    write_all(folder, ("tiny", "small", "meta"))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def llama_server() -> Path:
+    """The project-built llama-server (scripts/setup.sh builds it); tests fail loudly without it."""
+    s = load_settings()
+    try:
+        return find_llama_server(s.llama_server, s.runners_dir)
+    except BinaryNotFound as e:
+        pytest.fail(f"{e} (run scripts/test.sh, which builds it)")
+
+
+@pytest.fixture(scope="session")
+def fake_server(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("fake") / "llama-server"
+    path.write_text(f"#!/bin/sh\nexec {sys.executable} {HERE / 'fake_llama_server.py'} \"$@\"\n")
+    path.chmod(0o755)
+    return path
+
+
+class Daemon:
+    """``ollamad serve`` as a subprocess on a free port."""
+
+    def __init__(self, binary: Path, models: Path, env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("OLLAMA_", "OLLAMAD_"))}
+        self.env.update({"OLLAMA_HOST": f"127.0.0.1:{self.port}", "OLLAMA_MODELS": str(models),
+                         "OLLAMAD_LLAMA_SERVER": str(binary), "OLLAMAD_STOP_GRACE": "5s"})
+        self.env.update(env or {})
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path: Path | None = None
+
+    def start(self, log_path: Path) -> Daemon:
+        self.log_path = log_path
+        self.log_file = open(log_path, "wb")  # noqa: SIM115 (held for the daemon's life)
+        self.proc = subprocess.Popen([sys.executable, "-m", "ollamad.cli", "serve"], env=self.env,
+                                     stdout=self.log_file, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited: {self.log()}")
+            try:
+                with urllib.request.urlopen(self.url + "/", timeout=1):
+                    return self
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("daemon did not start listening")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path else ""
+
+    def children(self) -> list[psutil.Process]:
+        assert self.proc is not None
+        try:
+            return psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+        self.log_file.close()
+        return code
+
+    # --- small sync client ---------------------------------------------------------------
+    def request(self, method: str, path: str, body: Any = None, raw: bytes | None = None,
+                timeout: float = 60) -> tuple[int, bytes]:
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        req = urllib.request.Request(self.url + path, data=data, method=method)
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
+    def post(self, path: str, body: Any = None, **kw: Any) -> tuple[int, Any]:
+        status, raw = self.request("POST", path, body, **kw)
+        return status, _decode(raw)
+
+    def get(self, path: str) -> tuple[int, Any]:
+        status, raw = self.request("GET", path)
+        return status, _decode(raw)
+
+
+def _decode(raw: bytes) -> Any:
+    text = raw.decode(errors="replace")
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    try:
+        if len(lines) > 1:
+            return [json.loads(ln) for ln in lines]
+        return json.loads(text) if text.strip() else None
+    except ValueError:
+        return text
+
+
+@pytest.fixture
+def daemon_factory(tmp_path: Path) -> Iterator[Any]:
+    started: list[Daemon] = []
+
+    def make(binary: Path, models: Path, **env: str) -> Daemon:
+        d = Daemon(binary, models, env).start(tmp_path / f"daemon{len(started)}.log")
+        started.append(d)
+        return d
+
+    yield make
+    for d in started:
+        if d.proc and d.proc.poll() is None:
+            d.stop()
+
+
+@pytest.fixture
+def real_daemon(daemon_factory: Any, llama_server: Path, models_dir: Path) -> Daemon:
+    return daemon_factory(llama_server, models_dir)  # type: ignore[no-any-return]
