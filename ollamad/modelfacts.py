@@ -27,6 +27,8 @@ class ModelFacts:
     file_type: int | None = None
     recurrent_bytes_per_seq: int = 0  # SSM / conv state per sequence (hybrid models)
     swa_layers: int = 0
+    vocab: int = 0
+    layer_weight_bytes: int = 0  # tensors of the repeating blocks (blk.N.*): what -ngl moves
 
     @property
     def kv_width(self) -> int:
@@ -82,6 +84,8 @@ def facts_from_gguf(info: GGUFInfo, projector: GGUFInfo | None = None) -> ModelF
         file_type=_int(info.metadata.get("general.file_type"), -1)
         if "general.file_type" in info.metadata else None,
         recurrent_bytes_per_seq=recurrent,
+        vocab=vocab_size(info),
+        layer_weight_bytes=sum(t.n_bytes for t in info.tensors if t.name.startswith("blk.")),
     )
 
 

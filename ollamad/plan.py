@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ollamad.estimate import estimate_memory
+from ollamad.estimate import Estimate, estimate_memory
 from ollamad.modelfacts import ModelFacts
 
 MIN_CTX = 4
@@ -64,6 +64,8 @@ class RunnerPlan:
     threads: int = 0
     n_gpu_layers: int | None = None
     estimate: int = 0
+    detail: Estimate | None = field(default=None, compare=False, repr=False)
+    gpus: tuple[int, ...] = ()  # GPU indexes it is pinned to (CUDA_VISIBLE_DEVICES); () = all/none
     notes: tuple[str, ...] = ()
 
     @property
@@ -145,12 +147,13 @@ def plan_candidates(model: str, path: Path, facts: ModelFacts, settings: PlanSet
         choices = [AUTO_PARALLEL, 1]
     plans = []
     for n in choices:
-        est = estimate_memory(facts, n, ctx, _effective_kv(settings))
+        est = estimate_memory(facts, n, ctx, _effective_kv(settings),
+                              flash_attention=settings.flash_attention)
         plans.append(RunnerPlan(
             model=model, path=path, num_parallel=n, ctx=ctx, load=load, projector=projector,
             embedding=facts.embedding, kv_cache_type=_effective_kv(settings),
             flash_attention=settings.flash_attention, threads=settings.threads,
-            estimate=est.total, notes=notes,
+            estimate=est.total, detail=est, notes=notes,
         ))
     return tuple(plans)
 
