@@ -81,6 +81,7 @@ class RunnerPlan:
             binary, "--model", str(self.path), "--host", "127.0.0.1", "--port", str(port),
             "--parallel", str(self.num_parallel), "--ctx-size", str(self.total_ctx),
             "--no-webui", "--slots", "--metrics", "--fit", "off",
+            "--verbosity", "4",  # trace level: the "... buffer size = X MiB" lines memory reads
         ]  # fmt: skip
         if api_key:
             args += ["--api-key", api_key]
