@@ -100,7 +100,7 @@ def process_rss(pid: int) -> int:
     try:
         proc = psutil.Process(pid)
         procs = [proc, *proc.children(recursive=True)]
-    except psutil.Error:
+    except (psutil.Error, ValueError):
         return 0
     total = 0
     for p in procs:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from dataclasses import replace
 from pathlib import Path
 
@@ -88,7 +89,8 @@ def test_probe_reads_free_memory_and_per_pid_use() -> None:
     assert gpu.name == "NVIDIA GeForce RTX 4090" and gpu.free == (24564 - 23900) * MiB
     assert s.processes[4242].vram == 23480 * MiB
     me = s.processes[os.getpid()]
-    assert me.vram == 0 and me.rss > 0 and process_rss(-1) == 0
+    assert me.vram == 0 and me.rss > 0
+    assert process_rss(-1) == 0 and process_rss(_reaped_pid()) == 0
     assert 0 < s.host_available <= s.host_total
 
 
@@ -142,3 +144,9 @@ def test_buffer_lines_from_llama_server() -> None:
 ])
 def test_processor_strings(vram: int, size: int, text: str) -> None:
     assert processor(vram, size) == text
+
+
+def _reaped_pid() -> int:
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
