@@ -13,6 +13,12 @@ Rules:
 - ``affinity`` policy: runners keep serving the queued requests for their own model before
   being evicted for another model, until the waiting request has been passed over for
   ``max_passover`` seconds; ``fifo`` policy evicts at once, in arrival order (Ollama-like).
+- Memory has two bounds: ``capacity`` (the budget for all runners, by their ``memory``) and
+  ``free`` (what the last snapshot measured as free, less ``reserve``). A runner counts
+  against ``free`` by what is not yet measured of it (``memory - counted``); memory of a
+  runner that exited counts as free only once a later snapshot shows it free.
+- Pressure: when measured free memory falls below ``low_water``, idle runners are
+  unloaded, least recently used first; busy ones never are.
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ class RunnerState:
     draining: str | None = None  # why it takes no new requests and stops once idle
     claimed_by: int | None = None  # the request whose load waits for this runner to go
     memory: int = 0  # bytes: the estimate until measured
+    counted: int = 0  # bytes of it the last memory snapshot already shows as used
 
     @property
     def free_slots(self) -> int:
@@ -106,6 +113,10 @@ class SchedState:
     max_passover: float = 10.0
     default_keep_alive: float = 300.0
     capacity: float = math.inf  # bytes all runners may use together
+    free: float = math.inf  # bytes free at the last snapshot (GPUs less overhead, and host RAM)
+    reserve: float = 0.0  # bytes of ``free`` never given to a new runner
+    low_water: float = 0.0  # below this much free memory, idle runners are unloaded
+    unseen_free: float = 0.0  # bytes of runners that exited since the last snapshot
     backoff_base: float = 5.0
     backoff_max: float = 300.0
     queue: list[Request] = field(default_factory=list)
@@ -161,12 +172,23 @@ class SchedState:
         return rejects
 
     def runner_exited(self, runner_id: int) -> None:
-        self.runners.pop(runner_id, None)
+        r = self.runners.pop(runner_id, None)
+        if r is not None:
+            self.unseen_free += r.counted
 
     def set_memory(self, runner_id: int, memory: int) -> None:
         r = self.runners.get(runner_id)
         if r is not None:
             r.memory = memory
+
+    def observe(self, free: float, counted: dict[int, int]) -> None:
+        """A memory snapshot: ``free`` bytes, and how much of each runner it shows as used."""
+        self.free = free
+        self.unseen_free = 0.0
+        for rid, used in counted.items():
+            r = self.runners.get(rid)
+            if r is not None:
+                r.counted = used
 
     def unload(self, model: str, now: float) -> bool:
         """keep_alive 0 on an empty request: unload the model once its requests end."""
@@ -193,6 +215,10 @@ class SchedState:
             times += [q.arrived + self.max_passover for q in self.queue
                       if q.arrived + self.max_passover > now]
         return min(times) if times else None
+
+    def free_now(self) -> float:
+        """Free memory now: the snapshot's, less what runners took since (estimated)."""
+        return self.free - sum(max(r.memory - r.counted, 0) for r in self.runners.values())
 
     def new_runner_id(self) -> int:
         rid = self._next_runner
@@ -280,9 +306,7 @@ def _make_room_and_start(s: SchedState, req: Request, now: float) -> list[Action
         return actions  # the old runner drains and exits first, then the new plan starts
 
     live = list(s.runners.values())
-    used = sum(r.memory for r in live)
-    plan = next((p for p in req.plans if len(live) < s.max_loaded and used + p.estimate <= s.capacity),
-                None)
+    plan = next((p for p in req.plans if _fits(s, live, [], p)), None)
     if plan is not None:
         rid = s.new_runner_id()
         s.runners[rid] = RunnerState(
@@ -291,9 +315,10 @@ def _make_room_and_start(s: SchedState, req: Request, now: float) -> list[Action
         return actions
 
     plan = req.plans[-1]  # the smallest candidate
-    if plan.estimate > s.capacity:
+    room = min(s.capacity, s.free_now() + s.unseen_free + sum(_frees(r) for r in live) - s.reserve)
+    if plan.estimate > room:  # not even with every runner gone, busy ones included
         s.queue.remove(req)
-        return [*actions, Reject(req.id, 500, _too_big(plan, s.capacity))]
+        return [*actions, Reject(req.id, 500, _too_big(plan, room))]
 
     # what goes anyway: runners already stopping or draining for this request
     going = [r for r in live if r.status == "stopping" and r.claimed_by in (None, req.id)]
@@ -326,7 +351,33 @@ def _has_waiting(s: SchedState, r: RunnerState) -> bool:
 def _fits(s: SchedState, live: list[RunnerState], gone: list[RunnerState], plan: RunnerPlan) -> bool:
     remaining = [r for r in live if r not in gone]
     used = sum(r.memory for r in remaining)
-    return len(remaining) < s.max_loaded and used + plan.estimate <= s.capacity
+    freed = sum(_frees(r) for r in gone)
+    return (len(remaining) < s.max_loaded and used + plan.estimate <= s.capacity
+            and plan.estimate <= s.free_now() + freed - s.reserve)
+
+
+def relieve_pressure(s: SchedState, now: float) -> list[Stop]:
+    """Below the low-water mark: stop idle runners, least recently used first, never busy ones."""
+    live = list(s.runners.values())
+    free = s.free_now() + sum(_frees(r) for r in live if r.status == "stopping")
+    if free >= s.low_water:
+        return []
+    stops: list[Stop] = []
+    idle = [r for r in live if r.status == "ready" and r.in_flight == 0 and not r.draining]
+    for r in sorted(idle, key=lambda r: r.last_used):
+        if free >= s.low_water:
+            break
+        mib = 1024 * 1024
+        stops.append(_stop(r, f"memory pressure: {free / mib:.0f} MiB free, below the low-water mark "
+                              f"of {s.low_water / mib:.0f} MiB"))
+        free += _frees(r)
+    return stops
+
+
+def _frees(r: RunnerState) -> int:
+    """What unloading ``r`` gives back: its unmeasured part at once, the measured part once a
+    snapshot after its exit shows it free."""
+    return max(r.memory, r.counted)
 
 
 def _choose_victims(s: SchedState, live: list[RunnerState], going: list[RunnerState],
@@ -350,7 +401,7 @@ def _keep_alive(s: SchedState, req: Request) -> float:
     return req.keep_alive if req.keep_alive is not None else s.default_keep_alive
 
 
-def _too_big(plan: RunnerPlan, capacity: float) -> str:
+def _too_big(plan: RunnerPlan, room: float) -> str:
     gib = 1024**3
-    return (f"model requires more system memory ({plan.estimate / gib:.1f} GiB) "
-            f"than is available ({capacity / gib:.1f} GiB)")
+    return (f"model requires more system memory ({plan.estimate / gib:.2f} GiB) "
+            f"than is available ({max(room, 0) / gib:.2f} GiB) even with every other model unloaded")

@@ -9,7 +9,7 @@ import pytest
 
 from ollamad.durations import FOREVER
 from ollamad.plan import LoadOptions, RunnerPlan
-from ollamad.schedcore import Dispatch, Reject, Request, SchedState, Start, Stop, decide
+from ollamad.schedcore import Dispatch, Reject, Request, SchedState, Start, Stop, decide, relieve_pressure
 
 GiB = 1024**3
 
@@ -318,7 +318,7 @@ def test_too_big_for_memory_is_refused_with_numbers() -> None:
     r = w.req(est=3 * GiB)
     acts = w.step()
     assert len(acts) == 1 and isinstance(acts[0], Reject) and acts[0].request_id == r.id
-    assert "3.0 GiB" in acts[0].message and "2.0 GiB" in acts[0].message
+    assert "3.00 GiB" in acts[0].message and "2.00 GiB" in acts[0].message
 
 
 def test_memory_short_only_because_busy_waits() -> None:
@@ -426,3 +426,81 @@ def test_load_only_needs_no_free_slot() -> None:
     assert w.step() == [Dispatch(r.id, rid)]
     assert w.s.runners[rid].in_flight == 1
     del x
+
+
+# --- measured memory: free, reserve, wait for it to show free, pressure -----------------------
+def test_evicted_memory_counts_free_only_once_a_snapshot_shows_it() -> None:
+    w = World(free=6 * GiB, max_loaded=10)
+    ra = w.loaded("a", est=4 * GiB)
+    w.s.observe(2 * GiB, {ra: 4 * GiB})  # a really uses 4 GiB; 2 GiB left
+    w.now = 1
+    w.req("b", est=5 * GiB)
+    assert w.step() == [Stop(ra, "evicted to load b")]
+    w.s.runner_exited(ra)
+    assert w.step() == []  # gone, but the memory does not show as free yet: wait
+    w.s.observe(6 * GiB, {})
+    assert kinds(w.step()) == ["Start"]
+
+
+def test_other_program_took_memory_refuses_at_once_with_numbers() -> None:
+    w = World(free=1 * GiB)
+    r = w.req("a", est=3 * GiB)
+    (act,) = w.step()
+    assert isinstance(act, Reject) and act.request_id == r.id
+    assert "3.00 GiB" in act.message and "1.00 GiB" in act.message
+
+
+@pytest.mark.parametrize(("est_gib", "kind"), [(2.5, "Start"), (3.5, "Reject")])
+def test_reserve_is_never_given_to_a_runner(est_gib: float, kind: str) -> None:
+    w = World(free=4 * GiB, reserve=1 * GiB)
+    w.req("a", est=int(est_gib * GiB))
+    assert kinds(w.step()) == [kind]
+
+
+def test_starting_runner_counts_by_estimate_until_measured() -> None:
+    w = World(free=6 * GiB, max_loaded=10)
+    w.req("a", est=4 * GiB)
+    (start,) = w.step()
+    assert isinstance(start, Start) and w.s.free_now() == 2 * GiB
+    w.req("b", est=3 * GiB)
+    assert w.step() == []  # a is loading (not idle): b waits, it is not refused
+    w.s.runner_ready(start.runner_id, w.now)
+    w.s.observe(4 * GiB, {start.runner_id: 2 * GiB})  # a turned out to take 2 GiB
+    w.s.set_memory(start.runner_id, 2 * GiB)
+    assert kinds(w.step()) == ["Dispatch", "Start"]
+
+
+def test_pressure_unloads_idle_lru_never_busy() -> None:
+    w = World(free=10 * GiB, max_loaded=10, low_water=1 * GiB)
+    ra = w.loaded("a", est=2 * GiB)
+    w.now = 1
+    rb = w.loaded("b", est=2 * GiB)
+    w.now = 2
+    rc = w.loaded("c", est=2 * GiB)
+    w.req("a")  # a is busy now
+    w.step()
+    assert w.s.runners[ra].in_flight == 1
+    w.s.observe(0.5 * GiB, {ra: 2 * GiB, rb: 2 * GiB, rc: 2 * GiB})  # another program took memory
+    stops = relieve_pressure(w.s, w.now)
+    assert [s.runner_id for s in stops] == [rb]  # the LRU idle one is enough; busy a stays
+    assert "memory pressure" in stops[0].reason and "low-water" in stops[0].reason
+    assert relieve_pressure(w.s, w.now) == []  # b is on its way out: no second victim
+
+
+def test_pressure_never_kills_busy_even_when_idle_ones_are_not_enough() -> None:
+    w = World(free=10 * GiB, max_loaded=10, low_water=5 * GiB)
+    ra = w.loaded("a", est=2 * GiB)
+    w.now = 1
+    rb = w.loaded("b", est=2 * GiB)
+    w.req("b")
+    w.step()
+    w.s.observe(0, {ra: 2 * GiB, rb: 2 * GiB})
+    assert [s.runner_id for s in relieve_pressure(w.s, w.now)] == [ra]
+    assert w.s.runners[rb].status == "ready"
+
+
+def test_no_pressure_above_low_water() -> None:
+    w = World(free=10 * GiB, low_water=1 * GiB)
+    ra = w.loaded("a", est=2 * GiB)
+    w.s.observe(3 * GiB, {ra: 2 * GiB})
+    assert relieve_pressure(w.s, w.now) == []
