@@ -180,18 +180,36 @@ async def ps_body(ctx: AppContext) -> dict[str, Any]:
         else:
             expires = now_wall + (r.expires_at - now_mono)
         digest = await anyio.to_thread.run_sync(ctx.catalog.digest, model) if model else ""
+        size, memory = r.memory, _memory_fields(sched, rid, r.memory)
+        if memory.get("measured_size"):
+            size = memory["measured_size"]
         models.append({
-            "name": r.plan.model, "model": r.plan.model, "size": r.memory, "digest": digest,
+            "name": r.plan.model, "model": r.plan.model, "size": size, "digest": digest,
             "details": details(facts) if facts else {},
             "expires_at": _iso(expires) if expires is not None else "2318-08-07T02:09:33.437417Z",
-            "size_vram": 0, "context_length": r.plan.ctx,
+            "size_vram": memory.get("size_vram", 0), "context_length": r.plan.ctx,
             # beyond Ollama's fields
             "runner_id": rid, "status": r.status, "num_parallel": r.plan.num_parallel,
             "busy_slots": r.in_flight, "queued": sched.state.waiting(r.plan.model),
             "pid": sched.runners[rid].pid if rid in sched.runners else None,
-            "estimated_size": r.plan.estimate,
+            "estimated_size": r.plan.estimate, **memory,
         })
     return {"models": models, "queue": {"waiting": sched.state.waiting(), "max": sched.state.max_queue}}
+
+
+def _memory_fields(sched: Scheduler, rid: int, memory: int) -> dict[str, Any]:
+    """Measured figures beyond Ollama's: RSS, VRAM, what llama-server reported, the split."""
+    acct = sched.accountant
+    rm = acct.runners.get(rid) if acct is not None else None
+    if rm is None:
+        return {"size_vram": 0, "processor": "100% CPU"}
+    out: dict[str, Any] = {"size_vram": rm.size_vram, "processor": rm.processor,
+                           "reported_size": rm.reported.total, "accounted_size": memory}
+    if rm.measured:
+        out.update(measured_size=rm.used, size_rss=rm.rss)
+    if rm.placement is not None:
+        out.update(gpus=list(rm.placement.gpus), n_gpu_layers=rm.placement.n_gpu_layers)
+    return out
 
 
 def _iso(ts: float) -> str:

@@ -12,9 +12,11 @@ import structlog
 from aiohttp import web
 
 from ollamad import __version__
+from ollamad.accountant import Accountant
 from ollamad.api import AppContext, make_app
 from ollamad.binary import find_llama_server
 from ollamad.catalog import Catalog
+from ollamad.memory import MemoryProbe, load_nvml
 from ollamad.scheduler import Scheduler
 from ollamad.settings import Settings
 from ollamad.testmodels import write_llama
@@ -42,7 +44,11 @@ async def serve(settings: Settings, *, on_ready: Callable[[AppContext], None] | 
     ensure_demo_model(settings)
     catalog = Catalog(settings.models)
     catalog.scan()
-    scheduler = Scheduler(settings, catalog, str(binary))
+    probe = MemoryProbe(await anyio.to_thread.run_sync(load_nvml))
+    accountant = Accountant(probe, interval=settings.memory_poll, gpu_overhead=settings.gpu_overhead,
+                            reserve=settings.memory_reserve, spread=settings.sched_spread)
+    scheduler = Scheduler(settings, catalog, str(binary), accountant=accountant,
+                          gpus=len((await anyio.to_thread.run_sync(probe.snapshot)).gpus))
     host, port = settings.bind
     async with anyio.create_task_group() as tg:
         await tg.start(scheduler.run)

@@ -85,21 +85,36 @@ def list_command() -> None:
            ["NAME", "ID", "SIZE", "MODIFIED"])
 
 
+def until(expires_at: str, status: str | None = None, now: float | None = None) -> str:
+    """``ollama ps`` UNTIL: "4 minutes from now", "Forever", "Stopping..."."""
+    import datetime as dt
+    import time
+
+    if status == "stopping":
+        return "Stopping..."
+    when = dt.datetime.fromisoformat(expires_at.replace("Z", "+00:00"))
+    if when.year >= 2300:
+        return "Forever"
+    left = when.timestamp() - (time.time() if now is None else now)
+    if left < 1:
+        return "Less than a second from now"
+    for unit, secs in (("hour", 3600), ("minute", 60), ("second", 1)):
+        if left >= secs:
+            n = int(left // secs)
+            return f"{n} {unit}{'s' if n != 1 else ''} from now"
+    return "Less than a second from now"  # pragma: no cover
+
+
 def ps_command() -> None:
+    from ollamad.memfit import processor
+
     body = _get("/api/ps")
     rows = []
     for m in body["models"]:
-        vram, size = m.get("size_vram", 0), m["size"] or 1
-        if vram >= size:
-            proc = "100% GPU"
-        elif vram == 0:
-            proc = "100% CPU"
-        else:
-            gpu = round(100 * vram / size)
-            proc = f"{100 - gpu}%/{gpu}% CPU/GPU"
+        proc = m.get("processor") or processor(m.get("size_vram", 0), m["size"])
         rows.append([m["name"], m["digest"][:12], _size(m["size"]), proc, str(m["context_length"]),
                      str(m.get("num_parallel", "")), f"{m.get('busy_slots', 0)}/{m.get('queued', 0)}",
-                     m["expires_at"][:19]])
+                     until(m["expires_at"], m.get("status"))])
     _table(rows, ["NAME", "ID", "SIZE", "PROCESSOR", "CONTEXT", "PARALLEL", "BUSY/QUEUED", "UNTIL"])
     queue = body.get("queue", {})
     print(f"queue: {queue.get('waiting', 0)} waiting (max {queue.get('max', '?')})")

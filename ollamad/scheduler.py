@@ -20,7 +20,9 @@ import anyio
 import structlog
 from anyio.abc import TaskGroup, TaskStatus
 
+from ollamad.accountant import Accountant
 from ollamad.catalog import Catalog, Model
+from ollamad.memfit import MemorySnapshot
 from ollamad.plan import (
     LoadOptions,
     ModelDefaults,
@@ -30,7 +32,17 @@ from ollamad.plan import (
     request_context,
 )
 from ollamad.runner import Runner, RunnerError, describe_exit
-from ollamad.schedcore import QUEUE_FULL, Dispatch, Reject, Request, SchedState, Start, Stop, decide
+from ollamad.schedcore import (
+    QUEUE_FULL,
+    Dispatch,
+    Reject,
+    Request,
+    SchedState,
+    Start,
+    Stop,
+    decide,
+    relieve_pressure,
+)
 from ollamad.settings import Settings
 
 log = structlog.get_logger("ollamad.scheduler")
@@ -97,12 +109,13 @@ def auto_max_loaded(settings: Settings, gpus: int = 0) -> int:
 class Scheduler:
     def __init__(self, settings: Settings, catalog: Catalog, binary: str, *,
                  clock: Callable[[], float] = time.monotonic, gpus: int = 0,
-                 runner_env: dict[str, str] | None = None) -> None:
+                 runner_env: dict[str, str] | None = None, accountant: Accountant | None = None) -> None:
         self.settings = settings
         self.catalog = catalog
         self.binary = binary
         self.clock = clock
         self.runner_env = runner_env
+        self.accountant = accountant
         self.plan_settings = plan_settings(settings)
         self.state = SchedState(
             max_loaded=auto_max_loaded(settings, gpus),
@@ -112,6 +125,8 @@ class Scheduler:
             default_keep_alive=settings.keep_alive,
             capacity=settings.memory_budget or math.inf,
             backoff_base=settings.load_backoff,
+            reserve=settings.memory_reserve if accountant else 0,
+            low_water=settings.memory_low_water if accountant else 0,
         )
         self.runners: dict[int, Runner] = {}
         self._waiters: dict[int, _Waiter] = {}
@@ -130,6 +145,8 @@ class Scheduler:
             try:
                 async with anyio.create_task_group() as tg:
                     self._tg = tg
+                    if self.accountant is not None:
+                        tg.start_soon(self.accountant.run, self._pids, self._on_snapshot)
                     task_status.started()
                     await self._timer_loop()
             finally:
@@ -168,6 +185,8 @@ class Scheduler:
         ctx = request_context(facts, num_ctx, defaults, self.plan_settings)
         plans = plan_candidates(model.name, model.path, facts, self.plan_settings, defaults, ctx,
                                 load, projector=model.projector)
+        if self.accountant is not None:
+            plans = tuple(self.accountant.correct(p) for p in plans)
         return ctx, plans
 
     async def acquire(self, model: Model, *, num_ctx: int | None = None,
@@ -252,8 +271,13 @@ class Scheduler:
             waiter.event.set()
 
     async def _run_runner(self, rid: int, plan: RunnerPlan) -> None:
+        env, on_line = dict(self.runner_env or {}), None
+        if self.accountant is not None:
+            on_line = self.accountant.track(rid, plan)
+            plan, gpu_env = self.accountant.place(rid, plan)
+            env.update(gpu_env)
         runner = Runner(plan, self.binary, load_timeout=self.settings.load_timeout,
-                        stop_grace=self.settings.stop_grace, env=self.runner_env)
+                        stop_grace=self.settings.stop_grace, env=env or None, on_line=on_line)
         self.runners[rid] = runner
         logger = log.bind(model=plan.model, runner_id=rid)
         for note in plan.notes:
@@ -273,6 +297,8 @@ class Scheduler:
                 return
             self.state.runner_ready(rid, self.clock())
             self._step()
+            if self.accountant is not None:
+                self.accountant.poke()
             code = await runner.wait()
             if not runner.stopping:
                 logger.error("runner died", pid=runner.pid, how=describe_exit(code),
@@ -283,6 +309,9 @@ class Scheduler:
                     await runner.stop()
             self.state.runner_exited(rid)
             self.runners.pop(rid, None)
+            if self.accountant is not None:
+                self.accountant.forget(rid)
+                self.accountant.poke()  # its memory counts as free once a snapshot shows it
             with contextlib.suppress(RuntimeError):
                 self._step()
 
@@ -292,6 +321,24 @@ class Scheduler:
             return
         log.info("unloading model", model=runner.plan.model, runner_id=rid, reason=reason)
         await runner.stop()
+
+    # --- memory ------------------------------------------------------------------------
+    def _pids(self) -> dict[int, int]:
+        return {rid: r.pid for rid, r in self.runners.items() if r.pid is not None}
+
+    def _on_snapshot(self, snap: MemorySnapshot) -> None:
+        assert self.accountant is not None
+        pids = self._pids()
+        ready = {rid for rid, r in self.state.runners.items() if r.status != "starting"}
+        obs = self.accountant.observe(snap, pids, ready)
+        self.state.observe(obs.free, obs.counted)
+        for rid, memory in obs.memory.items():
+            self.state.set_memory(rid, memory)
+        for stop in relieve_pressure(self.state, self.clock()):
+            log.warning("unloading idle model under memory pressure", runner_id=stop.runner_id,
+                        reason=stop.reason)
+            self._spawn(self._stop_runner, stop.runner_id, stop.reason)
+        self._step()
 
     async def wait_idle(self) -> None:
         """Return once no request waits or runs."""

@@ -157,6 +157,12 @@ class Settings(BaseSettings):
                                   description="Longest a request needing a load may be passed over (affinity policy)")
     memory_budget: ByteCount = Field(0, validation_alias="OLLAMAD_MEMORY_BUDGET",
                                      description="Most memory all runners may use together; 0 = what is free")
+    memory_poll: Seconds = Field(1.0, validation_alias="OLLAMAD_MEMORY_POLL",
+                                 description="How often GPU memory (NVML) and host memory (RSS, free) are measured")
+    memory_reserve: ByteCount = Field(256 * 1024**2, validation_alias="OLLAMAD_MEMORY_RESERVE",
+                                      description="Free memory never given to a new runner (per GPU, and of host RAM)")
+    memory_low_water: ByteCount = Field(128 * 1024**2, validation_alias="OLLAMAD_MEMORY_LOW_WATER",
+                                        description="Below this much free memory, idle models are unloaded (LRU first)")
     stop_grace: Seconds = Field(10.0, validation_alias="OLLAMAD_STOP_GRACE",
                                 description="How long a runner gets after SIGTERM before SIGKILL")
     load_backoff: Seconds = Field(5.0, validation_alias="OLLAMAD_LOAD_BACKOFF",

@@ -1,0 +1,97 @@
+"""Done-when for the memory accountant, with the real llama-server and generated models.
+
+A memory budget holds two of three models: loading the third evicts the least recently
+used idle one, a busy one is never killed, and /api/ps sizes match the children's RSS.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from ollamad.estimate import PROCESS_OVERHEAD, estimate_memory
+from ollamad.ggufmeta import read_gguf
+from ollamad.modelfacts import facts_from_gguf
+from ollamad.testmodels import SMALL, write_llama
+from tests.conftest import Daemon
+
+pytestmark = pytest.mark.real
+NP, CTX = 2, 1024
+
+
+@pytest.fixture(scope="module")
+def three_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("three")
+    for i, name in enumerate(("m1", "m2", "m3")):
+        write_llama(folder / f"{name}.gguf", SMALL, name=name, seed=i)
+    return folder
+
+
+def loaded(d: Daemon) -> dict[str, dict[str, Any]]:
+    return {m["name"].split(":")[0]: m for m in d.get("/api/ps")[1]["models"]}
+
+
+def gen(d: Daemon, model: str, n: int = 4) -> None:
+    status, body = d.post("/api/generate", {"model": model, "prompt": "hi", "stream": False,
+                                            "options": {"num_predict": n}})
+    assert status == 200, body
+
+
+def test_budget_for_two_evicts_lru_idle_never_busy_and_sizes_match_rss(
+        daemon_factory: Any, llama_server: Path, three_models: Path) -> None:
+    facts = facts_from_gguf(read_gguf(three_models / "m1.gguf"))
+    est = estimate_memory(facts, NP, CTX)
+    d: Daemon = daemon_factory(llama_server, three_models, OLLAMA_NUM_PARALLEL=str(NP),
+                               OLLAMA_CONTEXT_LENGTH=str(CTX), OLLAMAD_MEMORY_POLL="0.2s",
+                               OLLAMAD_MEMORY_BUDGET=str(int(2.5 * est.total)), OLLAMAD_SCHED_POLICY="fifo")
+    # least recently used idle one goes: m1
+    gen(d, "m1")
+    gen(d, "m2")
+    assert set(loaded(d)) == {"m1", "m2"}
+    gen(d, "m3")
+    assert set(loaded(d)) == {"m2", "m3"}
+    assert "evicted to load m3:latest" in d.log() or "evicted to load m3" in d.log()
+
+    # m2 is now the least recently used, but busy with a long stream: m3 (idle) goes instead
+    m2_pid = loaded(d)["m2"]["pid"]
+    first_chunk, ended = threading.Event(), {}
+
+    def stream() -> None:
+        req = urllib.request.Request(d.url + "/api/generate", method="POST", data=json.dumps(
+            {"model": "m2", "prompt": "go", "options": {"num_predict": 3000, "num_ctx": CTX}}).encode())
+        with urllib.request.urlopen(req, timeout=120) as r:
+            lines = []
+            for raw in r:
+                lines.append(json.loads(raw))
+                first_chunk.set()
+            ended["at"] = time.monotonic()
+            ended["last"] = lines[-1]
+
+    t = threading.Thread(target=stream)
+    t.start()
+    assert first_chunk.wait(60)
+    gen(d, "m1")
+    m1_loaded_at = time.monotonic()
+    t.join(120)
+    assert ended["last"]["done"] is True and "error" not in ended["last"], ended
+    assert ended["at"] > m1_loaded_at  # m2 was still streaming while m1 was loaded
+    now = loaded(d)
+    assert set(now) == {"m1", "m2"} and now["m2"]["pid"] == m2_pid
+
+    # /api/ps sizes against psutil's RSS of each child; the estimate against llama-server's log
+    time.sleep(0.5)  # a fresh snapshot after the stream ended
+    for name, m in loaded(d).items():
+        rss = psutil.Process(m["pid"]).memory_info().rss
+        assert abs(m["size"] - rss) <= 0.10 * rss, (name, m["size"], rss)
+        assert m["size_vram"] == 0 and m["processor"] == "100% CPU"
+        assert m["reported_size"] > 0
+        reported_total = m["reported_size"] + PROCESS_OVERHEAD
+        assert abs(m["estimated_size"] - reported_total) <= 0.10 * reported_total, (name, m)
+        assert m["context_length"] == CTX
