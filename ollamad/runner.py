@@ -159,10 +159,8 @@ class Runner:
             low = line.lower()
             if "error" in low or "failed" in low:
                 logger.warning("llama-server", line=line)
-            elif self.ready_at:
+            else:  # with --verbosity 4 a load prints ~150 lines: debug; the scheduler sums them up
                 logger.debug("llama-server", line=line)
-            else:
-                logger.info("llama-server", line=line)
 
     async def _drain_pump(self) -> None:
         if self._pump is not None:

@@ -298,6 +298,10 @@ class Scheduler:
             self.state.runner_ready(rid, self.clock())
             self._step()
             if self.accountant is not None:
+                rm = self.accountant.runners.get(rid)
+                if rm is not None:
+                    logger.info("model loaded", pid=runner.pid, estimate=plan.estimate,
+                                reported_host=rm.reported.host, reported_gpu=rm.reported.gpu)
                 self.accountant.poke()
             code = await runner.wait()
             if not runner.stopping:
