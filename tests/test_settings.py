@@ -45,3 +45,11 @@ def test_byte_sizes_and_lists() -> None:
     s = load_settings({"OLLAMAD_MEMORY_BUDGET": "1.5GiB", "OLLAMAD_SINGLE_SLOT_ARCHITECTURES": "a, b"})
     assert s.memory_budget == int(1.5 * 1024**3)
     assert s.single_slot_architectures == ("a", "b")
+
+
+def test_memory_settings() -> None:
+    s = load_settings({"OLLAMAD_MEMORY_POLL": "500ms", "OLLAMAD_MEMORY_RESERVE": "1GiB",
+                       "OLLAMAD_MEMORY_LOW_WATER": "64MiB"})
+    assert (s.memory_poll, s.memory_reserve, s.memory_low_water) == (0.5, 1024**3, 64 * 1024**2)
+    with pytest.raises(SettingsError, match="OLLAMAD_MEMORY_RESERVE"):
+        load_settings({"OLLAMAD_MEMORY_RESERVE": "-1"})
