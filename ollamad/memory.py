@@ -35,18 +35,36 @@ def load_nvml() -> Any | None:
 
 def cgroup_limit(proc_cgroup: Path = Path("/proc/self/cgroup"),
                  root: Path = Path("/sys/fs/cgroup")) -> int | None:
-    """Bytes left under the tightest cgroup v2 ``memory.max`` of this process; None if unlimited."""
+    """Bytes left under this process's tightest cgroup memory limit; None if unlimited.
+
+    cgroup v2 (``memory.max``, systemd ``MemoryMax=``), else v1 (``memory.limit_in_bytes``).
+    """
     try:
-        rel = next(ln.split("::", 1)[1] for ln in proc_cgroup.read_text().splitlines() if ln.startswith("0::"))
-    except (OSError, StopIteration):
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
         return None
-    folder = root / rel.strip().lstrip("/")
+    v2 = next((ln.split("::", 1)[1] for ln in lines if ln.startswith("0::")), None)
+    if v2 is not None:
+        left = _tightest(root, root / v2.strip().lstrip("/"), "memory.max", "memory.current")
+        if left is not None:
+            return left
+    v1 = next((ln.split(":", 2)[2] for ln in lines if ":memory:" in ln), None)
+    if v1 is not None:
+        mount = root / "memory"
+        folder = mount / v1.strip().lstrip("/")
+        # inside a container the mount is the cgroup itself: its path is not under it
+        return _tightest(mount, folder if folder.is_dir() else mount, "memory.limit_in_bytes",
+                         "memory.usage_in_bytes")
+    return None
+
+
+def _tightest(root: Path, folder: Path, limit_file: str, usage_file: str) -> int | None:
     best: int | None = None
     while True:
         with contextlib.suppress(OSError, ValueError):
-            limit = (folder / "memory.max").read_text().strip()
-            if limit != "max":
-                left = int(limit) - int((folder / "memory.current").read_text())
+            limit = (folder / limit_file).read_text().strip()
+            if limit != "max" and int(limit) < 1 << 60:  # v1 writes "unlimited" as ~2^63
+                left = int(limit) - int((folder / usage_file).read_text())
                 best = left if best is None else min(best, left)
         if folder == root or root not in folder.parents:
             return None if best is None else max(best, 0)

@@ -150,3 +150,14 @@ def _reaped_pid() -> int:
     p = subprocess.Popen(["true"])
     p.wait()
     return p.pid
+
+
+def test_cgroup_v1_limit(tmp_path: Path) -> None:
+    (tmp_path / "proc").write_text("4:memory:/docker/abc\n0::/\n")
+    mem = tmp_path / "cg" / "memory"
+    mem.mkdir(parents=True)  # the container sees its own cgroup at the mount point
+    (mem / "memory.limit_in_bytes").write_text(f"{2 * GiB}\n")
+    (mem / "memory.usage_in_bytes").write_text(f"{512 * MiB}\n")
+    assert cgroup_limit(tmp_path / "proc", tmp_path / "cg") == 2 * GiB - 512 * MiB
+    (mem / "memory.limit_in_bytes").write_text("9223372036854771712\n")  # unlimited
+    assert cgroup_limit(tmp_path / "proc", tmp_path / "cg") is None
