@@ -120,11 +120,13 @@ def test_pressure_unloads_idle_runner_but_never_a_busy_one(daemon_factory: Any, 
 
 def test_fake_server_measurement_corrects_the_next_estimate(daemon_factory: Any, fake_server: Path,
                                                             models_dir: Path) -> None:
-    d: Daemon = daemon_factory(fake_server, models_dir, OLLAMAD_MEMORY_POLL="0.1s")
+    # 4 x 8192 context: the estimate (~130 MiB) is far above what the fake (a small Python process) uses
+    d: Daemon = daemon_factory(fake_server, models_dir, OLLAMAD_MEMORY_POLL="0.1s", OLLAMA_CONTEXT_LENGTH="8192")
     assert d.post("/api/generate", {"model": "tiny"})[0] == 200
     time.sleep(0.5)
     (first,) = d.get("/api/ps")[1]["models"]
     assert first["reported_size"] == 0 and first["measured_size"] > 0  # the fake logs no buffers
+    assert first["measured_size"] < 0.8 * first["estimated_size"]
     assert d.post("/api/generate", {"model": "tiny", "keep_alive": 0})[0] == 200
     deadline = time.monotonic() + 10
     while d.get("/api/ps")[1]["models"] and time.monotonic() < deadline:
