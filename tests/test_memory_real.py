@@ -95,3 +95,35 @@ def test_budget_for_two_evicts_lru_idle_never_busy_and_sizes_match_rss(
         reported_total = m["reported_size"] + PROCESS_OVERHEAD
         assert abs(m["estimated_size"] - reported_total) <= 0.10 * reported_total, (name, m)
         assert m["context_length"] == CTX
+
+
+@pytest.mark.parametrize(("model", "np_", "ctx"), [("tiny", 4, 2048), ("tiny", 1, 8192), ("small", 4, 4096),
+                                                    ("small", 2, 1024)])
+async def test_estimate_matches_what_this_llama_server_logs(llama_server: Path, models_dir: Path, model: str,
+                                                            np_: int, ctx: int) -> None:
+    """Live counterpart of tests/test_estimate.py: catches a llama-server whose buffers changed."""
+    import aiohttp
+
+    from ollamad.accountant import Accountant
+    from ollamad.memory import MemoryProbe
+    from ollamad.plan import LoadOptions, ModelDefaults, PlanSettings, plan_candidates
+    from ollamad.runner import Runner
+
+    path = models_dir / f"{model}.gguf"
+    facts = facts_from_gguf(read_gguf(path))
+    (plan,) = plan_candidates(model, path, facts, PlanSettings(num_parallel=np_), ModelDefaults(), ctx, LoadOptions())
+    acct = Accountant(MemoryProbe(None))
+    runner = Runner(plan, str(llama_server), on_line=acct.track(1, plan))
+    async with aiohttp.ClientSession() as session:
+        try:
+            await runner.start(session)
+            assert runner.pid is not None
+            snap = acct.probe.snapshot([runner.pid])
+        finally:
+            await runner.stop()
+    assert plan.detail is not None
+    reported = acct.runners[1].reported
+    assert reported.gpu == 0 and reported.host > 0
+    assert abs(plan.detail.buffers - reported.host) <= 0.10 * reported.host, (plan.detail, reported)
+    rss = snap.processes[runner.pid].rss  # RSS is below the buffers: compute pages are not all touched yet
+    assert 0 < rss < plan.estimate
