@@ -265,9 +265,10 @@ class Scheduler:
         try:
             try:
                 await runner.start(self._session)
-            except RunnerError as e:
-                logger.error("model failed to load", error=str(e))
-                for reject in self.state.runner_failed(rid, self.clock(), str(e)):
+            except Exception as e:  # a failed load must never take the scheduler down
+                message = str(e) if isinstance(e, RunnerError) else f"llama-server failed to start: {e!r}"
+                logger.error("model failed to load", error=message, exc_info=not isinstance(e, RunnerError))
+                for reject in self.state.runner_failed(rid, self.clock(), message):
                     self._reject(reject)
                 self.runners.pop(rid, None)
                 self._step()
