@@ -277,25 +277,30 @@ class Scheduler:
             plan, gpu_env = self.accountant.place(rid, plan)
             env.update(gpu_env)
         runner = Runner(plan, self.binary, load_timeout=self.settings.load_timeout,
-                        stop_grace=self.settings.stop_grace, env=env or None, on_line=on_line)
+                        stop_grace=self.settings.stop_grace, env=env or None, on_line=on_line,
+                        env_pass=self.settings.runner_env_pass)
         self.runners[rid] = runner
         logger = log.bind(model=plan.model, runner_id=rid)
         for note in plan.notes:
-            logger.warning(note, architecture=plan.model)
+            logger.warning(note, forced_num_parallel=plan.num_parallel)
         logger.info("loading model", num_parallel=plan.num_parallel, ctx=plan.ctx,
                     total_ctx=plan.total_ctx, estimate=plan.estimate)
         assert self._session is not None
         try:
             try:
                 await runner.start(self._session)
-            except RunnerError as e:
-                logger.error("model failed to load", error=str(e))
-                for reject in self.state.runner_failed(rid, self.clock(), str(e)):
+            except Exception as e:  # a failed load must never take the scheduler down
+                message = str(e) if isinstance(e, RunnerError) else f"llama-server failed to start: {e!r}"
+                logger.error("model failed to load", error=message, exc_info=not isinstance(e, RunnerError))
+                for reject in self.state.runner_failed(rid, self.clock(), message):
                     self._reject(reject)
                 self.runners.pop(rid, None)
                 self._step()
                 return
-            self.state.runner_ready(rid, self.clock())
+            ctx = await self._slot_context(runner)
+            if ctx != plan.ctx:
+                logger.info("llama-server rounded the context per slot", requested=plan.ctx, actual=ctx)
+            self.state.runner_ready(rid, self.clock(), ctx=ctx)
             self._step()
             if self.accountant is not None:
                 rm = self.accountant.runners.get(rid)
@@ -318,6 +323,17 @@ class Scheduler:
                 self.accountant.poke()  # its memory counts as free once a snapshot shows it
             with contextlib.suppress(RuntimeError):
                 self._step()
+
+    async def _slot_context(self, runner: Runner) -> int:
+        """The context each slot really has, from llama-server's /props (plan.ctx if unknown)."""
+        assert self._session is not None
+        try:
+            async with self._session.get(f"{runner.url}/props", headers=runner.headers,
+                                         timeout=aiohttp.ClientTimeout(total=5)) as r:
+                body = await r.json()
+            return int(body["default_generation_settings"]["n_ctx"])
+        except (aiohttp.ClientError, TimeoutError, KeyError, TypeError, ValueError):
+            return runner.plan.ctx
 
     async def _stop_runner(self, rid: int, reason: str) -> None:
         runner = self.runners.get(rid)

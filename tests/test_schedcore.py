@@ -504,3 +504,21 @@ def test_no_pressure_above_low_water() -> None:
     ra = w.loaded("a", est=2 * GiB)
     w.s.observe(3 * GiB, {ra: 2 * GiB})
     assert relieve_pressure(w.s, w.now) == []
+
+
+def test_runner_started_for_keep_alive_zero_serves_its_request_first() -> None:
+    w = World()
+    r = w.req(keep_alive=0.0)
+    acts = w.step()
+    w.ready_all(acts)
+    acts = w.step()
+    assert acts == [Dispatch(r.id, 1)]  # not stopped before it serves
+    w.s.release(1, w.now)
+    assert w.step() == [Stop(1, "keep-alive expired")]
+
+
+def test_load_only_with_keep_alive_zero_loads_then_unloads() -> None:
+    w = World()
+    r = w.req(keep_alive=0.0, load_only=True)
+    w.ready_all(w.step())
+    assert w.step() == [Dispatch(r.id, 1), Stop(1, "keep-alive expired")]

@@ -53,3 +53,13 @@ def test_memory_settings() -> None:
     assert (s.memory_poll, s.memory_reserve, s.memory_low_water) == (0.5, 1024**3, 64 * 1024**2)
     with pytest.raises(SettingsError, match="OLLAMAD_MEMORY_RESERVE"):
         load_settings({"OLLAMAD_MEMORY_RESERVE": "-1"})
+
+
+def test_lists_from_the_real_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OLLAMAD_SINGLE_SLOT_ARCHITECTURES", "llama,lfm2")
+    monkeypatch.setenv("OLLAMA_ORIGINS", "http://a.example, http://b.example")
+    monkeypatch.setenv("OLLAMAD_RUNNER_ENV_PASS", "FAKE_*")
+    s = load_settings()
+    assert s.single_slot_architectures == ("llama", "lfm2")
+    assert s.origins == ("http://a.example", "http://b.example")
+    assert s.runner_env_pass == ("FAKE_*",)
