@@ -45,14 +45,23 @@ class Estimate:
         return 0 if not self.layers else (self.layer_weights + self.kv + self.recurrent) // self.layers
 
 
+CTX_PAD = 256  # llama.cpp pads each sequence's context to a multiple of this
+
+
+def slot_context(ctx: int) -> int:
+    """The context llama.cpp really gives each slot: ``ctx`` padded up to a multiple of 256."""
+    return max(-(-ctx // CTX_PAD) * CTX_PAD, CTX_PAD)
+
+
 def compute_bytes(facts: ModelFacts, ctx_per_slot: int, n_ubatch: int = 512,
                   flash_attention: bool = False) -> int:
     """llama.cpp's compute buffer for one ubatch (graph peak, f32 activations).
 
     Without flash attention the peak is in attention: scores (heads x ctx) and the mask
     (ctx) per token, on top of the layer's live activations (5 x embd + 2 x kv dim).
+    ``n_ubatch`` is already capped by the context asked for.
     """
-    ub = max(min(n_ubatch, ctx_per_slot), 1)
+    ub = max(n_ubatch, 1)
     head_dim = facts.embd // facts.heads if facts.heads else 0
     kv_dim = facts.kv_heads * head_dim
     live = 5 * facts.embd + 2 * kv_dim
@@ -65,10 +74,11 @@ def estimate_memory(facts: ModelFacts, num_parallel: int, ctx: int, kv_type: str
                     n_batch: int = 2048, n_ubatch: int = 512, flash_attention: bool = False,
                     process_overhead: int = PROCESS_OVERHEAD) -> Estimate:
     """Estimate a llama-server's memory for ``num_parallel`` slots of ``ctx`` tokens each."""
-    total_ctx = num_parallel * ctx
-    kv = int(facts.layers * total_ctx * facts.kv_width * KV_BYTES.get(kv_type, 2.0))
+    per_slot = slot_context(ctx)
+    kv = int(facts.layers * num_parallel * per_slot * facts.kv_width * KV_BYTES.get(kv_type, 2.0))
     recurrent = facts.recurrent_bytes_per_seq * num_parallel
-    compute = compute_bytes(facts, ctx, min(n_ubatch, n_batch), flash_attention)
+    # llama-server caps the batch by the --ctx-size it was given, before any padding
+    compute = compute_bytes(facts, per_slot, min(n_ubatch, n_batch, num_parallel * ctx), flash_attention)
     output = 4 * facts.vocab * num_parallel  # logits for one output per sequence
     return Estimate(
         weights=facts.weight_bytes + facts.projector_bytes,

@@ -21,6 +21,8 @@ REPORTED = [
     ("small", 4, 4096, False, 84.52), ("small", 1, 8192, False, 108.52), ("small", 4, 2048, True, 32.02),
     ("big", 1, 512, False, 378.1), ("big", 1, 2048, False, 441.1), ("big", 4, 2048, False, 489.1),
     ("big", 4, 4096, False, 621.1), ("big", 1, 8192, False, 693.1), ("big", 4, 2048, True, 436.6),
+    # contexts llama.cpp pads to a multiple of 256 per slot (1000 -> 1024, 100 -> 256, 350 -> 512)
+    ("small", 3, 1000, False, 28.54), ("small", 1, 100, False, 11.09), ("small", 2, 350, False, 19.52),
 ]  # fmt: skip
 # KV buffer alone (MiB) as logged: layers x total ctx x (k + v width) x 2 bytes
 REPORTED_KV = [("tiny", 4, 4096, 8.0), ("small", 4, 4096, 32.0), ("big", 1, 8192, 64.0), ("big", 4, 2048, 64.0)]

@@ -98,7 +98,7 @@ def test_budget_for_two_evicts_lru_idle_never_busy_and_sizes_match_rss(
 
 
 @pytest.mark.parametrize(("model", "np_", "ctx"), [("tiny", 4, 2048), ("tiny", 1, 8192), ("small", 4, 4096),
-                                                    ("small", 2, 1024)])
+                                                    ("small", 3, 1000)])
 async def test_estimate_matches_what_this_llama_server_logs(llama_server: Path, models_dir: Path, model: str,
                                                             np_: int, ctx: int) -> None:
     """Live counterpart of tests/test_estimate.py: catches a llama-server whose buffers changed."""
