@@ -14,7 +14,8 @@ Rules:
   being evicted for another model, until the waiting request has been passed over for
   ``max_passover`` seconds; ``fifo`` policy evicts at once, in arrival order (Ollama-like).
 - Memory has two bounds: ``capacity`` (the budget for all runners, by their ``memory``) and
-  ``free`` (what the last snapshot measured as free, less ``reserve``). A runner counts
+  ``free`` (what the last snapshot measured as free; ``reserve`` of it is never given to a
+  new runner). A runner counts
   against ``free`` by what is not yet measured of it (``memory - counted``); memory of a
   runner that exited counts as free only once a later snapshot shows it free.
 - Pressure: when measured free memory falls below ``low_water``, idle runners are
