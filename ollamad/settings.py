@@ -160,6 +160,8 @@ class Settings(BaseSettings):
                                      description="Most memory all runners may use together; 0 = what is free")
     stop_grace: Seconds = Field(10.0, validation_alias="OLLAMAD_STOP_GRACE",
                                 description="How long a runner gets after SIGTERM before SIGKILL")
+    drain_timeout: Seconds = Field(30.0, validation_alias="OLLAMAD_DRAIN_TIMEOUT",
+                                   description="On SIGTERM, how long in-flight and queued requests may finish")
     load_backoff: Seconds = Field(5.0, validation_alias="OLLAMAD_LOAD_BACKOFF",
                                   description="First wait before retrying a model that failed to load (doubles)")
     runner_env_pass: CsvList = Field(
