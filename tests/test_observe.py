@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import time
 from pathlib import Path
@@ -11,6 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ollamad.metrics import reason_label
 from tests.conftest import Daemon
+from tests.test_service import slow_fake
 
 SECRET = "SECRET-PROMPT-7f3a"
 
@@ -120,3 +122,21 @@ def test_reason_labels_stay_bounded() -> None:
     assert reason_label("reload with a new plan") == "reload"
     assert reason_label("ollamad is shutting down") == "shutdown"
     assert reason_label("something new") == "other"
+
+
+def test_client_that_goes_away_is_logged_as_499_and_frees_its_slot(daemon_factory: Any, tmp_path: Path,
+                                                                   models_dir: Path) -> None:
+    d: Daemon = daemon_factory(slow_fake(tmp_path, 0.2), models_dir)
+    conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=30)
+    conn.request("POST", "/api/generate", json.dumps({"model": "tiny", "prompt": "x",
+                                                      "options": {"num_predict": 200}}))
+    resp = conn.getresponse()
+    assert json.loads(resp.readline())["done"] is False
+    conn.close()
+    gone = wait_for_log(d, lambda e: e.get("event") == "request" and e.get("status") == 499)
+    assert gone["model"] == "tiny:latest" and gone["tokens"] is None
+    deadline = time.monotonic() + 10
+    while value(m := scrape(d), "ollamad_in_flight", model="tiny:latest") != 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert value(m, "ollamad_requests_total", route="/api/generate", status="499") == 1

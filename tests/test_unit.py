@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "ollamad.service"
 DROPIN = ROOT / "systemd" / "override.conf.example"
 MAX_EXPOSURE = 3.0
+pytestmark = pytest.mark.timeout(900)  # the first test may install the systemd package
 
 
 def _install_systemd() -> str | None:
