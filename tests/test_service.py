@@ -171,15 +171,24 @@ def test_drain_timeout_cuts_requests_and_still_exits_zero(daemon_factory: Any, t
     assert "drain timed out" in d.log()
 
 
-def test_sighup_lists_a_new_model_file(daemon_factory: Any, fake_server: Path, tmp_path: Path) -> None:
+def test_sighup_lists_a_new_model_file(daemon_factory: Any, tmp_path: Path) -> None:
     models = tmp_path / "models"
     write_llama(models / "tiny.gguf", name="tiny")
-    d: Daemon = daemon_factory(fake_server, models)
+    d: Daemon = daemon_factory(slow_fake(tmp_path, 0.05), models)
     names = {m["name"] for m in d.get("/api/tags")[1]["models"]}
     assert names == {"tiny:latest"}
+    # a request streaming across the reload is not dropped
+    conn, resp = _stream(d.port, {"model": "tiny", "prompt": "hi", "options": {"num_predict": 30}})
+    assert json.loads(resp.readline())["done"] is False
     write_llama(models / "fresh.gguf", name="fresh")
     assert d.proc is not None
     d.proc.send_signal(signal.SIGHUP)
+    lines = [json.loads(ln) for ln in resp.read().splitlines() if ln.strip()]
+    conn.close()
+    assert lines[-1]["done"] is True and lines[-1]["eval_count"] == 30
+    logged = [json.loads(ln) for ln in d.log().splitlines() if ln.startswith("{")]
+    events = [(e.get("event"), e.get("route")) for e in logged]
+    assert events.index(("reloaded", None)) < events.index(("request", "/api/generate"))  # mid-stream
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         names = {m["name"] for m in d.get("/api/tags")[1]["models"]}
