@@ -25,6 +25,7 @@ from ollamad.settings import Settings, env_name, load_settings
 
 DEFAULT_ENV_FILE = Path("/etc/ollamad/ollamad.env")
 DEFAULT_UNIT = "ollamad.service"
+UNIT_FILE = Path("/etc/systemd/system") / DEFAULT_UNIT  # where scripts/install.sh puts it
 # Defaults computed at run time (they follow $HOME / XDG): the value the service unit sets,
 # and the default outside the service.
 FACTORY_DEFAULTS = {
@@ -119,16 +120,36 @@ def parse_unit_environment(text: str) -> dict[str, str]:
     return env
 
 
+def unit_file_environment(unit: Path) -> dict[str, str]:
+    """Environment= of a unit file and its drop-ins (UNIT.d/*.conf, in name order), read offline."""
+    env: dict[str, str] = {}
+    for path in [unit, *sorted(unit.with_name(unit.name + ".d").glob("*.conf"))]:
+        if not path.is_file():
+            continue
+        section = ""
+        for raw in path.read_text().splitlines():
+            line = raw.strip()
+            if line.startswith("["):
+                section = line
+            elif section == "[Service]" and line.startswith("Environment="):
+                value = line.removeprefix("Environment=")
+                if value:
+                    env.update(parse_unit_environment(value))
+                else:
+                    env.clear()  # an empty assignment resets the list
+    return env
+
+
 def unit_environment(unit: str = DEFAULT_UNIT) -> dict[str, str]:
-    """Environment= of the installed unit and its drop-ins; empty when systemd is not running."""
+    """Environment= of the installed unit and its drop-ins: from systemd when it runs, else the files."""
     systemctl = shutil.which("systemctl")
     if systemctl is None or not Path("/run/systemd/system").is_dir():
-        return {}
+        return unit_file_environment(UNIT_FILE)
     try:
         out = subprocess.run([systemctl, "show", unit, "-p", "Environment", "--value"],
                              capture_output=True, text=True, timeout=10, check=True).stdout
     except (OSError, subprocess.SubprocessError):
-        return {}
+        return unit_file_environment(UNIT_FILE)
     return parse_unit_environment(out)
 
 

@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-from ollamad.envfile import effective, parse_env_file, parse_unit_environment, render_env_file
+from ollamad.envfile import (
+    effective,
+    parse_env_file,
+    parse_unit_environment,
+    render_env_file,
+    unit_file_environment,
+)
 from ollamad.settings import Settings, env_name, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -107,3 +114,22 @@ def test_ollamad_config_names_a_bad_variable(tmp_path: Path) -> None:
 def test_env_template_is_the_file() -> None:
     r = _config("--env-template")
     assert r.returncode == 0 and r.stdout == ENV_FILE.read_text()
+
+
+def test_unit_file_and_dropin_environment_read_offline(tmp_path: Path) -> None:
+    """Without a running systemd, ollamad config reads Environment= from the installed files."""
+    unit = tmp_path / "ollamad.service"
+    shutil.copy(ROOT / "systemd" / "ollamad.service", unit)
+    (tmp_path / "ollamad.service.d").mkdir()
+    shutil.copy(ROOT / "systemd" / "override.conf.example", tmp_path / "ollamad.service.d" / "override.conf")
+    env = unit_file_environment(unit)
+    assert env == {"HOME": "/var/lib/ollamad", "OLLAMA_MODELS": "/var/lib/ollamad/models",
+                   "OLLAMAD_RUNNERS_DIR": "/opt/ollamad/runners", "OLLAMA_NUM_PARALLEL": "3"}
+    env_file = tmp_path / "ollamad.env"
+    env_file.write_text(ENV_FILE.read_text() + "OLLAMA_NUM_PARALLEL=2\n")
+    settings, rows = effective({}, env_file, env)
+    src = {r.name: (r.value, r.source) for r in rows}
+    assert src["OLLAMA_MODELS"] == ("/var/lib/ollamad/models", "unit")
+    assert src["OLLAMA_NUM_PARALLEL"] == ("2", f"env file {env_file}")  # the drop-in loses to the file
+    assert settings.runners_dir == Path("/opt/ollamad/runners")
+    assert unit_file_environment(tmp_path / "absent.service") == {}
