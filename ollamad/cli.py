@@ -8,7 +8,7 @@ import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from ollamad import __version__
 
@@ -47,14 +47,23 @@ def serve_command() -> None:
     try:
         settings = load_settings()
     except SettingsError as e:
-        sys.exit(f"ollamad: {e}")
+        _config_error(str(e))
     configure(debug=settings.debug)
     try:
         anyio.run(serve, settings)
     except BinaryNotFound as e:
-        sys.exit(f"ollamad: {e}")
+        _config_error(str(e))
     except OSError as e:
         sys.exit(f"ollamad: cannot listen on {settings.host}: {e.strerror or e}")
+
+
+EX_CONFIG = 78  # sysexits.h; the unit's RestartPreventExitStatus= stops restarting on it
+
+
+def _config_error(message: str) -> NoReturn:
+    """A start-up error that a restart cannot fix: say so and exit with EX_CONFIG."""
+    print(f"ollamad: {message}", file=sys.stderr)
+    sys.exit(EX_CONFIG)
 
 
 def config_command(env_file: Path | None, template: bool) -> None:

@@ -11,10 +11,12 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from ollamad.cli import EX_CONFIG
 from ollamad.settings import Settings, env_name
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -123,6 +125,21 @@ def test_unit_shape() -> None:
     assert svc["ExecReload"] == "/bin/kill -HUP $MAINPID"
     assert svc["EnvironmentFile"] == "-/etc/ollamad/ollamad.env"
     assert svc["User"] == "ollamad" and svc["NoNewPrivileges"] == "yes" and svc["ProtectSystem"] == "strict"
+    assert svc["RestartPreventExitStatus"] == str(EX_CONFIG)
+
+
+def _serve(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("OLLAMA")}
+    base.update(OLLAMA_MODELS=str(tmp_path), **env)
+    return subprocess.run([sys.executable, "-m", "ollamad.cli", "serve"], env=base, capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_configuration_errors_exit_78_so_systemd_stops_restarting(tmp_path: Path) -> None:
+    r = _serve(tmp_path, OLLAMA_NUM_PARALLEL="many")
+    assert r.returncode == EX_CONFIG and "OLLAMA_NUM_PARALLEL" in r.stderr
+    r = _serve(tmp_path, OLLAMAD_LLAMA_SERVER=str(tmp_path / "missing"))
+    assert r.returncode == EX_CONFIG and "OLLAMAD_LLAMA_SERVER" in r.stderr
 
 
 def test_stop_timeout_outlasts_drain_and_runner_grace() -> None:
