@@ -20,8 +20,10 @@ from ollamad.catalog import Catalog, InvalidName, Model
 from ollamad.describe import details
 from ollamad.durations import FOREVER, keep_alive_from_request
 from ollamad.ggufmeta import GGUFError
+from ollamad.metrics import CONTENT_TYPE, Metrics
 from ollamad.modelfacts import ModelFacts
 from ollamad.proxy import UpstreamError, error_of, sse_events
+from ollamad.reqlog import record_of, request_log
 from ollamad.scheduler import Lease, Scheduler, SchedulerError
 from ollamad.settings import Settings
 from ollamad.translate import (
@@ -230,6 +232,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
     t0 = time.monotonic_ns()
     req = validate(GenerateRequest, await read_json(request))
     model = resolve(ctx, req.model)
+    record_of(request).model = model.name
     facts = ctx.catalog.facts(model)
     if facts.embedding:
         raise ApiError(400, f'"{req.model}" does not support generate')
@@ -239,6 +242,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
                                     {"response": ""})
     lease = await ctx.scheduler.acquire(model, num_ctx=req.options.num_ctx,
                                         load=req.options.load_options(), keep_alive=keep_alive)
+    _dispatched(request, model, lease)
     async with lease:
         prompt = await _generate_prompt(ctx, lease, req, facts)
         payload = completion_payload(req, prompt, stream=True)
@@ -268,6 +272,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
     t0 = time.monotonic_ns()
     req = validate(ChatRequest, await read_json(request))
     model = resolve(ctx, req.model)
+    record_of(request).model = model.name
     facts = ctx.catalog.facts(model)
     if facts.embedding:
         raise ApiError(400, f'"{req.model}" does not support chat')
@@ -281,9 +286,15 @@ async def chat(request: web.Request) -> web.StreamResponse:
         raise ApiError(400, str(e)) from None
     lease = await ctx.scheduler.acquire(model, num_ctx=req.options.num_ctx,
                                         load=req.options.load_options(), keep_alive=keep_alive)
+    _dispatched(request, model, lease)
     async with lease:
         return await relay(request, ctx, lease, "/v1/chat/completions", payload, req.stream, t0,
                            _ChatShape(req.model))
+
+
+def _dispatched(request: web.Request, model: Model, lease: Lease) -> None:
+    r = lease.runner
+    record_of(request).dispatched(model.name, lease.queued_for, r.ready_at, r.started_at)
 
 
 async def load_or_unload(ctx: AppContext, model: Model, name: str, keep_alive: float | None,
@@ -388,12 +399,16 @@ async def relay(request: web.Request, ctx: AppContext, lease: Lease, path: str, 
     async with ctx.session.post(f"{lease.runner.url}{path}", json=payload, headers=lease.runner.headers) as up:
         if up.status != 200:
             raise await error_of(up)
+        rec = record_of(request)
         if not stream:
             last: dict[str, Any] = {}
             async for event in sse_events(up):
-                shape.piece(event)
+                if shape.piece(event) is not None:
+                    rec.first_token()
                 last = event
-            return reply(shape.final(last, time.monotonic_ns() - t0, load_ns, whole=True))
+            final = shape.final(last, time.monotonic_ns() - t0, load_ns, whole=True)
+            rec.finished(final)
+            return reply(final)
         resp = web.StreamResponse(headers={"Content-Type": NDJSON})
         await resp.prepare(request)
         last = {}
@@ -402,6 +417,7 @@ async def relay(request: web.Request, ctx: AppContext, lease: Lease, path: str, 
                 last = event
                 chunk = shape.piece(event)
                 if chunk is not None:
+                    rec.first_token()
                     await resp.write(dumps(chunk))
                 if shape.is_final(event):
                     break
@@ -409,13 +425,27 @@ async def relay(request: web.Request, ctx: AppContext, lease: Lease, path: str, 
             log.warning("stream cut", model=shape.model, error=e.message)
             await resp.write(dumps({"error": e.message}))
             return resp
-        await resp.write(dumps(shape.final(last, time.monotonic_ns() - t0, load_ns, whole=False)))
+        final = shape.final(last, time.monotonic_ns() - t0, load_ns, whole=False)
+        rec.finished(final)
+        await resp.write(dumps(final))
         return resp
 
 
+async def metrics(request: web.Request) -> web.Response:
+    body = request.app[METRICS].render()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+
+METRICS = web.AppKey("metrics", Metrics)
+
+
 def make_app(ctx: AppContext) -> web.Application:
-    app = web.Application(middlewares=[errors_middleware], client_max_size=64 * 1024 * 1024)
+    observed = Metrics(ctx.scheduler)
+    app = web.Application(middlewares=[request_log(observed), errors_middleware],
+                          client_max_size=64 * 1024 * 1024)
     app[CTX] = ctx
+    app[METRICS] = observed
+    app.router.add_get("/metrics", metrics)
     app.router.add_get("/", root)
     app.router.add_get("/api/version", version)
     app.router.add_get("/api/tags", tags)

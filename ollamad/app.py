@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import signal
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import aiohttp
@@ -17,12 +17,16 @@ from ollamad.api import AppContext, make_app
 from ollamad.binary import find_llama_server
 from ollamad.catalog import Catalog
 from ollamad.memory import MemoryProbe, load_nvml
+from ollamad.notify import Notifier
+from ollamad.schedcore import SchedState
 from ollamad.scheduler import Scheduler
 from ollamad.settings import Settings
 from ollamad.testmodels import write_llama
 
 log = structlog.get_logger("ollamad")
 DEMO_MODEL = "tiny"
+CUT_AFTER_DRAIN = 1.0  # seconds aiohttp gives handlers still running after the drain
+STATUS_EVERY = 2.0  # seconds between STATUS= updates to systemd (sent only when changed)
 
 
 def ensure_demo_model(settings: Settings) -> Path | None:
@@ -38,8 +42,9 @@ def ensure_demo_model(settings: Settings) -> Path | None:
 
 
 async def serve(settings: Settings, *, on_ready: Callable[[AppContext], None] | None = None,
-                drain_timeout: float = 30.0) -> None:
-    """Run the daemon until SIGTERM or SIGINT; SIGHUP rescans the models folder."""
+                notifier: Notifier | None = None) -> None:
+    """Run the daemon until SIGTERM or SIGINT (drain, then stop); SIGHUP reloads the catalog."""
+    notifier = notifier or Notifier.from_env()
     binary = find_llama_server(settings.llama_server, settings.runners_dir)
     ensure_demo_model(settings)
     catalog = Catalog(settings.models)
@@ -55,32 +60,93 @@ async def serve(settings: Settings, *, on_ready: Callable[[AppContext], None] | 
         connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30)
         async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None)) as session:
             ctx = AppContext(settings, catalog, scheduler, session)
-            runner = web.AppRunner(make_app(ctx), handler_cancellation=True, access_log=None)
+            # drain() already waited for requests; what is left when cleanup runs gets cut
+            runner = web.AppRunner(make_app(ctx), handler_cancellation=True, access_log=None,
+                                   shutdown_timeout=CUT_AFTER_DRAIN)
             await runner.setup()
             site = web.TCPSite(runner, host, port, reuse_address=True)
             with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
                 await site.start()
                 log.info("listening", host=host, port=port, version=__version__, llama_server=str(binary),
                          models=str(settings.models), count=len(catalog.list()))
+                notifier.ready(status_line(scheduler))
+                tg.start_soon(report_status, notifier, scheduler)
+                if notifier.watchdog_interval:
+                    tg.start_soon(keep_watchdog, notifier, notifier.watchdog_interval)
                 if on_ready is not None:
                     on_ready(ctx)
                 async for sig in signals:
                     if sig == signal.SIGHUP:
-                        catalog.scan()
-                        log.info("reloaded", models=len(catalog.list()))
+                        notifier.reloading()
+                        await reload(catalog)
+                        notifier.ready(status_line(scheduler))
                         continue
-                    log.info("shutting down", signal=signal.Signals(sig).name)
+                    log.info("shutting down", signal=signal.Signals(sig).name,
+                             drain_timeout=settings.drain_timeout, busy=scheduler.busy())
                     break
-            await drain(scheduler, drain_timeout)
+                notifier.stopping()
+                await drain(scheduler, settings.drain_timeout, signals)
             await runner.cleanup()
         tg.cancel_scope.cancel()
+    notifier.close()
     log.info("stopped")
 
 
-async def drain(scheduler: Scheduler, grace: float) -> None:
-    """Refuse new requests; let queued and in-flight ones finish, up to ``grace`` seconds."""
+async def reload(catalog: Catalog) -> None:
+    """SIGHUP: rescan the models folder (Catalog.scan also re-reads per-model settings).
+
+    The new table replaces the old one at once; requests already running keep their Model.
+    """
+    await anyio.to_thread.run_sync(catalog.scan)
+    log.info("reloaded", models=len(catalog.list()))
+
+
+def status_line(scheduler: Scheduler) -> str:
+    """One line for systemctl status: loaded models with busy slots, and the queue."""
+    state: SchedState = scheduler.state
+    loaded = [f"{r.plan.model} {r.in_flight}/{r.plan.num_parallel} busy"
+              for r in sorted(state.runners.values(), key=lambda r: r.id) if r.status == "ready"]
+    loading = [r.plan.model for r in state.runners.values() if r.status == "starting"]
+    parts = [f"loaded: {', '.join(loaded) if loaded else 'none'}"]
+    if loading:
+        parts.append(f"loading: {', '.join(loading)}")
+    parts.append(f"queue: {state.waiting()} waiting")
+    if not scheduler.accepting:
+        parts.insert(0, f"draining ({scheduler.busy()} requests left)")
+    return "; ".join(parts)
+
+
+async def report_status(notifier: Notifier, scheduler: Scheduler) -> None:
+    while True:
+        await anyio.sleep(STATUS_EVERY)
+        notifier.status(status_line(scheduler))
+
+
+async def keep_watchdog(notifier: Notifier, every: float) -> None:
+    while True:
+        notifier.watchdog()
+        await anyio.sleep(every)
+
+
+async def drain(scheduler: Scheduler, grace: float, signals: AsyncIterator[int] | None = None) -> None:
+    """Refuse new requests; let queued and in-flight ones finish, up to ``grace`` seconds.
+
+    A second SIGTERM or SIGINT (Ctrl-C twice) cuts the wait short; the exit stays clean.
+    """
     scheduler.accepting = False
-    with anyio.move_on_after(grace):
-        await scheduler.wait_idle()
+    with anyio.move_on_after(grace) as scope:
+        async with anyio.create_task_group() as tg:
+            if signals is not None:
+                tg.start_soon(_cut_short_on_signal, signals, scope)
+            await scheduler.wait_idle()
+            tg.cancel_scope.cancel()
     if scheduler.busy():
         log.warning("drain timed out; cutting remaining requests", busy=scheduler.busy())
+
+
+async def _cut_short_on_signal(signals: AsyncIterator[int], scope: anyio.CancelScope) -> None:
+    async for sig in signals:
+        if sig != signal.SIGHUP:
+            log.warning("second signal: not waiting for requests to finish", signal=signal.Signals(sig).name)
+            scope.cancel()
+            return

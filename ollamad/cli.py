@@ -7,7 +7,8 @@ import json
 import sys
 import urllib.error
 import urllib.request
-from typing import Any
+from pathlib import Path
+from typing import Any, NoReturn
 
 from ollamad import __version__
 
@@ -19,6 +20,11 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser("serve", help="run the daemon (settings come from OLLAMA_* / OLLAMAD_* variables)")
     sub.add_parser("list", help="list models")
     sub.add_parser("ps", help="list loaded models")
+    cfg = sub.add_parser("config", help="print every setting's effective value and where it came from")
+    cfg.add_argument("--env-file", type=Path, default=None,
+                     help="env file the service reads (default /etc/ollamad/ollamad.env)")
+    cfg.add_argument("--env-template", action="store_true",
+                     help="print the documented env file (config/ollamad.env) generated from the settings")
     args = parser.parse_args(argv)
     if args.command == "serve":
         serve_command()
@@ -26,6 +32,8 @@ def main(argv: list[str] | None = None) -> None:
         list_command()
     elif args.command == "ps":
         ps_command()
+    elif args.command == "config":
+        config_command(args.env_file, args.env_template)
 
 
 def serve_command() -> None:
@@ -39,14 +47,47 @@ def serve_command() -> None:
     try:
         settings = load_settings()
     except SettingsError as e:
-        sys.exit(f"ollamad: {e}")
+        _config_error(str(e))
     configure(debug=settings.debug)
     try:
         anyio.run(serve, settings)
     except BinaryNotFound as e:
-        sys.exit(f"ollamad: {e}")
+        _config_error(str(e))
     except OSError as e:
         sys.exit(f"ollamad: cannot listen on {settings.host}: {e.strerror or e}")
+
+
+EX_CONFIG = 78  # sysexits.h; the unit's RestartPreventExitStatus= stops restarting on it
+
+
+def _config_error(message: str) -> NoReturn:
+    """A start-up error that a restart cannot fix: say so and exit with EX_CONFIG."""
+    print(f"ollamad: {message}", file=sys.stderr)
+    sys.exit(EX_CONFIG)
+
+
+def config_command(env_file: Path | None, template: bool) -> None:
+    import os
+
+    from ollamad.envfile import DEFAULT_ENV_FILE, effective, render_env_file, unit_environment, unknown_variables
+    from ollamad.settings import SettingsError
+
+    if template:
+        sys.stdout.write(render_env_file())
+        return
+    path = env_file or DEFAULT_ENV_FILE
+    if env_file is not None and not env_file.is_file():
+        sys.exit(f"ollamad: no env file at {env_file}")
+    try:
+        _, rows = effective(os.environ, path, unit_environment())
+    except SettingsError as e:
+        sys.exit(f"ollamad: {e}")
+    print(f"# effective settings (env file: {path}{'' if path.is_file() else ', absent'})")
+    width = min(max(len(f"{r.name}={r.value}") for r in rows), 48)
+    for r in rows:
+        print(f"{r.name}={r.value}".ljust(width), f" # {r.source}")
+    for name in unknown_variables(os.environ, path):
+        print(f"# warning: {name} is set but ollamad does not read it", file=sys.stderr)
 
 
 def _base_url() -> str:

@@ -13,7 +13,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import aiohttp
 import anyio
@@ -90,6 +90,16 @@ class _Waiter:
     request: Request | None = None
 
 
+@dataclass(frozen=True)
+class RunnerEvent:
+    """What happened to a runner, for observers (metrics): loads, stops and their reasons."""
+
+    kind: Literal["loaded", "load_failed", "stopped", "died"]
+    model: str
+    reason: str = ""
+    seconds: float = 0.0
+
+
 def plan_settings(settings: Settings) -> PlanSettings:
     return PlanSettings(
         num_parallel=settings.num_parallel,
@@ -136,6 +146,7 @@ class Scheduler:
         self._idle = anyio.Event()
         self._session: aiohttp.ClientSession | None = None
         self.accepting = True
+        self.on_event: Callable[[RunnerEvent], None] | None = None
 
     # --- lifecycle ---------------------------------------------------------------------
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -156,8 +167,9 @@ class Scheduler:
 
     async def stop_all(self, reason: str) -> None:
         runners = list(self.runners.items())
-        for rid, _ in runners:
+        for rid, runner in runners:
             log.info("stopping runner", runner_id=rid, reason=reason)
+            self._emit(RunnerEvent("stopped", runner.plan.model, reason))
         async with anyio.create_task_group() as tg:
             for _, runner in runners:
                 tg.start_soon(runner.stop)
@@ -292,6 +304,7 @@ class Scheduler:
             except Exception as e:  # a failed load must never take the scheduler down
                 message = str(e) if isinstance(e, RunnerError) else f"llama-server failed to start: {e!r}"
                 logger.error("model failed to load", error=message, exc_info=not isinstance(e, RunnerError))
+                self._emit(RunnerEvent("load_failed", plan.model, message))
                 for reject in self.state.runner_failed(rid, self.clock(), message):
                     self._reject(reject)
                 self.runners.pop(rid, None)
@@ -301,6 +314,7 @@ class Scheduler:
             if ctx != plan.ctx:
                 logger.info("llama-server rounded the context per slot", requested=plan.ctx, actual=ctx)
             self.state.runner_ready(rid, self.clock(), ctx=ctx)
+            self._emit(RunnerEvent("loaded", plan.model, seconds=runner.ready_at - runner.started_at))
             self._step()
             if self.accountant is not None:
                 rm = self.accountant.runners.get(rid)
@@ -310,6 +324,7 @@ class Scheduler:
                 self.accountant.poke()
             code = await runner.wait()
             if not runner.stopping:
+                self._emit(RunnerEvent("died", plan.model, describe_exit(code)))
                 logger.error("runner died", pid=runner.pid, how=describe_exit(code),
                              last_output=runner.tail())
         finally:
@@ -340,6 +355,7 @@ class Scheduler:
         if runner is None:
             return
         log.info("unloading model", model=runner.plan.model, runner_id=rid, reason=reason)
+        self._emit(RunnerEvent("stopped", runner.plan.model, reason))
         await runner.stop()
 
     # --- memory ------------------------------------------------------------------------
@@ -359,6 +375,10 @@ class Scheduler:
                         reason=stop.reason)
             self._spawn(self._stop_runner, stop.runner_id, stop.reason)
         self._step()
+
+    def _emit(self, event: RunnerEvent) -> None:
+        if self.on_event is not None:
+            self.on_event(event)
 
     async def wait_idle(self) -> None:
         """Return once no request waits or runs."""

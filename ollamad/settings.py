@@ -166,6 +166,8 @@ class Settings(BaseSettings):
                                         description="Below this much free memory, idle models are unloaded (LRU first)")
     stop_grace: Seconds = Field(10.0, validation_alias="OLLAMAD_STOP_GRACE",
                                 description="How long a runner gets after SIGTERM before SIGKILL")
+    drain_timeout: Seconds = Field(30.0, validation_alias="OLLAMAD_DRAIN_TIMEOUT",
+                                   description="On SIGTERM, how long in-flight and queued requests may finish")
     load_backoff: Seconds = Field(5.0, validation_alias="OLLAMAD_LOAD_BACKOFF",
                                   description="First wait before retrying a model that failed to load (doubles)")
     runner_env_pass: CsvList = Field(

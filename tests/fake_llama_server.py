@@ -36,7 +36,15 @@ def parse() -> argparse.Namespace:
     p.add_argument("--ctx-size", "-c", type=int, default=4096)
     p.add_argument("--api-key")
     p.add_argument("--embeddings", action="store_true")
-    args, _ = p.parse_known_args()
+    # llama-server takes the word after a flag as its value even when it starts with "-"
+    # (a random API key can); argparse would not, so glue values on with "=".
+    argv, rest = [], sys.argv[1:]
+    while rest:
+        word = rest.pop(0)
+        if word in ("--api-key", "--model") and rest:
+            word = f"{word}={rest.pop(0)}"
+        argv.append(word)
+    args, _ = p.parse_known_args(argv)
     return args
 
 
