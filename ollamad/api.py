@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from ollamad import __version__
 from ollamad.catalog import Catalog, InvalidName, Model
-from ollamad.describe import details
+from ollamad.describe import capabilities, details
 from ollamad.durations import FOREVER, keep_alive_from_request
 from ollamad.ggufmeta import GGUFError
 from ollamad.modelfacts import ModelFacts
@@ -26,6 +26,8 @@ from ollamad.settings import Settings
 from ollamad.translate import (
     ChatRequest,
     GenerateRequest,
+    Message,
+    Options,
     chat_payload,
     completion_payload,
     describe_validation,
@@ -75,23 +77,28 @@ def error(status: int, message: str) -> web.Response:
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+def openai_error(status: int, message: str) -> web.Response:
+    """OpenAI's error object, as Ollama's /v1 routes answer."""
+    kind = "invalid_request_error" if status < 500 else "api_error"
+    if status == 404:
+        kind = "not_found_error"
+    return reply({"error": {"message": message, "type": kind, "param": None, "code": None}}, status)
+
+
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every failure becomes Ollama's ``{"error": ...}`` with the right status."""
+    """Every failure becomes Ollama's ``{"error": ...}`` (OpenAI's object under /v1) with the right status."""
+    shape = openai_error if request.path.startswith("/v1/") else error
     try:
         return await handler(request)
-    except ApiError as e:
-        return error(e.status, e.message)
-    except SchedulerError as e:
-        return error(e.status, e.message)
-    except UpstreamError as e:
-        return error(e.status, e.message)
+    except (ApiError, SchedulerError, UpstreamError) as e:
+        return shape(e.status, e.message)
     except web.HTTPException as e:
         if e.status >= 400:
-            return error(e.status, e.reason)
+            return shape(e.status, e.reason)
         raise
     except GGUFError as e:
-        return error(500, str(e))
+        return shape(500, str(e))
 
 
 async def read_json(request: web.Request) -> dict[str, Any]:
@@ -124,6 +131,25 @@ def parse_keep_alive(value: object) -> float | None:
         return keep_alive_from_request(value)
     except ValueError as e:
         raise ApiError(400, f"invalid keep_alive: {e}") from None
+
+
+def with_defaults(req: _Req, model: Model) -> _Req:
+    """Model defaults (store params, per-model settings) under the request's own options."""
+    if not model.defaults.options:
+        return req
+    merged = {**model.defaults.options, **req.options.model_dump(exclude_none=True)}
+    try:
+        options = Options.model_validate(merged)
+    except ValidationError as e:
+        raise ApiError(500, f"model defaults for {model.name}: {describe_validation(e)}") from None
+    return req.model_copy(update={"options": options})
+
+
+def check_capable(name: str, facts: ModelFacts, need: str) -> None:
+    """400 ``"x" does not support <need>`` as Ollama answers."""
+    caps = capabilities(facts)
+    if need not in caps:
+        raise ApiError(400, f'"{name}" does not support {need}')
 
 
 def validate(cls: type[_Req], body: dict[str, Any]) -> _Req:
@@ -207,8 +233,14 @@ async def generate(request: web.Request) -> web.StreamResponse:
     req = validate(GenerateRequest, await read_json(request))
     model = resolve(ctx, req.model)
     facts = ctx.catalog.facts(model)
-    if facts.embedding:
-        raise ApiError(400, f'"{req.model}" does not support generate')
+    check_capable(req.model, facts, "generate" if facts.embedding else "completion")
+    if req.images:
+        check_capable(req.model, facts, "vision")
+    if req.suffix:
+        raise ApiError(400, f'"{req.model}" does not support insert')
+    if req.system is None and model.system:
+        req = req.model_copy(update={"system": model.system})
+    req = with_defaults(req, model)
     keep_alive = parse_keep_alive(req.keep_alive)
     if not req.prompt and not req.images:
         return await load_or_unload(ctx, model, req.model, keep_alive, req.options.num_ctx,
@@ -245,8 +277,14 @@ async def chat(request: web.Request) -> web.StreamResponse:
     req = validate(ChatRequest, await read_json(request))
     model = resolve(ctx, req.model)
     facts = ctx.catalog.facts(model)
-    if facts.embedding:
-        raise ApiError(400, f'"{req.model}" does not support chat')
+    check_capable(req.model, facts, "chat" if facts.embedding else "completion")
+    if any(m.images for m in req.messages):
+        check_capable(req.model, facts, "vision")
+    if req.tools:
+        check_capable(req.model, facts, "tools")
+    if model.system and req.messages and not any(m.role == "system" for m in req.messages):
+        req = req.model_copy(update={"messages": [Message(role="system", content=model.system), *req.messages]})
+    req = with_defaults(req, model)
     keep_alive = parse_keep_alive(req.keep_alive)
     if not req.messages:
         return await load_or_unload(ctx, model, req.model, keep_alive, req.options.num_ctx,
@@ -390,6 +428,8 @@ async def relay(request: web.Request, ctx: AppContext, lease: Lease, path: str, 
 
 
 def make_app(ctx: AppContext) -> web.Application:
+    from ollamad import api_embed, api_models, api_openai
+
     app = web.Application(middlewares=[errors_middleware], client_max_size=64 * 1024 * 1024)
     app[CTX] = ctx
     app.router.add_get("/", root)
@@ -398,4 +438,7 @@ def make_app(ctx: AppContext) -> web.Application:
     app.router.add_get("/api/ps", ps)
     app.router.add_post("/api/generate", generate)
     app.router.add_post("/api/chat", chat)
+    api_models.register(app)
+    api_embed.register(app)
+    api_openai.register(app)
     return app

@@ -15,6 +15,7 @@ from ollamad import __version__
 from ollamad.api import AppContext, make_app
 from ollamad.binary import find_llama_server
 from ollamad.catalog import Catalog
+from ollamad.modelconfig import ModelConfigError
 from ollamad.scheduler import Scheduler
 from ollamad.settings import Settings
 from ollamad.testmodels import write_llama
@@ -40,8 +41,8 @@ async def serve(settings: Settings, *, on_ready: Callable[[AppContext], None] | 
     """Run the daemon until SIGTERM or SIGINT; SIGHUP rescans the models folder."""
     binary = find_llama_server(settings.llama_server, settings.runners_dir)
     ensure_demo_model(settings)
-    catalog = Catalog(settings.models)
-    catalog.scan()
+    catalog = Catalog(settings.models, settings.model_settings)
+    catalog.scan()  # a bad per-model settings file stops start-up with its message
     scheduler = Scheduler(settings, catalog, str(binary))
     host, port = settings.bind
     async with anyio.create_task_group() as tg:
@@ -60,8 +61,11 @@ async def serve(settings: Settings, *, on_ready: Callable[[AppContext], None] | 
                     on_ready(ctx)
                 async for sig in signals:
                     if sig == signal.SIGHUP:
-                        catalog.scan()
-                        log.info("reloaded", models=len(catalog.list()))
+                        try:
+                            catalog.scan()
+                            log.info("reloaded", models=len(catalog.list()))
+                        except ModelConfigError as e:
+                            log.error("reload failed; keeping the old models", error=str(e))
                         continue
                     log.info("shutting down", signal=signal.Signals(sig).name)
                     break

@@ -34,6 +34,7 @@ def serve_command() -> None:
     from ollamad.app import serve
     from ollamad.binary import BinaryNotFound
     from ollamad.logs import configure
+    from ollamad.modelconfig import ModelConfigError
     from ollamad.settings import SettingsError, load_settings
 
     try:
@@ -43,7 +44,7 @@ def serve_command() -> None:
     configure(debug=settings.debug)
     try:
         anyio.run(serve, settings)
-    except BinaryNotFound as e:
+    except (BinaryNotFound, ModelConfigError) as e:
         sys.exit(f"ollamad: {e}")
     except OSError as e:
         sys.exit(f"ollamad: cannot listen on {settings.host}: {e.strerror or e}")

@@ -1,0 +1,257 @@
+"""The whole API driven by the official ``ollama`` and ``openai`` clients (real llama-server)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import ollama
+import openai
+import pytest
+
+from ollamad import store
+from ollamad.testmodels import write_all
+from tests.conftest import Daemon
+
+pytestmark = pytest.mark.real
+
+
+@pytest.fixture
+def api_models(tmp_path: Path) -> Path:
+    folder = tmp_path / "models"
+    write_all(folder, ("tiny", "chat", "embed"))
+    return folder
+
+
+@pytest.fixture
+def daemon(daemon_factory: Any, llama_server: Path, api_models: Path) -> Daemon:
+    return daemon_factory(llama_server, api_models)  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def client(daemon: Daemon) -> ollama.Client:
+    return ollama.Client(host=daemon.url)
+
+
+def test_generate_and_chat_with_ollama_client(client: ollama.Client) -> None:
+    r = client.generate(model="tiny", prompt="hi", options={"num_predict": 8, "seed": 3}, stream=False)
+    assert r.done and r.eval_count and r.eval_count > 0 and r.model == "tiny"
+    chunks = list(client.generate(model="tiny", prompt="hi", options={"num_predict": 8}, stream=True))
+    assert chunks[-1].done and not any(c.done for c in chunks[:-1])
+    msgs = [{"role": "user", "content": "hello"}]
+    c = client.chat(model="chat", messages=msgs, options={"num_predict": 8}, stream=False)
+    assert c.message.role == "assistant" and c.done and c.eval_count
+    parts = list(client.chat(model="chat", messages=msgs, options={"num_predict": 8}, stream=True))
+    assert parts[-1].done and parts[-1].eval_count
+    # an unknown option is ignored, a wrong type named
+    r = client.generate(model="tiny", prompt="x", options={"num_predict": 2, "bogus_option": 1}, stream=False)
+    assert r.done
+    with pytest.raises(ollama.ResponseError) as e:
+        client.generate(model="tiny", prompt="x", options={"top_k": "many"}, stream=False)
+    assert e.value.status_code == 400 and "options.top_k" in e.value.error
+
+
+def test_embed_with_ollama_client(client: ollama.Client, daemon: Daemon) -> None:
+    r = client.embed(model="embed", input=["hello world", "goodbye"])
+    assert len(r.embeddings) == 2 and len(r.embeddings[0]) == 128
+    assert math.isclose(sum(x * x for x in r.embeddings[0]), 1.0, rel_tol=1e-3)
+    assert r.embeddings[0] != r.embeddings[1] and r.prompt_eval_count and r.prompt_eval_count > 0
+    one = client.embed(model="embed", input="hello world", dimensions=16)
+    assert len(one.embeddings) == 1 and len(one.embeddings[0]) == 16
+    assert math.isclose(sum(x * x for x in one.embeddings[0]), 1.0, rel_tol=1e-3)
+    legacy = client.embeddings(model="embed", prompt="hello world")
+    assert len(legacy.embedding) == 128
+    # truncate false with an input longer than the context: 400; true: it is cut and embedded
+    long = "word " * 3000
+    status, body = daemon.post("/api/embed", {"model": "embed", "input": long, "truncate": False})
+    assert status == 400 and "context length" in body["error"]
+    status, body = daemon.post("/api/embed", {"model": "embed", "input": long})
+    assert status == 200 and len(body["embeddings"][0]) == 128
+    # the embedding runner was started with llama-server's embedding flags
+    (child,) = [p for p in daemon.children() if "llama-server" in p.name()]
+    assert "--embeddings" in child.cmdline()
+    # capabilities both ways
+    with pytest.raises(ollama.ResponseError) as e:
+        client.generate(model="embed", prompt="hi")
+    assert e.value.status_code == 400 and e.value.error == '"embed" does not support generate'
+    with pytest.raises(ollama.ResponseError) as e:
+        client.embed(model="tiny", input="hi")
+    assert e.value.status_code == 400 and "does not support embeddings" in e.value.error
+
+
+def test_list_show_ps(client: ollama.Client) -> None:
+    names = {m.model for m in client.list().models}
+    assert {"tiny:latest", "chat:latest", "embed:latest"} <= names
+    tiny = next(m for m in client.list().models if m.model == "tiny:latest")
+    assert tiny.details and tiny.details.family == "llama" and tiny.details.format == "gguf"
+    assert tiny.size and tiny.digest and len(tiny.digest) == 64 and tiny.modified_at
+    s = client.show("chat")
+    assert s.capabilities and {"completion", "tools"} <= set(s.capabilities)
+    assert s.modelinfo and s.modelinfo["general.architecture"] == "llama"
+    assert s.modelinfo["llama.context_length"] == 8192 and s.template and "im_start" in s.template
+    assert client.show("embed").capabilities == ["embedding"]
+    client.generate(model="tiny", prompt="hi", options={"num_predict": 2})
+    ps = client.ps().models
+    assert [m.model for m in ps] == ["tiny:latest"] and ps[0].size and ps[0].details
+
+
+def test_copy_delete_create(client: ollama.Client, daemon: Daemon, api_models: Path, tmp_path: Path) -> None:
+    client.copy("tiny", "mine:v1")
+    assert "mine:v1" in {m.model for m in client.list().models}
+    assert client.generate(model="mine:v1", prompt="hi", options={"num_predict": 2}).done
+    client.delete("mine:v1")
+    assert "mine:v1" not in {m.model for m in client.list().models}
+    assert (api_models / "tiny.gguf").is_file()  # the source is untouched
+    with pytest.raises(ollama.ResponseError) as e:
+        client.delete("mine:v1")
+    assert e.value.status_code == 404
+
+    # create from an uploaded blob, with a system prompt and parameters
+    digest = client.create_blob(api_models / "tiny.gguf")
+    steps = list(client.create(model="made", files={"tiny.gguf": digest}, system="You are terse.",
+                               parameters={"temperature": 0.3, "num_ctx": 512, "stop": ["</s>"]}, stream=True))
+    assert steps[-1].status == "success"
+    shown = client.show("made")
+    assert shown.parameters and "temperature" in shown.parameters
+    assert shown.modelfile and 'SYSTEM """You are terse."""' in shown.modelfile
+    assert daemon.post("/api/show", {"model": "made"})[1]["system"] == "You are terse."
+    client.generate(model="made", prompt="hi", options={"num_predict": 2})
+    ctx = {m.model: m.context_length for m in client.ps().models}
+    assert ctx["made:latest"] == 512  # num_ctx from the params layer
+    # create from a GGUF path inside the models folder; a path elsewhere is refused
+    assert client.create(model="frompath", from_=str(api_models / "chat.gguf")).status == "success"
+    assert "frompath:latest" in {m.model for m in client.list().models}
+    outside = tmp_path / "elsewhere" / "x.gguf"
+    write_all(outside.parent, ("tiny",))
+    with pytest.raises(ollama.ResponseError) as e:
+        client.create(model="bad", from_=str(outside.parent / "tiny.gguf"))
+    assert e.value.status_code == 400 and "outside" in e.value.error
+    # a blob upload with the wrong digest is refused
+    status, _ = daemon.request("POST", "/api/blobs/sha256:" + "0" * 64, raw=b"not this")
+    assert status == 400
+    status, _ = daemon.request("HEAD", f"/api/blobs/{digest}")
+    assert status == 200
+
+
+def _store_model(root: Path, name: str, gguf: Path, **texts: str) -> None:
+    layers = [store.Layer(store.MODEL, store.sha256_file(gguf), gguf.stat().st_size)]
+    store.link_blob(root, gguf, layers[0].digest)
+    for media, text in texts.items():
+        blob = store.write_blob(root, text.encode())
+        layers.append(store.Layer(store.MEDIA_PREFIX + media, blob.digest, blob.size))
+    store.write_manifest(root, store.parse_name(name), layers)
+
+
+def test_serves_ollama_store_by_ollama_names(daemon_factory: Any, llama_server: Path, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    write_all(src, ("tiny", "chat"))
+    root = tmp_path / "ollama-models"
+    _store_model(root, "gemma3:4b", src / "tiny.gguf", params=json.dumps({"temperature": 0.1, "num_ctx": 256}),
+                 system="Answer in French.", license="MIT")
+    _store_model(root, "someone/chatty:q4", src / "chat.gguf")
+    (root / "plain.gguf").write_bytes((src / "tiny.gguf").read_bytes())  # plain files work beside it
+    d = daemon_factory(llama_server, root)
+    client = ollama.Client(host=d.url)
+    names = {m.model for m in client.list().models}
+    assert {"gemma3:4b", "someone/chatty:q4", "plain:latest"} <= names
+    for name in ("gemma3:4b", "registry.ollama.ai/library/gemma3:4b", "library/gemma3:4b"):
+        assert client.generate(model=name, prompt="bonjour", options={"num_predict": 2}).done
+    assert client.chat(model="someone/chatty:q4", messages=[{"role": "user", "content": "x"}],
+                       options={"num_predict": 2}).done
+    shown = client.show("gemma3:4b")
+    assert shown.license == "MIT" and shown.parameters and "temperature" in shown.parameters
+    assert d.post("/api/show", {"model": "gemma3:4b"})[1]["system"] == "Answer in French."
+    ps = {m.model: m.context_length for m in client.ps().models}
+    assert ps["gemma3:4b"] == 256
+    listed = next(m for m in client.list().models if m.model == "gemma3:4b")
+    manifest = root / "manifests/registry.ollama.ai/library/gemma3/4b"
+    assert listed.digest == store.sha256_file(manifest).split(":")[1]
+
+
+def test_openai_client(daemon: Daemon) -> None:
+    client = openai.OpenAI(base_url=daemon.url + "/v1", api_key="ollama")
+    msgs: Any = [{"role": "user", "content": "hi"}]
+    r = client.chat.completions.create(model="chat", messages=msgs, max_tokens=8)
+    assert r.model == "chat" and r.choices[0].message.role == "assistant"
+    assert r.usage and r.usage.completion_tokens > 0 and r.usage.prompt_tokens > 0
+    chunks = list(client.chat.completions.create(model="chat", messages=msgs, max_tokens=8, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert chunks and all(c.model == "chat" for c in chunks)
+    assert chunks[-1].usage and chunks[-1].usage.completion_tokens > 0
+    c = client.completions.create(model="tiny", prompt="once upon", max_tokens=8)
+    assert c.choices and c.usage and c.usage.completion_tokens > 0
+    streamed = list(client.completions.create(model="tiny", prompt="once", max_tokens=4, stream=True))
+    assert streamed
+    e = client.embeddings.create(model="embed", input=["a b c", "d e f"])  # base64 under the hood
+    assert len(e.data) == 2 and len(e.data[0].embedding) == 128 and e.usage.prompt_tokens > 0
+    e = client.embeddings.create(model="embed", input="a b c", encoding_format="float", dimensions=8)
+    assert len(e.data[0].embedding) == 8
+    ids = {m.id for m in client.models.list()}
+    assert {"tiny:latest", "chat:latest", "embed:latest"} <= ids
+    assert client.models.retrieve("tiny").id == "tiny:latest"
+    with pytest.raises(openai.NotFoundError) as nf:
+        client.models.retrieve("nope")
+    assert 'model "nope" not found' in str(nf.value)
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.chat.completions.create(model="embed", messages=msgs)
+    assert "does not support chat" in str(bad.value)
+    status, raw = daemon.request("POST", "/v1/chat/completions",
+                                 {"model": "chat", "messages": msgs, "max_tokens": 4, "stream": True})
+    assert status == 200 and raw.rstrip().endswith(b"data: [DONE]")
+
+
+def test_per_model_settings_file(daemon_factory: Any, llama_server: Path, api_models: Path, tmp_path: Path) -> None:
+    cfg = tmp_path / "models.toml"
+    cfg.write_text('[models."tiny"]\nnum_ctx = 640\nnum_parallel = 2\nkeep_alive = "7m"\n'
+                   'aliases = ["mini"]\noptions = { num_predict = 3 }\n')
+    d = daemon_factory(llama_server, api_models, OLLAMAD_MODEL_SETTINGS=str(cfg))
+    status, body = d.post("/api/generate", {"model": "mini", "prompt": "hi", "stream": False})
+    assert status == 200 and body["eval_count"] <= 3
+    (m,) = d.get("/api/ps")[1]["models"]
+    assert m["name"] == "tiny:latest" and m["context_length"] == 640 and m["num_parallel"] == 2
+    # a malformed file stops start-up with a message naming the field
+    cfg.write_text('[models."tiny"]\nnum_ctx = "big"\n')
+    with pytest.raises(RuntimeError, match=r"models\.tiny\.num_ctx"):
+        daemon_factory(llama_server, api_models, OLLAMAD_MODEL_SETTINGS=str(cfg))
+
+
+BAD: list[tuple[str, str, bytes, str]] = [
+    ("POST", "/api/embed", b"{oops", "invalid JSON"),
+    ("POST", "/api/embed", b'{"input": "x"}', "model is required"),
+    ("POST", "/api/embed", b'{"model": "embed", "input": 5}', "input"),
+    ("POST", "/api/embed", b'{"model": "embed", "input": "x", "dimensions": "a"}', "dimensions"),
+    ("POST", "/api/embeddings", b'{"model": "embed", "prompt": 3}', "prompt"),
+    ("POST", "/api/show", b"{}", "model is required"),
+    ("POST", "/api/show", b'{"model": "../../etc/passwd"}', "invalid model name"),
+    ("POST", "/api/copy", b'{"source": "tiny"}', "destination is required"),
+    ("POST", "/api/copy", b'{"source": "tiny", "destination": "../x"}', "invalid model name"),
+    ("DELETE", "/api/delete", b"", "missing request body"),
+    ("DELETE", "/api/delete", b'{"model": 7}', "model must be"),
+    ("POST", "/api/create", b'{"model": "x"}', "neither 'from' or 'files'"),
+    ("POST", "/api/create", b'{"model": "x", "files": {"a.gguf": "sha256:zz"}}', "invalid digest"),
+    ("POST", "/api/create", b'{"model": "x", "from": "tiny", "stream": false, "system": 5}', "system must be"),
+    ("POST", "/api/create", b'{"model": "x", "from": "tiny", "quantize": "q4_K_M"}', "quantize"),
+    ("POST", "/api/pull", b'{"model": "a/b/c/d"}', "invalid model name"),
+    ("POST", "/api/pull", b'{"model": "x", "insecure": "yes"}', "insecure"),
+    ("POST", "/api/blobs/sha256:123", b"x", "invalid digest"),
+    ("POST", "/v1/chat/completions", b'{"model": "chat"}', "messages"),
+    ("POST", "/v1/chat/completions", b'{"model": "chat", "messages": [], "temperature": "x"}', "temperature"),
+    ("POST", "/v1/completions", b'{"model": "tiny"}', "prompt"),
+    ("POST", "/v1/completions", b"[]", "JSON object"),
+    ("POST", "/v1/embeddings", b'{"model": "embed"}', "input"),
+    ("POST", "/v1/embeddings", b'{"model": "embed", "input": "x", "encoding_format": "hex"}', "encoding_format"),
+    ("POST", "/api/generate", b'{"model": "tiny", "prompt": 3}', "prompt"),
+    ("POST", "/api/chat", b'{"model": "chat", "messages": "hi"}', "messages"),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "raw", "needle"), BAD, ids=[f"{m} {p} {n}" for m, p, _, n in BAD])
+def test_malformed_requests_are_400_naming_the_problem(daemon: Daemon, method: str, path: str, raw: bytes,
+                                                       needle: str) -> None:
+    status, body = daemon.request(method, path, raw=raw)
+    assert status == 400, (path, body)
+    err = json.loads(body)["error"]
+    message = err["message"] if path.startswith("/v1/") else err
+    assert needle in message
