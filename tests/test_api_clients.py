@@ -255,3 +255,92 @@ def test_malformed_requests_are_400_naming_the_problem(daemon: Daemon, method: s
     err = json.loads(body)["error"]
     message = err["message"] if path.startswith("/v1/") else err
     assert needle in message
+
+
+class LocalRegistry:
+    """A small Ollama-compatible registry (manifests and blobs over HTTP) on loopback, in a thread."""
+
+    def __init__(self, root: Path) -> None:
+        import threading
+
+        self.root = root
+        self.port = 0
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._stop: Any = None
+
+    def _run(self) -> None:
+        import asyncio
+
+        from aiohttp import web
+
+        async def manifest(request: web.Request) -> web.StreamResponse:
+            ns, model, tag = (request.match_info[k] for k in ("ns", "model", "tag"))
+            path = self.root / "manifests" / "registry.ollama.ai" / ns / model / tag
+            if not path.is_file():
+                return web.json_response({"errors": [{"code": "MANIFEST_UNKNOWN"}]}, status=404)
+            return web.Response(body=path.read_bytes(), content_type=store.MANIFEST_TYPE)
+
+        async def blob(request: web.Request) -> web.StreamResponse:
+            path = self.root / "blobs" / request.match_info["digest"].replace(":", "-")
+            if not path.is_file():
+                return web.Response(status=404)
+            return web.FileResponse(path)
+
+        async def main() -> None:
+            app = web.Application()
+            app.router.add_get("/v2/{ns}/{model}/manifests/{tag}", manifest)
+            app.router.add_get("/v2/{ns}/{model}/blobs/{digest}", blob)
+            runner = web.AppRunner(app)
+            await runner.setup()
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            await site.start()
+            self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+            self._stop = asyncio.Event()
+            self._loop = asyncio.get_running_loop()
+            self._ready.set()
+            await self._stop.wait()
+            await runner.cleanup()
+
+        asyncio.run(main())
+
+    def __enter__(self) -> LocalRegistry:
+        self._thread.start()
+        assert self._ready.wait(10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
+
+
+def test_pull_from_local_registry(client: ollama.Client, daemon: Daemon, api_models: Path, tmp_path: Path) -> None:
+    remote = tmp_path / "remote"
+    _store_model(remote, "pullme:v2", api_models / "tiny.gguf", params=json.dumps({"num_predict": 3}),
+                 system="pulled")
+    _store_model(remote, "broken:latest", api_models / "chat.gguf")
+    manifest = json.loads((remote / "manifests/registry.ollama.ai/library/broken/latest").read_text())
+    bad = remote / "blobs" / manifest["layers"][0]["digest"].replace(":", "-")
+    bad.unlink()
+    bad.write_bytes(b"corrupted")  # served bytes no longer match the digest
+    with LocalRegistry(remote) as reg:
+        name = f"127.0.0.1:{reg.port}/library/pullme:v2"
+        steps = list(client.pull(name, insecure=True, stream=True))
+        statuses = [s.status for s in steps]
+        assert statuses[0] == "pulling manifest" and statuses[-1] == "success"
+        model_digest = store.sha256_file(api_models / "tiny.gguf")
+        model_steps = [s for s in steps if s.digest == model_digest]
+        size = (api_models / "tiny.gguf").stat().st_size
+        assert model_steps and model_steps[-1].completed == model_steps[-1].total == size
+        assert name in {m.model for m in client.list().models}
+        r = client.generate(model=name, prompt="hi", stream=False)
+        assert r.done and r.eval_count is not None and r.eval_count <= 3  # the params layer applies
+        # pulling again finds every blob already there
+        assert client.pull(name, insecure=True).status == "success"
+        with pytest.raises(ollama.ResponseError) as e:
+            client.pull(f"127.0.0.1:{reg.port}/library/absent:latest", insecure=True)
+        assert e.value.status_code == 404 and "file does not exist" in e.value.error
+        status, lines = daemon.post("/api/pull", {"model": f"127.0.0.1:{reg.port}/library/broken", "insecure": True})
+        assert status == 200 and "digest mismatch" in lines[-1]["error"]
+        assert not any(p.name.startswith(".") for p in (api_models / "blobs").iterdir())  # no partial left
+        assert f"127.0.0.1:{reg.port}/library/broken:latest" not in {m.model for m in client.list().models}
