@@ -28,6 +28,7 @@ from ollamad.translate import (
     GenerateRequest,
     Message,
     Options,
+    chat_messages,
     chat_payload,
     completion_payload,
     describe_validation,
@@ -262,13 +263,18 @@ async def _generate_prompt(ctx: AppContext, lease: Lease, req: GenerateRequest, 
     if req.system:
         messages.append({"role": "system", "content": req.system})
     messages.append({"role": "user", "content": req.prompt})
+    return await apply_template(ctx, lease, messages)
+
+
+async def apply_template(ctx: AppContext, lease: Lease, messages: list[dict[str, Any]]) -> str:
+    """The prompt llama-server's chat template makes of ``messages``."""
     assert ctx.session is not None
     async with ctx.session.post(f"{lease.runner.url}/apply-template", json={"messages": messages},
                                 headers=lease.runner.headers) as up:
         if up.status != 200:
             raise await error_of(up)
         body = await up.json()
-    return str(body.get("prompt", req.prompt))
+    return str(body.get("prompt", ""))
 
 
 async def chat(request: web.Request) -> web.StreamResponse:
@@ -296,6 +302,12 @@ async def chat(request: web.Request) -> web.StreamResponse:
     lease = await ctx.scheduler.acquire(model, num_ctx=req.options.num_ctx,
                                         load=req.options.load_options(), keep_alive=keep_alive)
     async with lease:
+        if req.format and not req.tools and not any(m.images for m in req.messages):
+            # As Ollama does: render the template, then constrain only the reply with the grammar
+            prompt = await apply_template(ctx, lease, chat_messages(req))
+            gen = GenerateRequest(model=req.model, prompt=prompt, format=req.format, options=req.options)
+            return await relay(request, ctx, lease, "/completion", completion_payload(gen, prompt), req.stream,
+                               t0, _TemplatedChatShape(req.model))
         return await relay(request, ctx, lease, "/v1/chat/completions", payload, req.stream, t0,
                            _ChatShape(req.model))
 
@@ -337,6 +349,23 @@ class _GenerateShape:
             "done": True, "done_reason": done_reason(event.get("stop_type")),
             **durations(event.get("timings"), total_ns, load_ns, event.get("tokens_evaluated")),
         }
+
+
+class _TemplatedChatShape(_GenerateShape):
+    """Chat chunks made from a /completion stream (chat with ``format``)."""
+
+    def piece(self, event: dict[str, Any]) -> dict[str, Any] | None:
+        chunk = super().piece(event)
+        if chunk is not None:
+            chunk["message"] = {"role": "assistant", "content": chunk.pop("response")}
+        return chunk
+
+    def final(self, event: dict[str, Any], total_ns: int, load_ns: int, whole: bool) -> dict[str, Any]:
+        out = super().final(event, total_ns, load_ns, whole)
+        out["message"] = {"role": "assistant", "content": out.pop("response")}
+        # keep Ollama's key order: message before done
+        return {k: out[k] for k in ("model", "created_at", "message", *[k for k in out if k not in
+                                                                         ("model", "created_at", "message")])}
 
 
 class _ChatShape:

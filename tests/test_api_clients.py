@@ -344,3 +344,28 @@ def test_pull_from_local_registry(client: ollama.Client, daemon: Daemon, api_mod
         assert status == 200 and "digest mismatch" in lines[-1]["error"]
         assert not any(p.name.startswith(".") for p in (api_models / "blobs").iterdir())  # no partial left
         assert f"127.0.0.1:{reg.port}/library/broken:latest" not in {m.model for m in client.list().models}
+
+
+def test_chat_tools_format_and_head_routes(client: ollama.Client, daemon: Daemon) -> None:
+    tools: Any = [{"type": "function", "function": {
+        "name": "get_weather", "description": "weather for a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+    msgs = [{"role": "user", "content": "weather in Paris?"}]
+    r = client.chat(model="chat", messages=msgs, tools=tools, options={"num_predict": 8})
+    assert r.done and r.message.role == "assistant"
+    with pytest.raises(ollama.ResponseError) as e:  # no chat template that knows tools
+        client.chat(model="tiny", messages=msgs, tools=tools)
+    assert e.value.status_code == 400 and e.value.error == '"tiny" does not support tools'
+    # format: "json" and a JSON schema constrain the output (a grammar in llama-server)
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    for fmt in ("json", schema):
+        g = client.generate(model="tiny", prompt="x", format=fmt, options={"num_predict": 64, "seed": 1})
+        assert g.done and g.response.lstrip().startswith("{")
+    c = client.chat(model="chat", messages=msgs, format=schema, options={"num_predict": 64, "seed": 1})
+    assert c.message.content.lstrip().startswith("{")
+    with pytest.raises(ollama.ResponseError) as e:
+        client.generate(model="tiny", prompt="x", images=[b"\x89PNG"])
+    assert e.value.error == '"tiny" does not support vision'
+    for path in ("/", "/api/version", "/api/tags", "/api/ps", "/v1/models"):
+        status, _ = daemon.request("HEAD", path)
+        assert status == 200, path
