@@ -238,7 +238,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
     if req.images:
         check_capable(req.model, facts, "vision")
     if req.suffix:
-        raise ApiError(400, f'"{req.model}" does not support insert')
+        check_capable(req.model, facts, "insert")
     if req.system is None and model.system:
         req = req.model_copy(update={"system": model.system})
     req = with_defaults(req, model)
@@ -249,6 +249,10 @@ async def generate(request: web.Request) -> web.StreamResponse:
     lease = await ctx.scheduler.acquire(model, num_ctx=req.options.num_ctx,
                                         load=req.options.load_options(), keep_alive=keep_alive)
     async with lease:
+        if req.suffix:  # fill in the middle: the prompt is the prefix, no chat template
+            payload = completion_payload(req, "", stream=True)
+            payload.update(input_prefix=req.prompt, input_suffix=req.suffix)
+            return await relay(request, ctx, lease, "/infill", payload, req.stream, t0, _GenerateShape(req.model))
         prompt = await _generate_prompt(ctx, lease, req, facts)
         payload = completion_payload(req, prompt, stream=True)
         return await relay(request, ctx, lease, "/completion", payload, req.stream, t0,

@@ -130,7 +130,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     facts = ctx.catalog.facts(model)
     check_capable(req.model, facts, "generate" if facts.embedding else "completion")
     if req.suffix:
-        raise ApiError(400, f'"{req.model}" does not support insert')
+        check_capable(req.model, facts, "insert")
     payload = upstream_payload(body, model.defaults.options)
     return await _forward(request, ctx, model, req.model, "/v1/completions", payload)
 

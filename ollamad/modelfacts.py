@@ -27,6 +27,7 @@ class ModelFacts:
     file_type: int | None = None
     recurrent_bytes_per_seq: int = 0  # SSM / conv state per sequence (hybrid models)
     swa_layers: int = 0
+    fim: bool = False  # fill-in-the-middle tokens: generate with a suffix (llama-server /infill)
 
     @property
     def kv_width(self) -> int:
@@ -82,6 +83,7 @@ def facts_from_gguf(info: GGUFInfo, projector: GGUFInfo | None = None) -> ModelF
         file_type=_int(info.metadata.get("general.file_type"), -1)
         if "general.file_type" in info.metadata else None,
         recurrent_bytes_per_seq=recurrent,
+        fim=all(f"tokenizer.ggml.fim_{k}_token_id" in info.metadata for k in ("pre", "suf", "mid")),
     )
 
 

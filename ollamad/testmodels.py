@@ -169,7 +169,7 @@ METADATA_MODELS: dict[str, tuple[str, dict[str, object]]] = {
 
 
 def write_all(folder: str | Path, which: tuple[str, ...] = ("tiny",)) -> list[Path]:
-    """Write the named models into ``folder`` (tiny, small, big, meta, embed, chat)."""
+    """Write the named models into ``folder`` (tiny, small, big, meta, embed, chat, code)."""
     folder = Path(folder)
     out = []
     for name in which:
@@ -178,6 +178,10 @@ def write_all(folder: str | Path, which: tuple[str, ...] = ("tiny",)) -> list[Pa
                 out.append(write_metadata_only(folder / f"{mname}.gguf", arch, meta))
         elif name == "embed":  # a loadable embedding model: llama with mean pooling
             out.append(write_llama(folder / "embed.gguf", TINY, name="embed", extra={"llama.pooling_type": 1}))
+        elif name == "code":  # tiny with fill-in-the-middle tokens (generate with a suffix)
+            fim: dict[str, object] = {
+                f"tokenizer.ggml.fim_{k}_token_id": i for i, k in enumerate(("pre", "suf", "mid"), start=3)}
+            out.append(write_llama(folder / "code.gguf", TINY, name="code", extra=fim))
         elif name == "chat":  # tiny with a ChatML template that mentions tools
             out.append(write_llama(folder / "chat.gguf", CHAT, name="chat"))
         else:

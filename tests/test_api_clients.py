@@ -21,7 +21,7 @@ pytestmark = pytest.mark.real
 @pytest.fixture
 def api_models(tmp_path: Path) -> Path:
     folder = tmp_path / "models"
-    write_all(folder, ("tiny", "chat", "embed"))
+    write_all(folder, ("tiny", "chat", "embed", "code"))
     return folder
 
 
@@ -363,6 +363,13 @@ def test_chat_tools_format_and_head_routes(client: ollama.Client, daemon: Daemon
         assert g.done and g.response.lstrip().startswith("{")
     c = client.chat(model="chat", messages=msgs, format=schema, options={"num_predict": 64, "seed": 1})
     assert c.message.content.lstrip().startswith("{")
+    # suffix: fill in the middle where the model has FIM tokens
+    assert "insert" in (client.show("code").capabilities or [])
+    g = client.generate(model="code", prompt="def f(", suffix="return x", options={"num_predict": 4})
+    assert g.done and g.eval_count and g.prompt_eval_count and g.prompt_eval_count > 6
+    with pytest.raises(ollama.ResponseError) as e:
+        client.generate(model="tiny", prompt="def f(", suffix="return x")
+    assert e.value.status_code == 400 and e.value.error == '"tiny" does not support insert'
     with pytest.raises(ollama.ResponseError) as e:
         client.generate(model="tiny", prompt="x", images=[b"\x89PNG"])
     assert e.value.error == '"tiny" does not support vision'
