@@ -34,8 +34,11 @@ from ollamad.translate import (
     describe_validation,
     done_reason,
     durations,
+    image_data,
+    multimodal_prompt,
     now_iso,
     ollama_tool_calls,
+    with_media_markers,
 )
 
 log = structlog.get_logger("ollamad.api")
@@ -235,8 +238,13 @@ async def generate(request: web.Request) -> web.StreamResponse:
     model = resolve(ctx, req.model)
     facts = ctx.catalog.facts(model)
     check_capable(req.model, facts, "generate" if facts.embedding else "completion")
+    images: list[str] = []
     if req.images:
         check_capable(req.model, facts, "vision")
+        try:
+            images = image_data(req.images)
+        except ValueError as e:
+            raise ApiError(400, str(e)) from None
     if req.suffix:
         check_capable(req.model, facts, "insert")
     if req.system is None and model.system:
@@ -253,20 +261,21 @@ async def generate(request: web.Request) -> web.StreamResponse:
             payload = completion_payload(req, "", stream=True)
             payload.update(input_prefix=req.prompt, input_suffix=req.suffix)
             return await relay(request, ctx, lease, "/infill", payload, req.stream, t0, _GenerateShape(req.model))
-        prompt = await _generate_prompt(ctx, lease, req, facts)
-        payload = completion_payload(req, prompt, stream=True)
+        prompt = await _generate_prompt(ctx, lease, req, facts, len(images))
+        payload = completion_payload(req, multimodal_prompt(prompt, images), stream=True)
         return await relay(request, ctx, lease, "/completion", payload, req.stream, t0,
                            _GenerateShape(req.model))
 
 
-async def _generate_prompt(ctx: AppContext, lease: Lease, req: GenerateRequest, facts: ModelFacts) -> str:
+async def _generate_prompt(ctx: AppContext, lease: Lease, req: GenerateRequest, facts: ModelFacts,
+                           images: int = 0) -> str:
     """Ollama applies the model's chat template to a generate prompt unless raw is set."""
     if req.raw or not facts.chat_template:
-        return req.prompt
+        return with_media_markers(req.prompt, images)
     messages = []
     if req.system:
         messages.append({"role": "system", "content": req.system})
-    messages.append({"role": "user", "content": req.prompt})
+    messages.append({"role": "user", "content": with_media_markers(req.prompt, images)})
     return await apply_template(ctx, lease, messages)
 
 

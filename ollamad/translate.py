@@ -140,13 +140,47 @@ def durations(timings: dict[str, Any] | None, total_ns: int, load_ns: int,
     }
 
 
-def completion_payload(req: GenerateRequest, prompt: str, stream: bool = True) -> dict[str, Any]:
+def completion_payload(req: GenerateRequest, prompt: str | dict[str, Any],
+                       stream: bool = True) -> dict[str, Any]:
     payload: dict[str, Any] = {"prompt": prompt, "stream": stream, "cache_prompt": True}
     payload.update(req.options.sampling())
     payload.update(format_param(req.format))
     if stream:
         payload["timings_per_token"] = False
     return payload
+
+
+MEDIA_MARKER = "<__media__>"  # llama-server's default multimodal marker
+
+
+def image_data(images: list[str]) -> list[str]:
+    """Ollama's base64 images, checked; ValueError naming the bad one."""
+    import base64
+    import binascii
+
+    out = []
+    for i, img in enumerate(images):
+        data = img.split(",", 1)[1] if img.startswith("data:") else img
+        try:
+            base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError(f"images.{i}: invalid base64 image data") from None
+        out.append(data)
+    return out
+
+
+def with_media_markers(text: str, count: int) -> str:
+    """Put one marker per image before the text, where llama-server places the images."""
+    return (MEDIA_MARKER + "\n") * count + text
+
+
+def multimodal_prompt(prompt: str, images: list[str]) -> str | dict[str, Any]:
+    """llama-server's /completion prompt: a string, or the text with its images' data."""
+    if not images:
+        return prompt
+    if prompt.count(MEDIA_MARKER) != len(images):
+        prompt = with_media_markers(prompt.replace(MEDIA_MARKER, ""), len(images))
+    return {"prompt_string": prompt, "multimodal_data": images}
 
 
 def chat_messages(req: ChatRequest) -> list[dict[str, Any]]:

@@ -124,3 +124,38 @@ def test_show_helpers() -> None:
     assert info["tokenizer.ggml.tokens"] is None and info["tokenizer.ggml.scores"] is None
     assert info["x.list"] == [1, 2] and info["general.parameter_count"] == 1234
     assert model_info({"a": [0] * 100}, 1, verbose=True)["a"] == [0] * 100
+
+
+def test_generate_images_become_multimodal_prompt() -> None:
+    from ollamad.translate import MEDIA_MARKER, image_data, multimodal_prompt, with_media_markers
+
+    png = base64.b64encode(b"\x89PNG fake").decode()
+    assert image_data([png, f"data:image/png;base64,{png}"]) == [png, png]
+    with pytest.raises(ValueError, match=r"images\.1"):
+        image_data([png, "not base64!"])
+    assert multimodal_prompt("hi", []) == "hi"
+    p = multimodal_prompt("describe", [png, png])
+    assert isinstance(p, dict) and p["multimodal_data"] == [png, png]
+    assert p["prompt_string"].count(MEDIA_MARKER) == 2 and p["prompt_string"].endswith("describe")
+    templated = "<|user|>" + with_media_markers("what is it", 1) + "<|assistant|>"
+    assert multimodal_prompt(templated, [png])["prompt_string"] == templated  # type: ignore[index]
+
+
+def test_projector_layer_gives_vision(tmp_path: Path) -> None:
+    from ollamad.describe import capabilities
+    from ollamad.testmodels import write_metadata_only
+
+    gguf = write_llama(tmp_path / "src" / "m.gguf")
+    proj = write_metadata_only(tmp_path / "src" / "p.gguf", "clip", {"clip.has_vision_encoder": True})
+    root = tmp_path / "models"
+    layers = []
+    for path, media in ((gguf, store.MODEL), (proj, store.PROJECTOR)):
+        digest = store.sha256_file(path)
+        store.link_blob(root, path, digest)
+        layers.append(store.Layer(media, digest, path.stat().st_size))
+    store.write_manifest(root, store.parse_name("seer:1b"), layers)
+    cat = Catalog(root)
+    cat.scan()
+    m = cat.resolve("seer:1b")
+    assert m is not None and m.projector == store.blob_path(root, layers[1].digest)
+    assert "vision" in capabilities(cat.facts(m))
