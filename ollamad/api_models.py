@@ -169,7 +169,7 @@ async def push_blob(request: web.Request) -> web.Response:
     if path.is_file():
         return web.Response(status=200)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.upload{os.getpid()}-{id(request)}")
+    tmp = store.temp_beside(path, "upload")
     h = hashlib.sha256()
     try:
         async with await anyio.open_file(tmp, "wb") as f:
@@ -348,7 +348,7 @@ async def _pull_blob(ctx: AppContext, url: str, layer: store.Layer) -> Progress:
         yield {"status": status, "digest": layer.digest, "total": layer.size, "completed": layer.size}
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial{os.getpid()}")
+    tmp = store.temp_beside(path, "partial")
     h, done, reported = hashlib.sha256(), 0, 0
     try:
         async with ctx.session.get(url) as r:

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import re
+import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -150,9 +151,14 @@ def manifest_body(layers: list[Layer], config: Layer | None) -> dict[str, Any]:
     return body
 
 
+def temp_beside(path: Path, what: str = "tmp") -> Path:
+    """A unique hidden file name next to ``path`` (concurrent writers never share one)."""
+    return path.with_name(f".{path.name}.{what}-{secrets.token_hex(6)}")
+
+
 def write_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = temp_beside(path)
     tmp.write_bytes(data)
     os.replace(tmp, path)
 
@@ -172,7 +178,7 @@ def link_blob(root: Path, source: Path, digest: str) -> Path:
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = temp_beside(path)
     try:
         os.link(source, tmp)
     except OSError:
@@ -193,33 +199,34 @@ def write_manifest(root: Path, name: Name, layers: list[Layer], config: Layer | 
     return path
 
 
+def _digests(m: Manifest) -> set[str]:
+    return {x.digest for x in m.layers} | ({m.config.digest} if m.config else set())
+
+
 def remove_manifest(root: Path, name: Name) -> bool:
-    """Delete a model's manifest and every blob no other manifest uses; False if none."""
+    """Delete a model's manifest and those of its blobs no other manifest uses; False if none.
+
+    Blobs of no manifest at all (an upload waiting for /api/create) are left alone.
+    """
     path = name.manifest_path(root)
     if not path.is_file():
         return False
+    try:
+        mine = _digests(parse_manifest(name, path, path.read_bytes()))
+    except StoreError:
+        mine = set()
     path.unlink()
     for parent in list(path.parents)[:3]:  # tidy empty model/namespace/host folders
         try:
             parent.rmdir()
         except OSError:
             break
-    prune_blobs(root)
-    return True
-
-
-def prune_blobs(root: Path) -> int:
     used: set[str] = set()
     for m in manifests(root):
-        used.update(x.digest for x in m.layers)
-        if m.config is not None:
-            used.add(m.config.digest)
-    removed = 0
-    for blob in (root / "blobs").glob("sha256-*"):
-        if blob.name.replace("-", ":", 1) not in used:
-            blob.unlink(missing_ok=True)
-            removed += 1
-    return removed
+        used |= _digests(m)
+    for digest in mine - used:
+        blob_path(root, digest).unlink(missing_ok=True)
+    return True
 
 
 def sha256_file(path: Path) -> str:

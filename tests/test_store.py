@@ -78,8 +78,13 @@ def test_catalog_reads_store_layers_and_config(tmp_path: Path) -> None:
     assert m.defaults.options == {"temperature": 0.9, "stop": ["x"]}  # the settings file wins
     assert m.digest == store.sha256_file(root / "manifests/registry.ollama.ai/fam/thing/v1").split(":")[1]
     assert cat.facts(m).architecture == "llama"
-    # removing the manifest prunes blobs nobody else uses
+    # removing the manifest removes its blobs nobody else uses; a waiting upload stays
+    store.write_manifest(root, store.parse_name("twin"), [model])
+    upload = store.write_blob(root, b"uploaded, not yet in a model")
     assert store.remove_manifest(root, store.parse_name("fam/thing:v1"))
+    assert store.blob_path(root, model.digest).exists() and store.blob_path(root, upload.digest).exists()
+    assert not store.blob_path(root, layers[2].digest).exists()  # the system layer was only its
+    assert store.remove_manifest(root, store.parse_name("twin"))
     assert not store.blob_path(root, model.digest).exists()
     assert not store.remove_manifest(root, store.parse_name("fam/thing:v1"))
 
