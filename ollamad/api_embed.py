@@ -7,7 +7,7 @@ import time
 from typing import Any
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 
 from ollamad.api import (
     CTX,
@@ -29,7 +29,7 @@ class EmbedRequest(BaseModel):
 
     model: str = Field(min_length=1)
     input: str | list[str] = ""
-    truncate: bool = True
+    truncate: StrictBool = True
     dimensions: int | None = Field(None, ge=1, le=1 << 20)
     options: Options = Field(default_factory=lambda: Options())
     keep_alive: float | str | None = None

@@ -243,6 +243,12 @@ async def _create_steps(ctx: AppContext, body: dict[str, Any], dest: store.Name)
         raise ApiError(400, "quantize is not supported by ollamad")
     if body.get("adapters"):
         raise ApiError(400, "adapters are not supported by ollamad")
+    for field in ("template", "system", "license", "parameters"):
+        value = body.get(field)
+        ok = (isinstance(value, dict) if field == "parameters" else isinstance(value, str)
+              or (field == "license" and isinstance(value, list)))
+        if value is not None and not ok:
+            raise ApiError(400, f"{field} must be a {'JSON object' if field == 'parameters' else 'string'}")
     layers: list[store.Layer] = []
     files = body.get("files")
     source = body.get("from") or body.get("path")

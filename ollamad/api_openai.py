@@ -7,7 +7,7 @@ import struct
 from typing import Any
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 
 from ollamad.api import CTX, ApiError, AppContext, check_capable, dumps, read_json, reply, resolve
 from ollamad.api_embed import embed_texts, shorten
@@ -23,7 +23,7 @@ class _OpenAIBase(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     model: str = Field(min_length=1)
-    stream: bool = False
+    stream: StrictBool = False
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, ge=0, le=1)
     max_tokens: int | None = Field(None, ge=0)

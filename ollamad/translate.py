@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 
 from ollamad.plan import LoadOptions
 
@@ -20,7 +20,7 @@ class Options(BaseModel):
     num_batch: int | None = Field(None, ge=1, le=1 << 20)
     num_gpu: int | None = Field(None, ge=-1, le=10_000)
     main_gpu: int | None = Field(None, ge=0, le=1024)
-    use_mmap: bool | None = None
+    use_mmap: StrictBool | None = None
     num_thread: int | None = Field(None, ge=0, le=4096)
     # sampling: per request
     num_predict: int | None = Field(None, ge=-2, le=1 << 24)
@@ -76,7 +76,7 @@ class _Base(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str = Field(min_length=1)
-    stream: bool = True
+    stream: StrictBool = True
     format: str | dict[str, Any] | None = None
     options: Options = Field(default_factory=lambda: Options())
     keep_alive: float | str | None = None
@@ -87,7 +87,7 @@ class GenerateRequest(_Base):
     suffix: str | None = None
     system: str | None = None
     template: str | None = None
-    raw: bool = False
+    raw: StrictBool = False
     images: list[str] | None = None
     context: list[int] | None = None
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import signal
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -150,7 +153,7 @@ def test_serves_ollama_store_by_ollama_names(daemon_factory: Any, llama_server: 
     root = tmp_path / "ollama-models"
     _store_model(root, "gemma3:4b", src / "tiny.gguf", params=json.dumps({"temperature": 0.1, "num_ctx": 256}),
                  system="Answer in French.", license="MIT")
-    _store_model(root, "someone/chatty:q4", src / "chat.gguf")
+    _store_model(root, "someone/chatty:q4", src / "chat.gguf", system="Always answer in one long sentence.")
     (root / "plain.gguf").write_bytes((src / "tiny.gguf").read_bytes())  # plain files work beside it
     d = daemon_factory(llama_server, root)
     client = ollama.Client(host=d.url)
@@ -160,6 +163,21 @@ def test_serves_ollama_store_by_ollama_names(daemon_factory: Any, llama_server: 
         assert client.generate(model=name, prompt="bonjour", options={"num_predict": 2}).done
     assert client.chat(model="someone/chatty:q4", messages=[{"role": "user", "content": "x"}],
                        options={"num_predict": 2}).done
+    # the system layer is applied to a chat without a system message, not over the client's own
+    (root / "chat.gguf").write_bytes((src / "chat.gguf").read_bytes())
+    d.proc.send_signal(signal.SIGHUP)  # rescan to see the plain file
+    deadline = time.monotonic() + 10
+    while "chat:latest" not in {m.model for m in client.list().models} and time.monotonic() < deadline:
+        time.sleep(0.05)
+    user = [{"role": "user", "content": "x"}]
+    plain = client.chat(model="chat", messages=user, options={"num_predict": 1})
+    with_system = client.chat(model="someone/chatty:q4", messages=user, options={"num_predict": 1})
+    assert with_system.prompt_eval_count and plain.prompt_eval_count
+    assert with_system.prompt_eval_count > plain.prompt_eval_count + 20
+    own = [{"role": "system", "content": "s"}, *user]
+    mine = client.chat(model="someone/chatty:q4", messages=own, options={"num_predict": 1})
+    same = client.chat(model="chat", messages=own, options={"num_predict": 1})
+    assert mine.prompt_eval_count == same.prompt_eval_count
     shown = client.show("gemma3:4b")
     assert shown.license == "MIT" and shown.parameters and "temperature" in shown.parameters
     assert d.post("/api/show", {"model": "gemma3:4b"})[1]["system"] == "Answer in French."
@@ -243,15 +261,40 @@ BAD: list[tuple[str, str, bytes, str]] = [
     ("POST", "/v1/embeddings", b'{"model": "embed"}', "input"),
     ("POST", "/v1/embeddings", b'{"model": "embed", "input": "x", "encoding_format": "hex"}', "encoding_format"),
     ("POST", "/api/generate", b'{"model": "tiny", "prompt": 3}', "prompt"),
+    ("POST", "/api/generate", b'{"model": "tiny", "prompt": "x", "format": 5}', "format"),
+    ("POST", "/api/generate", b'{"model": "tiny", "prompt": "x", "images": "abc"}', "images"),
+    ("POST", "/api/chat", b'{"model": "chat", "messages": [{"content": "x"}]}', "messages.0.role"),
+    ("POST", "/api/chat", b'{"model": "chat", "messages": [], "tools": {}}', "tools"),
+    ("POST", "/api/embed", b'{"model": "embed", "input": "x", "truncate": "no"}', "truncate"),
+    ("POST", "/api/show", b'{"model": "tiny", "verbose": "yes"}', "verbose"),
+    ("POST", "/api/pull", b'{"model": "x", "stream": "no"}', "stream"),
+    ("POST", "/api/create", b'{"model": "x", "files": ["a"]}', "files must map"),
+    ("POST", "/api/create", b'{"model": "x", "from": "/etc/passwd"}', "outside"),
+    ("HEAD", "/api/blobs/md5:abc", b"", ""),
+    ("GET", "/v1/models/a:b:c", b"", "invalid model name"),
+    ("POST", "/v1/chat/completions", b'{"model": "chat", "messages": [{"role": "user"}], "max_tokens": -1}',
+     "max_tokens"),
     ("POST", "/api/chat", b'{"model": "chat", "messages": "hi"}', "messages"),
 ]
 
 
+@pytest.fixture(scope="module")
+def shared_daemon(tmp_path_factory: pytest.TempPathFactory, llama_server: Path) -> Iterator[Daemon]:
+    """One daemon for the many bad-request cases (none of them changes anything)."""
+    folder = tmp_path_factory.mktemp("bad")
+    write_all(folder / "models", ("tiny", "chat", "embed"))
+    d = Daemon(llama_server, folder / "models").start(folder / "daemon.log")
+    yield d
+    d.stop()
+
+
 @pytest.mark.parametrize(("method", "path", "raw", "needle"), BAD, ids=[f"{m} {p} {n}" for m, p, _, n in BAD])
-def test_malformed_requests_are_400_naming_the_problem(daemon: Daemon, method: str, path: str, raw: bytes,
+def test_malformed_requests_are_400_naming_the_problem(shared_daemon: Daemon, method: str, path: str, raw: bytes,
                                                        needle: str) -> None:
-    status, body = daemon.request(method, path, raw=raw)
+    status, body = shared_daemon.request(method, path, raw=raw or None)
     assert status == 400, (path, body)
+    if method == "HEAD":
+        return
     err = json.loads(body)["error"]
     message = err["message"] if path.startswith("/v1/") else err
     assert needle in message
