@@ -38,6 +38,18 @@ class ModelEntry(BaseModel):
     def _keep_alive(cls, v: Any) -> Any:
         return None if v is None else keep_alive_from_request(v)
 
+    @field_validator("options")
+    @classmethod
+    def _options(cls, v: dict[str, Any]) -> dict[str, Any]:
+        from ollamad.translate import Options  # typed as in requests: a wrong type names the option
+
+        try:
+            Options.model_validate(v)
+        except ValidationError as e:
+            item = e.errors()[0]
+            raise ValueError(f"{'.'.join(str(x) for x in item['loc'])}: {item['msg']}") from None
+        return v
+
 
 @dataclass(frozen=True)
 class ModelConfig:

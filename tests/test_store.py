@@ -94,6 +94,7 @@ def test_catalog_reads_store_layers_and_config(tmp_path: Path) -> None:
     ('[models."a"]\nkeep_alive = "forever-ish"\n', "models.a.keep_alive"),
     ('[models."a"]\ncolour = 1\n', "models.a.colour"),
     ('[other]\nx = 1\n', "unknown section"),
+    ('[models."a"]\noptions = { temperature = "hot" }\n', "models.a.options"),
     ("[models\n", "models.toml"),
 ])
 def test_model_config_errors_name_the_field(text: str, needle: str) -> None:
