@@ -116,6 +116,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     check_capable(req.model, facts, "chat" if facts.embedding else "completion")
     if req.tools:
         check_capable(req.model, facts, "tools")
+    if any(isinstance(m.get("content"), list) and any(isinstance(p, dict) and p.get("type") == "image_url"
+                                                      for p in m["content"]) for m in req.messages):
+        check_capable(req.model, facts, "vision")
     payload = upstream_payload(body, model.defaults.options)
     if model.system and not any(m.get("role") == "system" for m in req.messages):
         payload["messages"] = [{"role": "system", "content": model.system}, *req.messages]

@@ -215,6 +215,12 @@ def test_openai_client(daemon: Daemon) -> None:
     with pytest.raises(openai.BadRequestError) as bad:
         client.chat.completions.create(model="embed", messages=msgs)
     assert "does not support chat" in str(bad.value)
+    picture: Any = [{"role": "user", "content": [
+        {"type": "text", "text": "what is it?"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]}]
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.chat.completions.create(model="chat", messages=picture)
+    assert '"chat" does not support vision' in str(bad.value)
     status, raw = daemon.request("POST", "/v1/chat/completions",
                                  {"model": "chat", "messages": msgs, "max_tokens": 4, "stream": True})
     assert status == 200 and raw.rstrip().endswith(b"data: [DONE]")

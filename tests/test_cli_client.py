@@ -46,3 +46,23 @@ def test_cli_commands(daemon_factory: Any, llama_server: Path, tmp_path: Path) -
     assert out.returncode == 1 and "model 'nope' not found" in out.stderr
     out = cli(d, "pull", "127.0.0.1:1/library/x", "--insecure")  # nothing listens on port 1
     assert out.returncode == 1 and "pull model manifest" in out.stderr
+
+
+def test_cli_run_without_prompt_chats_on_a_terminal(daemon_factory: Any, llama_server: Path, tmp_path: Path) -> None:
+    import os
+    import pty
+
+    models = tmp_path / "models"
+    write_all(models, ("chat",))
+    d = daemon_factory(llama_server, models)
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "ollamad.cli", "run", "chat"], env=d.env, stdin=follower,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    os.close(follower)
+    os.write(leader, b"hello\nand again\n/bye\n")
+    out, err = proc.communicate(timeout=120)
+    os.close(leader)
+    assert proc.returncode == 0, err
+    assert out.count(">>> ") == 3  # two turns, then /bye
+    _, ps = d.get("/api/ps")
+    assert [m["name"] for m in ps["models"]] == ["chat:latest"]
