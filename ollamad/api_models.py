@@ -18,6 +18,7 @@ from ollamad.api import CTX, NDJSON, ApiError, AppContext, _iso, dumps, read_jso
 from ollamad.catalog import Model
 from ollamad.describe import capabilities, details
 from ollamad.ggufmeta import GGUFError, SkippedArray, read_gguf
+from ollamad.modelfile import ModelfileError, parse_modelfile
 
 Progress = AsyncIterator[dict[str, Any]]
 
@@ -237,8 +238,24 @@ async def _text_layer(root: Path, media: str, value: Any, field: str) -> store.L
     return store.Layer(media, layer.digest, layer.size)
 
 
+def _base_params(root: Path, layers: list[store.Layer]) -> dict[str, Any]:
+    layer = next((x for x in layers if x.media_type == store.PARAMS), None)
+    if layer is None:
+        return {}
+    try:
+        loaded = json.loads(store.blob_path(root, layer.digest).read_text())
+    except (OSError, ValueError):
+        return {}
+    return loaded if isinstance(loaded, dict) else {}
+
+
 async def _create_steps(ctx: AppContext, body: dict[str, Any], dest: store.Name) -> Progress:
     root = ctx.catalog.folder
+    if isinstance(body.get("modelfile"), str) and body["modelfile"].strip():
+        try:
+            body = {**parse_modelfile(body["modelfile"]), **{k: v for k, v in body.items() if k != "modelfile"}}
+        except ModelfileError as e:
+            raise ApiError(400, str(e)) from None
     if body.get("quantize"):
         raise ApiError(400, "quantize is not supported by ollamad")
     if body.get("adapters"):
@@ -294,6 +311,8 @@ async def _create_steps(ctx: AppContext, body: dict[str, Any], dest: store.Name)
             continue
         if field == "license" and isinstance(value, list):
             value = "\n".join(str(v) for v in value)
+        if field == "parameters":  # as Ollama does: new parameters over the base model's
+            value = {**_base_params(root, layers), **value}
         layer = await _text_layer(root, media, value, field)
         layers = [x for x in layers if x.media_type != media] + [layer]
         yield {"status": f"creating new layer {layer.digest}"}

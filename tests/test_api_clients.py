@@ -123,6 +123,13 @@ def test_copy_delete_create(client: ollama.Client, daemon: Daemon, api_models: P
     client.generate(model="made", prompt="hi", options={"num_predict": 2})
     ctx = {m.model: m.context_length for m in client.ps().models}
     assert ctx["made:latest"] == 512  # num_ctx from the params layer
+    # the older Modelfile form
+    status, body = daemon.post("/api/create", {"model": "old-style", "stream": False,
+                                               "modelfile": "FROM made\nPARAMETER top_k 7\nSYSTEM Be kind."})
+    assert status == 200 and body == {"status": "success"}
+    old = daemon.post("/api/show", {"model": "old-style"})[1]
+    assert old["system"] == "Be kind." and "top_k" in old["parameters"]
+    assert "temperature" in old["parameters"]  # the base model's parameters stay under the new ones
     # create from a GGUF path inside the models folder; a path elsewhere is refused
     assert client.create(model="frompath", from_=str(api_models / "chat.gguf")).status == "success"
     assert "frompath:latest" in {m.model for m in client.list().models}

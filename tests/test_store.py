@@ -165,3 +165,17 @@ def test_projector_layer_gives_vision(tmp_path: Path) -> None:
     m = cat.resolve("seer:1b")
     assert m is not None and m.projector == store.blob_path(root, layers[1].digest)
     assert "vision" in capabilities(cat.facts(m))
+
+
+def test_modelfile() -> None:
+    from ollamad.modelfile import ModelfileError, parse_modelfile
+
+    body = parse_modelfile('# a comment\nFROM tiny\nPARAMETER temperature 0.4\nPARAMETER num_ctx 512\n'
+                           'PARAMETER stop "<|im_end|>"\nPARAMETER stop </s>\nSYSTEM """You are\nterse."""\n'
+                           'TEMPLATE {{ .Prompt }}\nlicense MIT\n')
+    assert body == {"from": "tiny", "system": "You are\nterse.", "template": "{{ .Prompt }}", "license": "MIT",
+                    "parameters": {"temperature": 0.4, "num_ctx": 512, "stop": ["<|im_end|>", "</s>"]}}
+    for bad, needle in (("PARAMETER x 1\n", "no FROM"), ("FROM a\nBOGUS x\n", "unknown command"),
+                        ('FROM a\nSYSTEM """never ends\n', "unterminated"), ("FROM a\nPARAMETER top_k\n", "value")):
+        with pytest.raises(ModelfileError, match=needle):
+            parse_modelfile(bad)
