@@ -311,7 +311,7 @@ async def _create_steps(ctx: AppContext, body: dict[str, Any], dest: store.Name)
             continue
         if field == "license" and isinstance(value, list):
             value = "\n".join(str(v) for v in value)
-        if field == "parameters":  # as Ollama does: new parameters over the base model's
+        if field == "parameters" and isinstance(value, dict):  # new parameters over the base model's
             value = {**_base_params(root, layers), **value}
         layer = await _text_layer(root, media, value, field)
         layers = [x for x in layers if x.media_type != media] + [layer]
