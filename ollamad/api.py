@@ -368,17 +368,22 @@ class _TemplatedChatShape(_GenerateShape):
     """Chat chunks made from a /completion stream (chat with ``format``)."""
 
     def piece(self, event: dict[str, Any]) -> dict[str, Any] | None:
-        chunk = super().piece(event)
-        if chunk is not None:
-            chunk["message"] = {"role": "assistant", "content": chunk.pop("response")}
-        return chunk
+        return _as_chat(super().piece(event))
 
     def final(self, event: dict[str, Any], total_ns: int, load_ns: int, whole: bool) -> dict[str, Any]:
-        out = super().final(event, total_ns, load_ns, whole)
-        out["message"] = {"role": "assistant", "content": out.pop("response")}
-        # keep Ollama's key order: message before done
-        return {k: out[k] for k in ("model", "created_at", "message", *[k for k in out if k not in
-                                                                         ("model", "created_at", "message")])}
+        out = _as_chat(super().final(event, total_ns, load_ns, whole))
+        assert out is not None
+        return out
+
+
+def _as_chat(chunk: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A generate chunk as a chat chunk, in Ollama's key order (message before done)."""
+    if chunk is None:
+        return None
+    out: dict[str, Any] = {"model": chunk["model"], "created_at": chunk["created_at"],
+                           "message": {"role": "assistant", "content": chunk["response"]}}
+    out.update((k, v) for k, v in chunk.items() if k not in out and k != "response")
+    return out
 
 
 class _ChatShape:

@@ -418,7 +418,10 @@ def test_chat_tools_format_and_head_routes(client: ollama.Client, daemon: Daemon
         g = client.generate(model="tiny", prompt="x", format=fmt, options={"num_predict": 64, "seed": 1})
         assert g.done and g.response.lstrip().startswith("{")
     c = client.chat(model="chat", messages=msgs, format=schema, options={"num_predict": 64, "seed": 1})
-    assert c.message.content.lstrip().startswith("{")
+    assert c.message.content.lstrip().startswith("{") and c.eval_count
+    parts = list(client.chat(model="chat", messages=msgs, format="json", stream=True, options={"num_predict": 32}))
+    assert parts[-1].done and not any(p.done for p in parts[:-1])
+    assert "".join(p.message.content for p in parts).lstrip().startswith("{")
     # suffix: fill in the middle where the model has FIM tokens
     assert "insert" in (client.show("code").capabilities or [])
     g = client.generate(model="code", prompt="def f(", suffix="return x", options={"num_predict": 4})
