@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -103,6 +104,9 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         raise
     except GGUFError as e:
         return shape(500, str(e))
+    except Exception as e:  # a bug: answer in Ollama's shape, log it with its traceback
+        log.exception("unhandled error", path=request.path)
+        return shape(500, f"internal error: {type(e).__name__}: {e}")
 
 
 async def read_json(request: web.Request) -> dict[str, Any]:
@@ -209,12 +213,14 @@ async def ps_body(ctx: AppContext) -> dict[str, Any]:
             expires = now_wall + r.keep_alive if r.keep_alive != FOREVER else None
         else:
             expires = now_wall + (r.expires_at - now_mono)
+        if expires is not None and math.isinf(expires):
+            expires = None
         digest = await anyio.to_thread.run_sync(ctx.catalog.digest, model) if model else ""
         models.append({
             "name": r.plan.model, "model": r.plan.model, "size": r.memory, "digest": digest,
             "details": details(facts) if facts else {},
             "expires_at": _iso(expires) if expires is not None else "2318-08-07T02:09:33.437417Z",
-            "size_vram": 0, "context_length": r.plan.ctx,
+            "size_vram": 0, "context_length": r.ctx,
             # beyond Ollama's fields
             "runner_id": rid, "status": r.status, "num_parallel": r.plan.num_parallel,
             "busy_slots": r.in_flight, "queued": sched.state.waiting(r.plan.model),

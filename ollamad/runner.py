@@ -48,6 +48,10 @@ def _child_setup() -> None:  # runs in the child between fork and exec
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+def _matches(name: str, patterns: tuple[str, ...]) -> bool:
+    return any(name == p or (p.endswith("*") and name.startswith(p[:-1])) for p in patterns)
+
+
 def _descendants(pid: int) -> list[psutil.Process]:
     try:
         return list(psutil.Process(pid).children(recursive=True))
@@ -73,6 +77,7 @@ class Runner:
     load_timeout: float = 300.0
     stop_grace: float = 10.0
     env: dict[str, str] | None = None
+    env_pass: tuple[str, ...] = ()
     on_line: Callable[[str], None] | None = None
     port: int = field(default_factory=free_port)
     api_key: str = field(default_factory=lambda: secrets.token_urlsafe(24))
@@ -100,7 +105,7 @@ class Runner:
         return self.plan.argv(self.binary, self.port, self.api_key)
 
     def child_env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if k in ENV_PASS}
+        env = {k: v for k, v in os.environ.items() if k in ENV_PASS or _matches(k, self.env_pass)}
         env.update(self.env or {})
         return env
 

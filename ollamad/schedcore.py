@@ -51,13 +51,17 @@ class RunnerState:
     draining: str | None = None  # why it takes no new requests and stops once idle
     claimed_by: int | None = None  # the request whose load waits for this runner to go
     memory: int = 0  # bytes: the estimate until measured
+    ctx: int = 0  # per-slot context llama-server really gave (it rounds up); plan.ctx until known
+
+    def __post_init__(self) -> None:
+        self.ctx = self.ctx or self.plan.ctx
 
     @property
     def free_slots(self) -> int:
         return self.plan.num_parallel - self.in_flight
 
     def serves(self, req: Request) -> bool:
-        return self.plan.serves(req.model, req.ctx, req.load)
+        return self.plan.model == req.model and req.ctx <= self.ctx and req.load == self.plan.load
 
 
 @dataclass(frozen=True)
@@ -135,11 +139,13 @@ class SchedState:
         if r.in_flight == 0:
             r.expires_at = now + r.keep_alive
 
-    def runner_ready(self, runner_id: int, now: float, memory: int | None = None) -> None:
+    def runner_ready(self, runner_id: int, now: float, memory: int | None = None, ctx: int | None = None) -> None:
         r = self.runners.get(runner_id)
         if r is None or r.status != "starting":
             return
         r.status = "ready"
+        if ctx is not None and ctx >= r.plan.ctx:
+            r.ctx = ctx
         r.last_used = now
         r.expires_at = now + r.keep_alive
         if memory is not None:
@@ -211,14 +217,6 @@ def decide(s: SchedState, now: float) -> list[Action]:
             r.claimed_by = None
             r.draining = None
 
-    for r in list(s.runners.values()):
-        if r.status != "ready" or r.in_flight:
-            continue
-        if r.draining:
-            actions.append(_stop(r, r.draining))
-        elif r.expires_at is not None and r.expires_at <= now:
-            actions.append(_stop(r, "keep-alive expired"))
-
     blocked: set[str] = set()
     for req in list(s.queue):
         if req.model in blocked:
@@ -245,6 +243,15 @@ def decide(s: SchedState, now: float) -> list[Action]:
             actions.append(Reject(req.id, 500, f"{fail.message} (next attempt in {wait:.0f}s)"))
             continue
         actions += _make_room_and_start(s, req, now)
+
+    # only after handing out work: a runner started for a keep_alive 0 request serves it first
+    for r in list(s.runners.values()):
+        if r.status != "ready" or r.in_flight:
+            continue
+        if r.draining:
+            actions.append(_stop(r, r.draining))
+        elif r.expires_at is not None and r.expires_at <= now:
+            actions.append(_stop(r, "keep-alive expired"))
     return actions
 
 

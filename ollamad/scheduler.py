@@ -253,25 +253,30 @@ class Scheduler:
 
     async def _run_runner(self, rid: int, plan: RunnerPlan) -> None:
         runner = Runner(plan, self.binary, load_timeout=self.settings.load_timeout,
-                        stop_grace=self.settings.stop_grace, env=self.runner_env)
+                        stop_grace=self.settings.stop_grace, env=self.runner_env,
+                        env_pass=self.settings.runner_env_pass)
         self.runners[rid] = runner
         logger = log.bind(model=plan.model, runner_id=rid)
         for note in plan.notes:
-            logger.warning(note, architecture=plan.model)
+            logger.warning(note, forced_num_parallel=plan.num_parallel)
         logger.info("loading model", num_parallel=plan.num_parallel, ctx=plan.ctx,
                     total_ctx=plan.total_ctx, estimate=plan.estimate)
         assert self._session is not None
         try:
             try:
                 await runner.start(self._session)
-            except RunnerError as e:
-                logger.error("model failed to load", error=str(e))
-                for reject in self.state.runner_failed(rid, self.clock(), str(e)):
+            except Exception as e:  # a failed load must never take the scheduler down
+                message = str(e) if isinstance(e, RunnerError) else f"llama-server failed to start: {e!r}"
+                logger.error("model failed to load", error=message, exc_info=not isinstance(e, RunnerError))
+                for reject in self.state.runner_failed(rid, self.clock(), message):
                     self._reject(reject)
                 self.runners.pop(rid, None)
                 self._step()
                 return
-            self.state.runner_ready(rid, self.clock())
+            ctx = await self._slot_context(runner)
+            if ctx != plan.ctx:
+                logger.info("llama-server rounded the context per slot", requested=plan.ctx, actual=ctx)
+            self.state.runner_ready(rid, self.clock(), ctx=ctx)
             self._step()
             code = await runner.wait()
             if not runner.stopping:
@@ -285,6 +290,17 @@ class Scheduler:
             self.runners.pop(rid, None)
             with contextlib.suppress(RuntimeError):
                 self._step()
+
+    async def _slot_context(self, runner: Runner) -> int:
+        """The context each slot really has, from llama-server's /props (plan.ctx if unknown)."""
+        assert self._session is not None
+        try:
+            async with self._session.get(f"{runner.url}/props", headers=runner.headers,
+                                         timeout=aiohttp.ClientTimeout(total=5)) as r:
+                body = await r.json()
+            return int(body["default_generation_settings"]["n_ctx"])
+        except (aiohttp.ClientError, TimeoutError, KeyError, TypeError, ValueError):
+            return runner.plan.ctx
 
     async def _stop_runner(self, rid: int, reason: str) -> None:
         runner = self.runners.get(rid)

@@ -64,7 +64,8 @@ class Daemon:
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(("OLLAMA_", "OLLAMAD_"))}
         self.env.update({"OLLAMA_HOST": f"127.0.0.1:{self.port}", "OLLAMA_MODELS": str(models),
-                         "OLLAMAD_LLAMA_SERVER": str(binary), "OLLAMAD_STOP_GRACE": "5s"})
+                         "OLLAMAD_LLAMA_SERVER": str(binary), "OLLAMAD_STOP_GRACE": "5s",
+                         "OLLAMAD_RUNNER_ENV_PASS": "FAKE_*"})
         self.env.update(env or {})
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path: Path | None = None
@@ -156,3 +157,25 @@ def daemon_factory(tmp_path: Path) -> Iterator[Any]:
 @pytest.fixture
 def real_daemon(daemon_factory: Any, llama_server: Path, models_dir: Path) -> Daemon:
     return daemon_factory(llama_server, models_dir)  # type: ignore[no-any-return]
+
+
+def runner_children(d: Daemon) -> list[dict[str, Any]]:
+    """The daemon's runner children: pid, port, api key and argv (read from their command lines)."""
+    out = []
+    for p in d.children():
+        try:
+            argv = p.cmdline()
+        except psutil.Error:
+            continue
+        if "--port" in argv and "--model" in argv:
+            key = argv[argv.index("--api-key") + 1] if "--api-key" in argv else None
+            out.append({"pid": p.pid, "port": int(argv[argv.index("--port") + 1]), "key": key, "argv": argv,
+                        "model": argv[argv.index("--model") + 1]})
+    return out
+
+
+def child_get(child: dict[str, Any], path: str) -> Any:
+    req = urllib.request.Request(f"http://127.0.0.1:{child['port']}{path}",
+                                 headers={"Authorization": f"Bearer {child['key']}"} if child["key"] else {})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.load(r)

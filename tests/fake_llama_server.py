@@ -1,6 +1,7 @@
 """A fake llama-server: same flags and endpoints, with knobs for speed and fault injection.
 
-Knobs (environment): FAKE_START_DELAY (s before /health is 200), FAKE_TOKEN_DELAY (s per
+Knobs (environment): FAKE_START_DELAY (s before /health is 200; only for models whose
+path contains FAKE_START_DELAY_FOR, when set), FAKE_TOKEN_DELAY (s per
 token), FAKE_TOKENS (default n_predict), FAKE_CRASH_AFTER_TOKENS (exit mid-stream),
 FAKE_EXIT_AT_START (exit code at start-up), FAKE_HANG_AFTER_TOKENS (stop answering).
 It counts requests in flight; GET /fake/stats reports the peak, so tests can check that the
@@ -15,10 +16,11 @@ import json
 import os
 import sys
 import time
+from typing import Any
 
 from aiohttp import web
 
-state = {"ready": False, "in_flight": 0, "peak": 0, "total": 0, "hang": False}
+state: dict[str, Any] = {"ready": False, "in_flight": 0, "peak": 0, "total": 0, "hang": False, "prompts": []}
 
 
 def env_float(name: str, default: float) -> float:
@@ -89,6 +91,8 @@ async def stream_tokens(request: web.Request, chat: bool) -> web.StreamResponse:
     state["in_flight"] += 1
     state["total"] += 1
     state["peak"] = max(state["peak"], state["in_flight"])
+    msgs = body.get("messages") or [{}]
+    state["prompts"].append(body.get("prompt", msgs[-1].get("content")))
     t0 = time.monotonic()
     try:
         stream = body.get("stream", False)
@@ -155,7 +159,9 @@ async def main() -> None:
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, ARGS.host, ARGS.port).start()
-    await asyncio.sleep(env_float("FAKE_START_DELAY", 0.0))
+    only = os.environ.get("FAKE_START_DELAY_FOR")
+    if not only or (ARGS.model and only in ARGS.model):
+        await asyncio.sleep(env_float("FAKE_START_DELAY", 0.0))
     state["ready"] = True
     print("main: server is listening", flush=True)
     await asyncio.Event().wait()

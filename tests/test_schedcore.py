@@ -426,3 +426,21 @@ def test_load_only_needs_no_free_slot() -> None:
     assert w.step() == [Dispatch(r.id, rid)]
     assert w.s.runners[rid].in_flight == 1
     del x
+
+
+def test_runner_started_for_keep_alive_zero_serves_its_request_first() -> None:
+    w = World()
+    r = w.req(keep_alive=0.0)
+    acts = w.step()
+    w.ready_all(acts)
+    acts = w.step()
+    assert acts == [Dispatch(r.id, 1)]  # not stopped before it serves
+    w.s.release(1, w.now)
+    assert w.step() == [Stop(1, "keep-alive expired")]
+
+
+def test_load_only_with_keep_alive_zero_loads_then_unloads() -> None:
+    w = World()
+    r = w.req(keep_alive=0.0, load_only=True)
+    w.ready_all(w.step())
+    assert w.step() == [Dispatch(r.id, 1), Stop(1, "keep-alive expired")]

@@ -45,3 +45,13 @@ def test_byte_sizes_and_lists() -> None:
     s = load_settings({"OLLAMAD_MEMORY_BUDGET": "1.5GiB", "OLLAMAD_SINGLE_SLOT_ARCHITECTURES": "a, b"})
     assert s.memory_budget == int(1.5 * 1024**3)
     assert s.single_slot_architectures == ("a", "b")
+
+
+def test_lists_from_the_real_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OLLAMAD_SINGLE_SLOT_ARCHITECTURES", "llama,lfm2")
+    monkeypatch.setenv("OLLAMA_ORIGINS", "http://a.example, http://b.example")
+    monkeypatch.setenv("OLLAMAD_RUNNER_ENV_PASS", "FAKE_*")
+    s = load_settings()
+    assert s.single_slot_architectures == ("llama", "lfm2")
+    assert s.origins == ("http://a.example", "http://b.example")
+    assert s.runner_env_pass == ("FAKE_*",)

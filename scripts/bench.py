@@ -1,0 +1,316 @@
+#!/usr/bin/env python3
+"""All benchmarks in one run: ollamad vs llama-server itself, and vs Ollama-style FIFO.
+
+    .venv/bin/python scripts/bench.py [--quick] [--only NAME,...]
+
+Writes BENCHMARKS.md (tables, targets beside measured values) and benchmarks.json.
+Every figure is a ratio or a pair measured in the same run. Loopback only; bounded in time.
+Benchmarks: overhead, scaling, relay, queue, swap, coldstart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import (
+    ROOT,
+    bare_server,
+    cpu_seconds,
+    mean,
+    ollamad,
+    pct,
+    rss,
+    run_clients,
+    stream_direct,
+    stream_ollama,
+)
+
+from ollamad.binary import find_llama_server
+from ollamad.settings import load_settings
+from ollamad.testmodels import BIG, SMALL, write_llama
+
+CACHE = Path.home() / ".cache" / "ollamad" / "bench-models"
+FAKE = ROOT / "tests" / "fake_llama_server.py"
+PROMPT = "Once upon a time"
+
+
+def models(quick: bool) -> Path:
+    """Generated models for the benchmarks, cached (the big one is 360 MB)."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    if not (CACHE / "big.gguf").exists():
+        write_llama(CACHE / "big.gguf", BIG, name="big")
+    for name in ("a", "b"):
+        if not (CACHE / f"{name}.gguf").exists():
+            write_llama(CACHE / f"{name}.gguf", SMALL, name=name, seed=ord(name))
+    return CACHE
+
+
+def only(folder: Path, *names: str) -> Path:
+    """A folder holding just these models (symlinks), so each run lists only what it uses."""
+    d = Path(tempfile.mkdtemp(prefix="bench-models-"))
+    for n in names:
+        (d / f"{n}.gguf").symlink_to(folder / f"{n}.gguf")
+    return d
+
+
+def fake_binary(tmp: Path) -> Path:
+    path = tmp / "llama-server"
+    path.write_text(f"#!/bin/sh\nexec {sys.executable} {FAKE} \"$@\"\n")
+    path.chmod(0o755)
+    return path
+
+
+# --- 1 and 2 ----------------------------------------------------------------------------
+async def overhead(binary: Path, mdir: Path, tmp: Path, quick: bool) -> dict[str, Any]:
+    """Same streaming workload (64-token completions) direct to llama-server and through ollamad."""
+    n_tok, ctx = 64, 2048
+    out: dict[str, Any] = {}
+    for np_ in (1, 4):
+        per_client = (3 if quick else 8) if np_ == 1 else (2 if quick else 4)
+        clients = np_
+
+        async def direct_one(s: aiohttp.ClientSession, c: int, i: int, url: str = "") -> Any:
+            return await stream_direct(s, url, PROMPT, n_tok, seed=1000 * c + i)
+
+        async def proxied_one(s: aiohttp.ClientSession, c: int, i: int, url: str = "") -> Any:
+            return await stream_ollama(s, url, "big", PROMPT, n_tok, seed=1000 * c + i)
+
+        async with bare_server(binary, mdir / "big.gguf", tmp, np_, ctx) as srv:
+            await run_clients(1, 1, lambda s, c, i: direct_one(s, c, i, srv.url))  # warm-up
+            direct = await run_clients(clients, per_client, lambda s, c, i: direct_one(s, c, i, srv.url))
+        async with ollamad(binary, only(mdir, "big"), tmp, OLLAMA_NUM_PARALLEL=str(np_),
+                           OLLAMA_CONTEXT_LENGTH=str(ctx)) as d:
+            await run_clients(1, 1, lambda s, c, i: proxied_one(s, c, i, d.url))  # load + warm-up
+            proxied = await run_clients(clients, per_client, lambda s, c, i: proxied_one(s, c, i, d.url))
+        out[f"np{np_}"] = {
+            "requests": len(direct.ok),
+            "direct_tokens_per_s": direct.tokens_per_s(), "ollamad_tokens_per_s": proxied.tokens_per_s(),
+            "ratio": proxied.tokens_per_s() / direct.tokens_per_s(),
+            "direct_ttft_p50_ms": direct.ttft_ms(50), "ollamad_ttft_p50_ms": proxied.ttft_ms(50),
+            "direct_ttft_p99_ms": direct.ttft_ms(99), "ollamad_ttft_p99_ms": proxied.ttft_ms(99),
+            "ttft_p50_added_ms": proxied.ttft_ms(50) - direct.ttft_ms(50),
+            "same_tokens": sum(r.tokens for r in direct.ok) == sum(r.tokens for r in proxied.ok),
+        }
+    return out
+
+
+async def scaling(binary: Path, mdir: Path, tmp: Path, quick: bool) -> dict[str, Any]:
+    """Aggregate tokens/s through ollamad for OLLAMA_NUM_PARALLEL = 1, 2, 4 (8 clients)."""
+    out: dict[str, Any] = {}
+    per_client = 1 if quick else 2
+    for np_ in (1, 2, 4):
+        async with ollamad(binary, only(mdir, "big"), tmp, OLLAMA_NUM_PARALLEL=str(np_),
+                           OLLAMA_CONTEXT_LENGTH="1024") as d:
+            await run_clients(1, 1, lambda s, c, i: stream_ollama(s, d.url, "big", PROMPT, 8, 1))
+            run = await run_clients(8, per_client, lambda s, c, i: stream_ollama(s, d.url, "big", PROMPT, 64,
+                                                                                   100 * c + i))
+        out[f"np{np_}"] = {"tokens_per_s": run.tokens_per_s(), "requests": len(run.ok)}
+    out["ratio_4_vs_1"] = out["np4"]["tokens_per_s"] / out["np1"]["tokens_per_s"]
+    return out
+
+
+# --- 3 and 4: the fake llama-server isolates the daemon's own cost ------------------------
+async def relay(binary: Path, mdir: Path, tmp: Path, quick: bool) -> dict[str, Any]:
+    fake = fake_binary(tmp)
+    n = 100 if quick else 400
+    async with ollamad(fake, only(mdir, "a"), tmp, OLLAMA_NUM_PARALLEL="4", FAKE_TOKENS="64") as d:
+        await run_clients(1, 1, lambda s, c, i: stream_ollama(s, d.url, "a", "x", 64, 1))
+        cpu0 = cpu_seconds(d.pid)
+        run = await run_clients(4, n // 4, lambda s, c, i: stream_ollama(s, d.url, "a", "x", 64, 1))
+        cpu = cpu_seconds(d.pid) - cpu0
+    chunks = sum(r.chunks + 1 for r in run.ok)  # content chunks plus the final one
+    return {"requests": len(run.ok), "requests_per_s": len(run.ok) / run.wall, "chunks": chunks,
+            "daemon_cpu_s": cpu, "daemon_cpu_us_per_chunk": 1e6 * cpu / chunks,
+            "daemon_cpu_us_per_request": 1e6 * cpu / len(run.ok)}
+
+
+async def queue(binary: Path, mdir: Path, tmp: Path, quick: bool) -> dict[str, Any]:
+    fake = fake_binary(tmp)
+    depth = 200 if quick else 500
+    async with ollamad(fake, only(mdir, "a"), tmp, OLLAMA_NUM_PARALLEL="1", OLLAMA_MAX_QUEUE=str(depth),
+                       FAKE_TOKEN_DELAY="0.5", FAKE_TOKENS="100") as d:
+        conn = aiohttp.TCPConnector(limit=0)
+        async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=600)) as s:
+            await stream_ollama(s, d.url, "a", "", 1, 1)  # load
+            rss0 = rss(d.pid)
+            hold = [asyncio.create_task(stream_ollama(s, d.url, "a", "x", 100, 1)) for _ in range(depth + 1)]
+            while True:
+                async with s.get(d.url + "/api/ps") as r:
+                    if (await r.json())["queue"]["waiting"] >= depth:
+                        break
+                await asyncio.sleep(0.05)
+            rss1 = rss(d.pid)
+            lat = []
+            statuses = []
+            for _ in range(200 if quick else 500):
+                t0 = time.monotonic()
+                async with s.post(d.url + "/api/generate", json={"model": "a", "prompt": "x"}) as r:
+                    await r.read()
+                    statuses.append(r.status)
+                lat.append(time.monotonic() - t0)
+            for t in hold:
+                t.cancel()
+            await asyncio.gather(*hold, return_exceptions=True)
+    return {"queued": depth, "refusals": len(lat), "all_503": all(x == 503 for x in statuses),
+            "p50_ms": 1000 * pct(lat, 50), "p99_ms": 1000 * pct(lat, 99),
+            "rss_before_mb": rss0 / 2**20, "rss_full_mb": rss1 / 2**20,
+            "bytes_per_queued_request": (rss1 - rss0) / depth}
+
+
+# --- 5: alternating two-model workload with room for one ----------------------------------
+async def swap(binary: Path, mdir: Path, tmp: Path, quick: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for clients in (4, 8):
+        out[f"clients{clients}"] = await _swap(binary, mdir, tmp, clients, (24 if quick else 48) // clients)
+    return out
+
+
+async def _swap(binary: Path, mdir: Path, tmp: Path, clients: int, per_client: int) -> dict[str, Any]:
+    out: dict[str, Any] = {"clients": clients}
+    for policy in ("fifo", "affinity"):
+        async with ollamad(binary, only(mdir, "a", "b"), tmp, OLLAMA_MAX_LOADED_MODELS="1",
+                           OLLAMA_NUM_PARALLEL="2", OLLAMAD_SCHED_POLICY=policy,
+                           OLLAMA_CONTEXT_LENGTH="1024") as d:
+            async def one(s: aiohttp.ClientSession, c: int, i: int, url: str = d.url) -> Any:
+                model = "ab"[(c + i) % 2]  # every client alternates; half start on each model
+                return await stream_ollama(s, url, model, PROMPT, 16, 10 * c + i)
+
+            run = await run_clients(clients, per_client, one)
+            loads = d.log.read_text().count('"loading model"')
+        out[policy] = {"requests": len(run.results), "ok": len(run.ok), "loads": loads, "total_s": run.wall,
+                       "longest_wait_s": max(r.wait for r in run.ok), "longest_request_s": max(r.total for r in run.ok)}
+    out["loads_ratio"] = out["affinity"]["loads"] / out["fifo"]["loads"]
+    return out
+
+
+# --- 6: cold start ------------------------------------------------------------------------
+async def coldstart(binary: Path, mdir: Path, tmp: Path, quick: bool) -> dict[str, Any]:
+    reps = 3 if quick else 5
+    bare, through = [], []
+    for _ in range(reps):
+        t0 = time.monotonic()
+        async with bare_server(binary, mdir / "big.gguf", tmp, 1, 2048) as srv:
+            bare.append(time.monotonic() - t0)
+            del srv
+    async with (ollamad(binary, only(mdir, "big"), tmp, OLLAMA_NUM_PARALLEL="1", OLLAMA_CONTEXT_LENGTH="2048") as d,
+                aiohttp.ClientSession() as s):
+            for _ in range(reps):
+                r = await stream_ollama(s, d.url, "big", PROMPT, 1, 1, keep_alive=0)
+                through.append(r.ttft)
+                while True:  # wait for the unload before the next cold start
+                    async with s.get(d.url + "/api/ps") as resp:
+                        if not (await resp.json())["models"]:
+                            break
+                    await asyncio.sleep(0.05)
+    return {"llama_server_healthy_s": mean(bare), "ollamad_first_token_s": mean(through),
+            "added_ms": 1000 * (mean(through) - mean(bare)), "reps": reps,
+            "bare_all_s": bare, "ollamad_all_s": through}
+
+
+BENCHES = {"overhead": overhead, "scaling": scaling, "relay": relay, "queue": queue, "swap": swap,
+           "coldstart": coldstart}
+
+
+def render(res: dict[str, Any], meta: dict[str, Any]) -> str:
+    def f(x: float, d: int = 1) -> str:
+        return f"{x:.{d}f}"
+
+    lines = ["# Benchmarks", "", f"Measured {meta['date']} on {meta['machine']} ({meta['cpus']} CPUs), "
+             f"llama-server {meta['llama_server']}; `{meta['command']}` took {f(meta['seconds'], 0)} s.",
+             "Every figure is a ratio or a pair measured in the same run. Generated models with random "
+             "weights (big: 360 MB f32 llama, small: 10 MB).", ""]
+    if "overhead" in res:
+        lines += ["## 1. Proxy overhead (64-token streaming completions, big model)", "",
+                  "| slots | direct tok/s | ollamad tok/s | ratio (target >= 0.97) | TTFT p50 direct / ollamad ms | "
+                  "added p50 ms (target <= 3) | TTFT p99 direct / ollamad ms |", "|---|---|---|---|---|---|---|"]
+        for k, v in res["overhead"].items():
+            lines.append(f"| {k[2:]} | {f(v['direct_tokens_per_s'])} | {f(v['ollamad_tokens_per_s'])} | "
+                         f"{f(v['ratio'], 3)} | {f(v['direct_ttft_p50_ms'])} / {f(v['ollamad_ttft_p50_ms'])} | "
+                         f"{f(v['ttft_p50_added_ms'], 2)} | "
+                         f"{f(v['direct_ttft_p99_ms'])} / {f(v['ollamad_ttft_p99_ms'])} |")
+        lines.append("")
+    if "scaling" in res:
+        s = res["scaling"]
+        lines += ["## 2. Parallel scaling through ollamad (big model, 8 clients)", "",
+                  "| OLLAMA_NUM_PARALLEL | tokens/s |", "|---|---|"]
+        lines += [f"| {k[2:]} | {f(s[k]['tokens_per_s'])} |" for k in ("np1", "np2", "np4")]
+        lines += ["", f"4 vs 1: **{f(s['ratio_4_vs_1'], 2)}x** (target >= 2x)", ""]
+    if "relay" in res:
+        r = res["relay"]
+        lines += ["## 3. Pure relay cost (fake llama-server answering instantly, 64 chunks per request)", "",
+                  f"- {r['requests']} requests at {f(r['requests_per_s'])} requests/s",
+                  f"- daemon CPU: {f(r['daemon_cpu_us_per_chunk'])} µs per streamed chunk, "
+                  f"{f(r['daemon_cpu_us_per_request'], 0)} µs per request", ""]
+    if "queue" in res:
+        q = res["queue"]
+        lines += ["## 4. Queue", "", f"- 503 at a full queue ({q['queued']} waiting): p50 {f(q['p50_ms'], 2)} ms, "
+                  f"p99 **{f(q['p99_ms'], 2)} ms** (target < 5 ms); all 503: {q['all_503']}",
+                  f"- daemon memory per queued request: {f(q['bytes_per_queued_request'] / 1024)} KiB "
+                  f"(RSS {f(q['rss_before_mb'])} -> {f(q['rss_full_mb'])} MiB)", ""]
+    if "swap" in res:
+        lines += ["## 5. Model swapping (two 10 MB models, room for one, closed-loop clients alternating a/b)", "",
+                  "| clients | policy | requests | loads | total s | longest wait s | longest request s |",
+                  "|---|---|---|---|---|---|---|"]
+        for w in res["swap"].values():
+            for p in ("fifo", "affinity"):
+                v = w[p]
+                lines.append(f"| {w['clients']} | {p} | {v['ok']}/{v['requests']} | {v['loads']} | {f(v['total_s'])} | "
+                             f"{f(v['longest_wait_s'], 2)} | {f(v['longest_request_s'], 2)} |")
+        lines.append("")
+        for w in res["swap"].values():
+            lines.append(f"- {w['clients']} clients: affinity/fifo loads **{f(w['loads_ratio'], 2)}** "
+                         "(target <= 0.25, longest wait no worse than fifo's)")
+        lines += ["", "A closed-loop client that alternates models has at most one request waiting per model, so "
+                  "one load can serve at most `clients` requests: loads cannot fall below requests / clients.", ""]
+    if "coldstart" in res:
+        c = res["coldstart"]
+        lines += ["## 6. Cold start (big model)", "",
+                  f"- llama-server alone, spawn to healthy: {f(1000 * c['llama_server_healthy_s'], 0)} ms",
+                  f"- ollamad, request for an unloaded model to first token: "
+                  f"{f(1000 * c['ollamad_first_token_s'], 0)} ms",
+                  f"- added: **{f(c['added_ms'], 0)} ms** (target <= 100 ms), mean of {c['reps']}", ""]
+    return "\n".join(lines)
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="fewer requests (a smoke run)")
+    ap.add_argument("--only", default=",".join(BENCHES))
+    ap.add_argument("--out", default=str(ROOT))
+    args = ap.parse_args()
+    s = load_settings()
+    binary = find_llama_server(s.llama_server, s.runners_dir)
+    mdir = models(args.quick)
+    tmp = Path(tempfile.mkdtemp(prefix="ollamad-bench-"))
+    t0 = time.monotonic()
+    results: dict[str, Any] = {}
+    for name in args.only.split(","):
+        t = time.monotonic()
+        print(f"[bench] {name} ...", flush=True)
+        results[name] = await BENCHES[name](binary, mdir, tmp, args.quick)
+        print(f"[bench] {name} done in {time.monotonic() - t:.0f}s: {json.dumps(results[name])[:300]}", flush=True)
+    version = (binary.parent.parent / "VERSION")
+    meta = {"date": time.strftime("%Y-%m-%d"), "machine": platform.machine(), "cpus": __import__("os").cpu_count(),
+            "llama_server": version.read_text().split("\n")[0] if version.exists() else str(binary),
+            "command": "scripts/bench.py" + (" --quick" if args.quick else ""), "seconds": time.monotonic() - t0}
+    out = Path(args.out)
+    (out / "benchmarks.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
+    (out / "BENCHMARKS.md").write_text(render(results, meta) + "\n")
+    shutil.rmtree(tmp, ignore_errors=True)
+    print(f"[bench] wrote {out / 'BENCHMARKS.md'} and benchmarks.json in {meta['seconds']:.0f}s")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,204 @@
+"""Helpers for the benchmarks: start ollamad or a bare llama-server, stream requests, stats."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def pct(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    k = min(len(values) - 1, max(0, round(p / 100 * (len(values) - 1))))
+    return values[k]
+
+
+async def wait_http(url: str, timeout: float = 60) -> float:
+    """Poll ``url`` until it answers 200; returns seconds waited."""
+    t0 = time.monotonic()
+    async with aiohttp.ClientSession() as s:
+        while time.monotonic() - t0 < timeout:
+            with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
+                async with s.get(url, timeout=aiohttp.ClientTimeout(total=1)) as r:
+                    if r.status == 200:
+                        return time.monotonic() - t0
+            await asyncio.sleep(0.005)
+    raise TimeoutError(url)
+
+
+@dataclass
+class Proc:
+    proc: subprocess.Popen[bytes]
+    url: str
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@contextlib.asynccontextmanager
+async def ollamad(binary: Path, models: Path, logdir: Path, **env: str) -> AsyncIterator[Proc]:
+    port = free_port()
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("OLLAMA_", "OLLAMAD_"))}
+    e.update({"OLLAMA_HOST": f"127.0.0.1:{port}", "OLLAMA_MODELS": str(models), "OLLAMAD_LLAMA_SERVER": str(binary),
+              "OLLAMAD_RUNNER_ENV_PASS": "FAKE_*"})
+    e.update(env)
+    log = logdir / f"ollamad-{port}.log"
+    with open(log, "wb") as f:
+        p = subprocess.Popen([sys.executable, "-m", "ollamad.cli", "serve"], env=e, stdout=f, stderr=subprocess.STDOUT)
+    proc = Proc(p, f"http://127.0.0.1:{port}", log)
+    try:
+        await wait_http(proc.url + "/")
+        yield proc
+    finally:
+        proc.stop()
+
+
+@contextlib.asynccontextmanager
+async def bare_server(binary: Path, model: Path, logdir: Path, parallel: int, ctx: int) -> AsyncIterator[Proc]:
+    port = free_port()
+    log = logdir / f"llama-server-{port}.log"
+    argv = [str(binary), "--model", str(model), "--host", "127.0.0.1", "--port", str(port), "--parallel",
+            str(parallel), "--ctx-size", str(parallel * ctx), "--no-webui", "--fit", "off", "--flash-attn", "off"]
+    with open(log, "wb") as f:
+        p = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = Proc(p, f"http://127.0.0.1:{port}", log)
+    try:
+        await wait_http(proc.url + "/health")
+        yield proc
+    finally:
+        proc.stop()
+
+
+@dataclass
+class Result:
+    ttft: float  # seconds to the first content chunk
+    total: float
+    tokens: int
+    status: int
+    wait: float = 0.0  # ollamad's load_duration (queue wait + load), seconds
+    chunks: int = 0
+
+
+@dataclass
+class Run:
+    results: list[Result] = field(default_factory=list)
+    wall: float = 0.0
+
+    @property
+    def ok(self) -> list[Result]:
+        return [r for r in self.results if r.status == 200]
+
+    def tokens_per_s(self) -> float:
+        return sum(r.tokens for r in self.ok) / self.wall if self.wall else 0.0
+
+    def ttft_ms(self, p: float) -> float:
+        return 1000 * pct([r.ttft for r in self.ok], p)
+
+
+async def stream_ollama(s: aiohttp.ClientSession, url: str, model: str, prompt: str, n: int, seed: int,
+                        **extra: Any) -> Result:
+    t0 = time.monotonic()
+    ttft = 0.0
+    chunks = 0
+    body = {"model": model, "prompt": prompt, "options": {"num_predict": n, "seed": seed}, **extra}
+    async with s.post(url + "/api/generate", json=body) as r:
+        if r.status != 200:
+            await r.read()
+            return Result(0, time.monotonic() - t0, 0, r.status)
+        final: dict[str, Any] = {}
+        async for line in r.content:
+            obj = json.loads(line)
+            if obj.get("done"):
+                final = obj
+            elif "error" in obj:
+                return Result(ttft, time.monotonic() - t0, 0, 500)
+            else:
+                chunks += 1
+                if not ttft:
+                    ttft = time.monotonic() - t0
+    return Result(ttft, time.monotonic() - t0, int(final.get("eval_count", 0)), 200,
+                  final.get("load_duration", 0) / 1e9, chunks)
+
+
+async def stream_direct(s: aiohttp.ClientSession, url: str, prompt: str, n: int, seed: int) -> Result:
+    t0 = time.monotonic()
+    ttft = 0.0
+    body = {"prompt": prompt, "n_predict": n, "seed": seed, "stream": True, "cache_prompt": True}
+    final: dict[str, Any] = {}
+    chunks = 0
+    async with s.post(url + "/completion", json=body) as r:
+        async for raw in r.content:
+            if not raw.startswith(b"data: "):
+                continue
+            ev = json.loads(raw[6:])
+            if ev.get("stop"):
+                final = ev
+            elif ev.get("content"):
+                chunks += 1
+                if not ttft:
+                    ttft = time.monotonic() - t0
+    return Result(ttft, time.monotonic() - t0, int(final.get("timings", {}).get("predicted_n", 0)), r.status,
+                  chunks=chunks)
+
+
+async def run_clients(clients: int, per_client: int, one: Any) -> Run:
+    """``clients`` concurrent loops of ``per_client`` calls of ``one(session, client, i)``."""
+    run = Run()
+    conn = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=600)) as s:
+        async def loop(c: int) -> None:
+            for i in range(per_client):
+                run.results.append(await one(s, c, i))
+
+        t0 = time.monotonic()
+        await asyncio.gather(*(loop(c) for c in range(clients)))
+        run.wall = time.monotonic() - t0
+    return run
+
+
+def cpu_seconds(pid: int) -> float:
+    t = psutil.Process(pid).cpu_times()
+    return float(t.user + t.system)
+
+
+def rss(pid: int) -> int:
+    return int(psutil.Process(pid).memory_info().rss)
+
+
+def mean(values: list[float]) -> float:
+    return statistics.fmean(values) if values else float("nan")
