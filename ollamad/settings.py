@@ -169,7 +169,7 @@ class Settings(BaseSettings):
                          description="Threads per llama-server; 0 = llama-server's default")
     model_settings: Path | None = Field(None, validation_alias="OLLAMAD_MODEL_SETTINGS",
                                         description="Per-model settings file (TOML, see config/models.toml)")
-    create_dirs: Annotated[tuple[Path, ...], BeforeValidator(_csv)] = Field(
+    create_dirs: Annotated[tuple[Path, ...], NoDecode, BeforeValidator(_csv)] = Field(
         (), validation_alias="OLLAMAD_CREATE_DIRS",
         description="Folders /api/create may read GGUF files from, comma-separated (the models folder always)")
 

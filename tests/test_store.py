@@ -179,3 +179,13 @@ def test_modelfile() -> None:
                         ('FROM a\nSYSTEM """never ends\n', "unterminated"), ("FROM a\nPARAMETER top_k\n", "value")):
         with pytest.raises(ModelfileError, match=needle):
             parse_modelfile(bad)
+
+
+def test_api_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ollamad.settings import load_settings
+
+    monkeypatch.setenv("OLLAMAD_CREATE_DIRS", "/srv/ggufs, /data/models")
+    monkeypatch.setenv("OLLAMAD_MODEL_SETTINGS", "/etc/ollamad/models.toml")
+    s = load_settings()
+    assert s.create_dirs == (Path("/srv/ggufs"), Path("/data/models"))
+    assert s.model_settings == Path("/etc/ollamad/models.toml")
