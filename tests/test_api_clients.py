@@ -241,7 +241,8 @@ def test_per_model_settings_file(daemon_factory: Any, llama_server: Path, api_mo
     status, body = d.post("/api/generate", {"model": "mini", "prompt": "hi", "stream": False})
     assert status == 200 and body["eval_count"] <= 3
     (m,) = d.get("/api/ps")[1]["models"]
-    assert m["name"] == "tiny:latest" and m["context_length"] == 640 and m["num_parallel"] == 2
+    # llama-server rounds its context up (to 256 per sequence set); ps shows what each slot really has
+    assert m["name"] == "tiny:latest" and 640 <= m["context_length"] < 640 + 256 and m["num_parallel"] == 2
     # a malformed file stops start-up with a message naming the field
     cfg.write_text('[models."tiny"]\nnum_ctx = "big"\n')
     with pytest.raises(RuntimeError, match=r"models\.tiny\.num_ctx"):
