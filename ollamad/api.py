@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from ollamad import __version__
 from ollamad.catalog import Catalog, InvalidName, Model
-from ollamad.describe import details
+from ollamad.describe import capabilities, details
 from ollamad.durations import FOREVER, keep_alive_from_request
 from ollamad.ggufmeta import GGUFError
 from ollamad.metrics import CONTENT_TYPE, Metrics
@@ -29,13 +29,19 @@ from ollamad.settings import Settings
 from ollamad.translate import (
     ChatRequest,
     GenerateRequest,
+    Message,
+    Options,
+    chat_messages,
     chat_payload,
     completion_payload,
     describe_validation,
     done_reason,
     durations,
+    image_data,
+    multimodal_prompt,
     now_iso,
     ollama_tool_calls,
+    with_media_markers,
 )
 
 log = structlog.get_logger("ollamad.api")
@@ -78,26 +84,31 @@ def error(status: int, message: str) -> web.Response:
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+def openai_error(status: int, message: str) -> web.Response:
+    """OpenAI's error object, as Ollama's /v1 routes answer."""
+    kind = "invalid_request_error" if status < 500 else "api_error"
+    if status == 404:
+        kind = "not_found_error"
+    return reply({"error": {"message": message, "type": kind, "param": None, "code": None}}, status)
+
+
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every failure becomes Ollama's ``{"error": ...}`` with the right status."""
+    """Every failure becomes Ollama's ``{"error": ...}`` (OpenAI's object under /v1) with the right status."""
+    shape = openai_error if request.path.startswith("/v1/") else error
     try:
         return await handler(request)
-    except ApiError as e:
-        return error(e.status, e.message)
-    except SchedulerError as e:
-        return error(e.status, e.message)
-    except UpstreamError as e:
-        return error(e.status, e.message)
+    except (ApiError, SchedulerError, UpstreamError) as e:
+        return shape(e.status, e.message)
     except web.HTTPException as e:
         if e.status >= 400:
-            return error(e.status, e.reason)
+            return shape(e.status, e.reason)
         raise
     except GGUFError as e:
-        return error(500, str(e))
+        return shape(500, str(e))
     except Exception as e:  # a bug: answer in Ollama's shape, log it with its traceback
         log.exception("unhandled error", path=request.path)
-        return error(500, f"internal error: {type(e).__name__}: {e}")
+        return shape(500, f"internal error: {type(e).__name__}: {e}")
 
 
 async def read_json(request: web.Request) -> dict[str, Any]:
@@ -130,6 +141,25 @@ def parse_keep_alive(value: object) -> float | None:
         return keep_alive_from_request(value)
     except ValueError as e:
         raise ApiError(400, f"invalid keep_alive: {e}") from None
+
+
+def with_defaults(req: _Req, model: Model) -> _Req:
+    """Model defaults (store params, per-model settings) under the request's own options."""
+    if not model.defaults.options:
+        return req
+    merged = {**model.defaults.options, **req.options.model_dump(exclude_none=True)}
+    try:
+        options = Options.model_validate(merged)
+    except ValidationError as e:
+        raise ApiError(500, f"model defaults for {model.name}: {describe_validation(e)}") from None
+    return req.model_copy(update={"options": options})
+
+
+def check_capable(name: str, facts: ModelFacts, need: str) -> None:
+    """400 ``"x" does not support <need>`` as Ollama answers."""
+    caps = capabilities(facts)
+    if need not in caps:
+        raise ApiError(400, f'"{name}" does not support {need}')
 
 
 def validate(cls: type[_Req], body: dict[str, Any]) -> _Req:
@@ -234,8 +264,19 @@ async def generate(request: web.Request) -> web.StreamResponse:
     model = resolve(ctx, req.model)
     record_of(request).model = model.name
     facts = ctx.catalog.facts(model)
-    if facts.embedding:
-        raise ApiError(400, f'"{req.model}" does not support generate')
+    check_capable(req.model, facts, "generate" if facts.embedding else "completion")
+    images: list[str] = []
+    if req.images:
+        check_capable(req.model, facts, "vision")
+        try:
+            images = image_data(req.images)
+        except ValueError as e:
+            raise ApiError(400, str(e)) from None
+    if req.suffix:
+        check_capable(req.model, facts, "insert")
+    if req.system is None and model.system:
+        req = req.model_copy(update={"system": model.system})
+    req = with_defaults(req, model)
     keep_alive = parse_keep_alive(req.keep_alive)
     if not req.prompt and not req.images:
         return await load_or_unload(ctx, model, req.model, keep_alive, req.options.num_ctx,
@@ -244,27 +285,37 @@ async def generate(request: web.Request) -> web.StreamResponse:
                                         load=req.options.load_options(), keep_alive=keep_alive)
     _dispatched(request, model, lease)
     async with lease:
-        prompt = await _generate_prompt(ctx, lease, req, facts)
-        payload = completion_payload(req, prompt, stream=True)
+        if req.suffix:  # fill in the middle: the prompt is the prefix, no chat template
+            payload = completion_payload(req, "", stream=True)
+            payload.update(input_prefix=req.prompt, input_suffix=req.suffix)
+            return await relay(request, ctx, lease, "/infill", payload, req.stream, t0, _GenerateShape(req.model))
+        prompt = await _generate_prompt(ctx, lease, req, facts, len(images))
+        payload = completion_payload(req, multimodal_prompt(prompt, images), stream=True)
         return await relay(request, ctx, lease, "/completion", payload, req.stream, t0,
                            _GenerateShape(req.model))
 
 
-async def _generate_prompt(ctx: AppContext, lease: Lease, req: GenerateRequest, facts: ModelFacts) -> str:
+async def _generate_prompt(ctx: AppContext, lease: Lease, req: GenerateRequest, facts: ModelFacts,
+                           images: int = 0) -> str:
     """Ollama applies the model's chat template to a generate prompt unless raw is set."""
     if req.raw or not facts.chat_template:
-        return req.prompt
+        return with_media_markers(req.prompt, images)
     messages = []
     if req.system:
         messages.append({"role": "system", "content": req.system})
-    messages.append({"role": "user", "content": req.prompt})
+    messages.append({"role": "user", "content": with_media_markers(req.prompt, images)})
+    return await apply_template(ctx, lease, messages)
+
+
+async def apply_template(ctx: AppContext, lease: Lease, messages: list[dict[str, Any]]) -> str:
+    """The prompt llama-server's chat template makes of ``messages``."""
     assert ctx.session is not None
     async with ctx.session.post(f"{lease.runner.url}/apply-template", json={"messages": messages},
                                 headers=lease.runner.headers) as up:
         if up.status != 200:
             raise await error_of(up)
         body = await up.json()
-    return str(body.get("prompt", req.prompt))
+    return str(body.get("prompt", ""))
 
 
 async def chat(request: web.Request) -> web.StreamResponse:
@@ -274,8 +325,14 @@ async def chat(request: web.Request) -> web.StreamResponse:
     model = resolve(ctx, req.model)
     record_of(request).model = model.name
     facts = ctx.catalog.facts(model)
-    if facts.embedding:
-        raise ApiError(400, f'"{req.model}" does not support chat')
+    check_capable(req.model, facts, "chat" if facts.embedding else "completion")
+    if any(m.images for m in req.messages):
+        check_capable(req.model, facts, "vision")
+    if req.tools:
+        check_capable(req.model, facts, "tools")
+    if model.system and req.messages and not any(m.role == "system" for m in req.messages):
+        req = req.model_copy(update={"messages": [Message(role="system", content=model.system), *req.messages]})
+    req = with_defaults(req, model)
     keep_alive = parse_keep_alive(req.keep_alive)
     if not req.messages:
         return await load_or_unload(ctx, model, req.model, keep_alive, req.options.num_ctx,
@@ -288,6 +345,12 @@ async def chat(request: web.Request) -> web.StreamResponse:
                                         load=req.options.load_options(), keep_alive=keep_alive)
     _dispatched(request, model, lease)
     async with lease:
+        if req.format and not req.tools and not any(m.images for m in req.messages):
+            # As Ollama does: render the template, then constrain only the reply with the grammar
+            prompt = await apply_template(ctx, lease, chat_messages(req))
+            gen = GenerateRequest(model=req.model, prompt=prompt, format=req.format, options=req.options)
+            return await relay(request, ctx, lease, "/completion", completion_payload(gen, prompt), req.stream,
+                               t0, _TemplatedChatShape(req.model))
         return await relay(request, ctx, lease, "/v1/chat/completions", payload, req.stream, t0,
                            _ChatShape(req.model))
 
@@ -334,6 +397,28 @@ class _GenerateShape:
             "done": True, "done_reason": done_reason(event.get("stop_type")),
             **durations(event.get("timings"), total_ns, load_ns, event.get("tokens_evaluated")),
         }
+
+
+class _TemplatedChatShape(_GenerateShape):
+    """Chat chunks made from a /completion stream (chat with ``format``)."""
+
+    def piece(self, event: dict[str, Any]) -> dict[str, Any] | None:
+        return _as_chat(super().piece(event))
+
+    def final(self, event: dict[str, Any], total_ns: int, load_ns: int, whole: bool) -> dict[str, Any]:
+        out = _as_chat(super().final(event, total_ns, load_ns, whole))
+        assert out is not None
+        return out
+
+
+def _as_chat(chunk: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A generate chunk as a chat chunk, in Ollama's key order (message before done)."""
+    if chunk is None:
+        return None
+    out: dict[str, Any] = {"model": chunk["model"], "created_at": chunk["created_at"],
+                           "message": {"role": "assistant", "content": chunk["response"]}}
+    out.update((k, v) for k, v in chunk.items() if k not in out and k != "response")
+    return out
 
 
 class _ChatShape:
@@ -440,6 +525,8 @@ METRICS = web.AppKey("metrics", Metrics)
 
 
 def make_app(ctx: AppContext) -> web.Application:
+    from ollamad import api_embed, api_models, api_openai
+
     observed = Metrics(ctx.scheduler)
     app = web.Application(middlewares=[request_log(observed), errors_middleware],
                           client_max_size=64 * 1024 * 1024)
@@ -452,4 +539,7 @@ def make_app(ctx: AppContext) -> web.Application:
     app.router.add_get("/api/ps", ps)
     app.router.add_post("/api/generate", generate)
     app.router.add_post("/api/chat", chat)
+    api_models.register(app)
+    api_embed.register(app)
+    api_openai.register(app)
     return app

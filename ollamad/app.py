@@ -17,6 +17,7 @@ from ollamad.api import AppContext, make_app
 from ollamad.binary import find_llama_server
 from ollamad.catalog import Catalog
 from ollamad.memory import MemoryProbe, load_nvml
+from ollamad.modelconfig import ModelConfigError
 from ollamad.notify import Notifier
 from ollamad.schedcore import SchedState
 from ollamad.scheduler import Scheduler
@@ -47,8 +48,8 @@ async def serve(settings: Settings, *, on_ready: Callable[[AppContext], None] | 
     notifier = notifier or Notifier.from_env()
     binary = find_llama_server(settings.llama_server, settings.runners_dir)
     ensure_demo_model(settings)
-    catalog = Catalog(settings.models)
-    catalog.scan()
+    catalog = Catalog(settings.models, settings.model_settings)
+    catalog.scan()  # a bad per-model settings file stops start-up with its message
     probe = MemoryProbe(await anyio.to_thread.run_sync(load_nvml))
     accountant = Accountant(probe, interval=settings.memory_poll, gpu_overhead=settings.gpu_overhead,
                             reserve=settings.memory_reserve, spread=settings.sched_spread)
@@ -78,7 +79,10 @@ async def serve(settings: Settings, *, on_ready: Callable[[AppContext], None] | 
                 async for sig in signals:
                     if sig == signal.SIGHUP:
                         notifier.reloading()
-                        await reload(catalog)
+                        try:
+                            await reload(catalog)
+                        except ModelConfigError as e:
+                            log.error("reload failed; keeping the old models", error=str(e))
                         notifier.ready(status_line(scheduler))
                         continue
                     log.info("shutting down", signal=signal.Signals(sig).name,

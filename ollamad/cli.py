@@ -7,6 +7,7 @@ import json
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -18,22 +19,39 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--version", action="version", version=f"ollamad {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("serve", help="run the daemon (settings come from OLLAMA_* / OLLAMAD_* variables)")
-    sub.add_parser("list", help="list models")
+    sub.add_parser("list", aliases=["ls"], help="list models")
     sub.add_parser("ps", help="list loaded models")
     cfg = sub.add_parser("config", help="print every setting's effective value and where it came from")
     cfg.add_argument("--env-file", type=Path, default=None,
                      help="env file the service reads (default /etc/ollamad/ollamad.env)")
     cfg.add_argument("--env-template", action="store_true",
                      help="print the documented env file (config/ollamad.env) generated from the settings")
+    p = sub.add_parser("show", help="show a model's details")
+    p.add_argument("model")
+    for flag in ("modelfile", "parameters", "template", "system", "license"):
+        p.add_argument(f"--{flag}", action="store_true", help=f"show only the {flag}")
+    p = sub.add_parser("run", help="run a model: answer PROMPT, or chat with lines from stdin")
+    p.add_argument("model")
+    p.add_argument("prompt", nargs="*")
+    p.add_argument("--keepalive", help="how long the model stays loaded (e.g. 5m)")
+    p = sub.add_parser("stop", help="unload a model")
+    p.add_argument("model")
+    p = sub.add_parser("pull", help="pull a model from a registry")
+    p.add_argument("model")
+    p.add_argument("--insecure", action="store_true", help="use plain http to the registry")
+    p = sub.add_parser("cp", help="copy a model")
+    p.add_argument("source")
+    p.add_argument("destination")
+    p = sub.add_parser("rm", help="remove models")
+    p.add_argument("models", nargs="+")
     args = parser.parse_args(argv)
-    if args.command == "serve":
-        serve_command()
-    elif args.command == "list":
-        list_command()
-    elif args.command == "ps":
-        ps_command()
-    elif args.command == "config":
-        config_command(args.env_file, args.env_template)
+    commands: dict[str, Callable[[argparse.Namespace], None]] = {
+        "serve": lambda a: serve_command(), "list": lambda a: list_command(), "ls": lambda a: list_command(),
+        "ps": lambda a: ps_command(), "show": show_command, "run": run_command, "stop": stop_command,
+        "pull": pull_command, "cp": cp_command, "rm": rm_command,
+        "config": lambda a: config_command(a.env_file, a.env_template),
+    }
+    commands[args.command](args)
 
 
 def serve_command() -> None:
@@ -42,6 +60,7 @@ def serve_command() -> None:
     from ollamad.app import serve
     from ollamad.binary import BinaryNotFound
     from ollamad.logs import configure
+    from ollamad.modelconfig import ModelConfigError
     from ollamad.settings import SettingsError, load_settings
 
     try:
@@ -51,7 +70,7 @@ def serve_command() -> None:
     configure(debug=settings.debug)
     try:
         anyio.run(serve, settings)
-    except BinaryNotFound as e:
+    except (BinaryNotFound, ModelConfigError) as e:
         _config_error(str(e))
     except OSError as e:
         sys.exit(f"ollamad: cannot listen on {settings.host}: {e.strerror or e}")
@@ -107,6 +126,34 @@ def _get(path: str) -> Any:
         sys.exit(f"ollamad: cannot reach the daemon at {_base_url()}: {e.reason}")
 
 
+def _call(method: str, path: str, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Send ``body``; yield each JSON line of the answer; exit with the daemon's error message."""
+    req = urllib.request.Request(_base_url() + path, data=json.dumps(body).encode(), method=method,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=3600) as r:
+            for line in r:
+                if line.strip():
+                    item = json.loads(line)
+                    if isinstance(item, dict) and "error" in item:
+                        sys.exit(f"Error: {item['error']}")
+                    yield item
+    except urllib.error.HTTPError as e:
+        raw = e.read().decode(errors="replace")
+        try:
+            message = json.loads(raw).get("error", raw)
+        except ValueError:
+            message = raw or e.reason
+        sys.exit(f"Error: {message}")
+    except urllib.error.URLError as e:
+        sys.exit(f"ollamad: cannot reach the daemon at {_base_url()}: {e.reason}")
+
+
+def _send(method: str, path: str, body: dict[str, Any]) -> None:
+    for _ in _call(method, path, body):
+        pass
+
+
 def _table(rows: list[list[str]], header: list[str]) -> None:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=False)]
     for row in [header, *rows]:
@@ -159,6 +206,96 @@ def ps_command() -> None:
     _table(rows, ["NAME", "ID", "SIZE", "PROCESSOR", "CONTEXT", "PARALLEL", "BUSY/QUEUED", "UNTIL"])
     queue = body.get("queue", {})
     print(f"queue: {queue.get('waiting', 0)} waiting (max {queue.get('max', '?')})")
+
+
+def show_command(args: argparse.Namespace) -> None:
+    (info,) = list(_call("POST", "/api/show", {"model": args.model}))
+    for flag in ("modelfile", "parameters", "template", "system", "license"):
+        if getattr(args, flag):
+            print(info.get(flag, ""))
+            return
+    d = info.get("details", {})
+    mi = info.get("model_info", {})
+    arch = mi.get("general.architecture", d.get("family", ""))
+    print("  Model")
+    rows = [("architecture", arch), ("parameters", d.get("parameter_size", "")),
+            ("context length", mi.get(f"{arch}.context_length", "")),
+            ("embedding length", mi.get(f"{arch}.embedding_length", "")),
+            ("quantization", d.get("quantization_level", ""))]
+    for key, value in rows:
+        print(f"    {key:<20}{value}")
+    print("\n  Capabilities")
+    for cap in info.get("capabilities", []):
+        print(f"    {cap}")
+    if info.get("parameters"):
+        print("\n  Parameters")
+        for line in info["parameters"].splitlines():
+            print(f"    {line}")
+    if info.get("system"):
+        print(f"\n  System\n    {info['system']}")
+
+
+def run_command(args: argparse.Namespace) -> None:
+    base: dict[str, Any] = {"model": args.model}
+    if args.keepalive:
+        base["keep_alive"] = args.keepalive
+    prompt = " ".join(args.prompt)
+    if not prompt and not sys.stdin.isatty():
+        prompt = sys.stdin.read()
+    if prompt:
+        for chunk in _call("POST", "/api/generate", {**base, "prompt": prompt}):
+            print(chunk.get("response", ""), end="", flush=True)
+        print()
+        return
+    _send("POST", "/api/generate", base)  # load it first, as ollama run does
+    messages: list[dict[str, Any]] = []
+    while True:
+        try:
+            line = input(">>> ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if line.strip() in ("/bye", "/exit"):
+            return
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        reply: list[str] = []
+        for chunk in _call("POST", "/api/chat", {**base, "messages": messages}):
+            piece = chunk.get("message", {}).get("content", "")
+            reply.append(piece)
+            print(piece, end="", flush=True)
+        print("\n")
+        messages.append({"role": "assistant", "content": "".join(reply)})
+
+
+def stop_command(args: argparse.Namespace) -> None:
+    _send("POST", "/api/generate", {"model": args.model, "keep_alive": 0})
+
+
+def pull_command(args: argparse.Namespace) -> None:
+    last = ""
+    for step in _call("POST", "/api/pull", {"model": args.model, "insecure": args.insecure}):
+        status = step.get("status", "")
+        if step.get("total"):
+            pct = 100 * step.get("completed", 0) // max(step["total"], 1)
+            line = f"{status} {pct:3d}% {_size(step.get('completed', 0))}/{_size(step['total'])}"
+        else:
+            line = status
+        if line != last:
+            print(line, flush=True)
+            last = line
+
+
+def cp_command(args: argparse.Namespace) -> None:
+    _send("POST", "/api/copy", {"source": args.source, "destination": args.destination})
+    print(f"copied '{args.source}' to '{args.destination}'")
+
+
+def rm_command(args: argparse.Namespace) -> None:
+    for model in args.models:
+        _send("DELETE", "/api/delete", {"model": model})
+        print(f"deleted '{model}'")
 
 
 if __name__ == "__main__":

@@ -43,6 +43,8 @@ def details(facts: ModelFacts) -> dict[str, Any]:
 
 def capabilities(facts: ModelFacts) -> list[str]:
     caps = ["embedding"] if facts.embedding else ["completion"]
+    if facts.fim and not facts.embedding:
+        caps.append("insert")
     if facts.vision:
         caps.append("vision")
     template = facts.chat_template or ""

@@ -29,6 +29,7 @@ class ModelFacts:
     swa_layers: int = 0
     vocab: int = 0
     layer_weight_bytes: int = 0  # tensors of the repeating blocks (blk.N.*): what -ngl moves
+    fim: bool = False  # fill-in-the-middle tokens: generate with a suffix (llama-server /infill)
 
     @property
     def kv_width(self) -> int:
@@ -86,6 +87,7 @@ def facts_from_gguf(info: GGUFInfo, projector: GGUFInfo | None = None) -> ModelF
         recurrent_bytes_per_seq=recurrent,
         vocab=vocab_size(info),
         layer_weight_bytes=sum(t.n_bytes for t in info.tensors if t.name.startswith("blk.")),
+        fim=all(f"tokenizer.ggml.fim_{k}_token_id" in info.metadata for k in ("pre", "suf", "mid")),
     )
 
 

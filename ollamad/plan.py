@@ -85,8 +85,10 @@ class RunnerPlan:
         ]  # fmt: skip
         if api_key:
             args += ["--api-key", api_key]
-        if self.embedding:
-            args += ["--embeddings"]
+        if self.embedding:  # a whole input must fit in one physical batch
+            args += ["--embeddings", "--ubatch-size", str(self.load.num_batch or self.ctx)]
+            if self.load.num_batch is None:
+                args += ["--batch-size", str(self.ctx)]
         if self.projector is not None:
             args += ["--mmproj", str(self.projector)]
         ngl = self.load.num_gpu if self.load.num_gpu is not None else self.n_gpu_layers

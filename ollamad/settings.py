@@ -175,6 +175,11 @@ class Settings(BaseSettings):
         description="Environment variables passed on to llama-server, comma-separated (NAME or PREFIX*)")
     threads: int = Field(0, ge=0, validation_alias="OLLAMAD_THREADS",
                          description="Threads per llama-server; 0 = llama-server's default")
+    model_settings: Path | None = Field(None, validation_alias="OLLAMAD_MODEL_SETTINGS",
+                                        description="Per-model settings file (TOML, see config/models.toml)")
+    create_dirs: Annotated[tuple[Path, ...], NoDecode, BeforeValidator(_csv)] = Field(
+        (), validation_alias="OLLAMAD_CREATE_DIRS",
+        description="Folders /api/create may read GGUF files from, comma-separated (the models folder always)")
 
     @field_validator("host", mode="before")
     @classmethod
@@ -184,7 +189,7 @@ class Settings(BaseSettings):
             parse_host(v)
         return v
 
-    @field_validator("models", "llama_server", "runners_dir", mode="before")
+    @field_validator("models", "llama_server", "runners_dir", "model_settings", mode="before")
     @classmethod
     def _path(cls, v: Any) -> Any:
         v = _clean(v)

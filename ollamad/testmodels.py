@@ -39,6 +39,9 @@ CHATML = (
 )
 
 
+CHAT = Spec(chat_template=CHATML + "{# tools #}")
+
+
 def _vocab() -> tuple[list[str], list[float], list[int]]:
     tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
     scores = [0.0] * len(tokens)
@@ -166,13 +169,21 @@ METADATA_MODELS: dict[str, tuple[str, dict[str, object]]] = {
 
 
 def write_all(folder: str | Path, which: tuple[str, ...] = ("tiny",)) -> list[Path]:
-    """Write the named models into ``folder`` (tiny, small, big, meta)."""
+    """Write the named models into ``folder`` (tiny, small, big, meta, embed, chat, code)."""
     folder = Path(folder)
     out = []
     for name in which:
         if name == "meta":
             for mname, (arch, meta) in METADATA_MODELS.items():
                 out.append(write_metadata_only(folder / f"{mname}.gguf", arch, meta))
+        elif name == "embed":  # a loadable embedding model: llama with mean pooling
+            out.append(write_llama(folder / "embed.gguf", TINY, name="embed", extra={"llama.pooling_type": 1}))
+        elif name == "code":  # tiny with fill-in-the-middle tokens (generate with a suffix)
+            fim: dict[str, object] = {
+                f"tokenizer.ggml.fim_{k}_token_id": i for i, k in enumerate(("pre", "suf", "mid"), start=3)}
+            out.append(write_llama(folder / "code.gguf", TINY, name="code", extra=fim))
+        elif name == "chat":  # tiny with a ChatML template that mentions tools
+            out.append(write_llama(folder / "chat.gguf", CHAT, name="chat"))
         else:
             out.append(write_llama(folder / f"{name}.gguf", SPECS[name], name=name))
     return out

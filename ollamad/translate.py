@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 
 from ollamad.plan import LoadOptions
 
@@ -20,7 +20,7 @@ class Options(BaseModel):
     num_batch: int | None = Field(None, ge=1, le=1 << 20)
     num_gpu: int | None = Field(None, ge=-1, le=10_000)
     main_gpu: int | None = Field(None, ge=0, le=1024)
-    use_mmap: bool | None = None
+    use_mmap: StrictBool | None = None
     num_thread: int | None = Field(None, ge=0, le=4096)
     # sampling: per request
     num_predict: int | None = Field(None, ge=-2, le=1 << 24)
@@ -76,7 +76,7 @@ class _Base(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str = Field(min_length=1)
-    stream: bool = True
+    stream: StrictBool = True
     format: str | dict[str, Any] | None = None
     options: Options = Field(default_factory=lambda: Options())
     keep_alive: float | str | None = None
@@ -87,7 +87,7 @@ class GenerateRequest(_Base):
     suffix: str | None = None
     system: str | None = None
     template: str | None = None
-    raw: bool = False
+    raw: StrictBool = False
     images: list[str] | None = None
     context: list[int] | None = None
 
@@ -151,13 +151,47 @@ def durations(timings: dict[str, Any] | None, total_ns: int, load_ns: int,
     }
 
 
-def completion_payload(req: GenerateRequest, prompt: str, stream: bool = True) -> dict[str, Any]:
+def completion_payload(req: GenerateRequest, prompt: str | dict[str, Any],
+                       stream: bool = True) -> dict[str, Any]:
     payload: dict[str, Any] = {"prompt": prompt, "stream": stream, "cache_prompt": True}
     payload.update(req.options.sampling())
     payload.update(format_param(req.format))
     if stream:
         payload["timings_per_token"] = False
     return payload
+
+
+MEDIA_MARKER = "<__media__>"  # llama-server's default multimodal marker
+
+
+def image_data(images: list[str]) -> list[str]:
+    """Ollama's base64 images, checked; ValueError naming the bad one."""
+    import base64
+    import binascii
+
+    out = []
+    for i, img in enumerate(images):
+        data = img.split(",", 1)[1] if img.startswith("data:") else img
+        try:
+            base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError(f"images.{i}: invalid base64 image data") from None
+        out.append(data)
+    return out
+
+
+def with_media_markers(text: str, count: int) -> str:
+    """Put one marker per image before the text, where llama-server places the images."""
+    return (MEDIA_MARKER + "\n") * count + text
+
+
+def multimodal_prompt(prompt: str, images: list[str]) -> str | dict[str, Any]:
+    """llama-server's /completion prompt: a string, or the text with its images' data."""
+    if not images:
+        return prompt
+    if prompt.count(MEDIA_MARKER) != len(images):
+        prompt = with_media_markers(prompt.replace(MEDIA_MARKER, ""), len(images))
+    return {"prompt_string": prompt, "multimodal_data": images}
 
 
 def chat_messages(req: ChatRequest) -> list[dict[str, Any]]:
