@@ -12,6 +12,7 @@ import aiohttp
 import anyio
 import structlog
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 from pydantic import ValidationError
 
 from ollamad import __version__
@@ -19,6 +20,7 @@ from ollamad.catalog import Catalog, InvalidName, Model
 from ollamad.describe import details
 from ollamad.durations import FOREVER, keep_alive_from_request
 from ollamad.ggufmeta import GGUFError
+from ollamad.guard import add_cors_headers, auth_middleware, cors_middleware, request_log_middleware
 from ollamad.modelfacts import ModelFacts
 from ollamad.proxy import UpstreamError, error_of, sse_events
 from ollamad.scheduler import Lease, Scheduler, SchedulerError
@@ -102,6 +104,8 @@ async def read_json(request: web.Request) -> dict[str, Any]:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise ApiError(400, f"invalid JSON: {e}") from None
+    except RecursionError:
+        raise ApiError(400, "invalid JSON: nested too deeply") from None
     if not isinstance(body, dict):
         raise ApiError(400, "request body must be a JSON object")
     return body
@@ -359,6 +363,19 @@ class _ChatShape:
 async def relay(request: web.Request, ctx: AppContext, lease: Lease, path: str, payload: dict[str, Any],
                 stream: bool, t0: int, shape: _GenerateShape | _ChatShape) -> web.StreamResponse:
     """Send ``payload`` to the runner and translate its event stream into NDJSON (or one object)."""
+    try:
+        return await _relay(request, ctx, lease, path, payload, stream, t0, shape)
+    except UpstreamError as e:
+        if e.lost:
+            lease.lost(e.message)
+        raise
+    except aiohttp.ClientError as e:  # could not connect, or cut before the reply began
+        lease.lost(str(e))
+        raise UpstreamError(500, f"llama-server is not answering: {e or type(e).__name__}") from None
+
+
+async def _relay(request: web.Request, ctx: AppContext, lease: Lease, path: str, payload: dict[str, Any],
+                 stream: bool, t0: int, shape: _GenerateShape | _ChatShape) -> web.StreamResponse:
     assert ctx.session is not None
     load_ns = int(lease.queued_for * 1e9)
     async with ctx.session.post(f"{lease.runner.url}{path}", json=payload, headers=lease.runner.headers) as up:
@@ -383,6 +400,8 @@ async def relay(request: web.Request, ctx: AppContext, lease: Lease, path: str, 
                     break
         except UpstreamError as e:
             log.warning("stream cut", model=shape.model, error=e.message)
+            if e.lost:
+                lease.lost(e.message)
             await resp.write(dumps({"error": e.message}))
             return resp
         await resp.write(dumps(shape.final(last, time.monotonic_ns() - t0, load_ns, whole=False)))
@@ -390,7 +409,13 @@ async def relay(request: web.Request, ctx: AppContext, lease: Lease, path: str, 
 
 
 def make_app(ctx: AppContext) -> web.Application:
-    app = web.Application(middlewares=[errors_middleware], client_max_size=64 * 1024 * 1024)
+    s = ctx.settings
+    middlewares: list[Middleware] = [cors_middleware(s.origins)]
+    if s.api_key:
+        middlewares.append(auth_middleware(s.api_key))
+    middlewares += [errors_middleware, request_log_middleware(s.log_requests)]
+    app = web.Application(middlewares=middlewares, client_max_size=s.max_body)
+    app.on_response_prepare.append(add_cors_headers)
     app[CTX] = ctx
     app.router.add_get("/", root)
     app.router.add_get("/api/version", version)

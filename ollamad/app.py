@@ -15,6 +15,7 @@ from ollamad import __version__
 from ollamad.api import AppContext, make_app
 from ollamad.binary import find_llama_server
 from ollamad.catalog import Catalog
+from ollamad.leftovers import ChildRecords
 from ollamad.scheduler import Scheduler
 from ollamad.settings import Settings
 from ollamad.testmodels import write_llama
@@ -42,8 +43,10 @@ async def serve(settings: Settings, *, on_ready: Callable[[AppContext], None] | 
     ensure_demo_model(settings)
     catalog = Catalog(settings.models)
     catalog.scan()
-    scheduler = Scheduler(settings, catalog, str(binary))
     host, port = settings.bind
+    records = ChildRecords.for_port(settings.state_dir, port)
+    records.clean_up()
+    scheduler = Scheduler(settings, catalog, str(binary), records=records)
     async with anyio.create_task_group() as tg:
         await tg.start(scheduler.run)
         connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30)

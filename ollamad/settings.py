@@ -104,6 +104,11 @@ def _default_runners_dir() -> Path:
     return Path(cache) / "ollamad" / "runners"
 
 
+def _default_state_dir() -> Path:
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state) / "ollamad"
+
+
 def _env(name: str) -> Any:
     return Field(validation_alias=AliasChoices(name))
 
@@ -163,6 +168,18 @@ class Settings(BaseSettings):
                                   description="First wait before retrying a model that failed to load (doubles)")
     threads: int = Field(0, ge=0, validation_alias="OLLAMAD_THREADS",
                          description="Threads per llama-server; 0 = llama-server's default")
+    health_interval: Seconds = Field(5.0, validation_alias="OLLAMAD_HEALTH_INTERVAL",
+                                     description="How often a loaded runner's /health is checked")
+    health_timeout: Seconds = Field(20.0, validation_alias="OLLAMAD_HEALTH_TIMEOUT",
+                                    description="A runner silent on /health this long is hung: killed and replaced")
+    state_dir: Path = Field(default_factory=_default_state_dir, validation_alias="OLLAMAD_STATE_DIR",
+                            description="Where the pids of started runners are recorded (cleanup after a crash)")
+    api_key: str = Field("", validation_alias="OLLAMAD_API_KEY",
+                         description="If set, API requests need 'Authorization: Bearer <key>' (/, /api/version open)")
+    max_body: ByteCount = Field(64 * 1024**2, validation_alias="OLLAMAD_MAX_BODY",
+                                description="Largest request body accepted (e.g. 64MiB); larger gets 413")
+    log_requests: Flag = Field(False, validation_alias="OLLAMAD_LOG_REQUESTS",
+                               description="Log request bodies (prompts) and replies; off by default")
 
     @field_validator("host", mode="before")
     @classmethod
@@ -172,7 +189,7 @@ class Settings(BaseSettings):
             parse_host(v)
         return v
 
-    @field_validator("models", "llama_server", "runners_dir", mode="before")
+    @field_validator("models", "llama_server", "runners_dir", "state_dir", mode="before")
     @classmethod
     def _path(cls, v: Any) -> Any:
         v = _clean(v)
@@ -180,7 +197,7 @@ class Settings(BaseSettings):
             return Path(v).expanduser() if v else None
         return v
 
-    @field_validator("num_parallel", "context_length", "max_loaded_models", "max_queue", "threads",
+    @field_validator("num_parallel", "context_length", "max_loaded_models", "max_queue", "threads", "api_key",
                      mode="before")
     @classmethod
     def _int(cls, v: Any) -> Any:
