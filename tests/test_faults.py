@@ -23,7 +23,7 @@ from ollamad.leftovers import ChildRecord, ChildRecords
 from tests.conftest import Daemon, fake_with
 from tests.streams import Stream, busy_slots, queued, runners, wait_for
 
-LONG = {"num_predict": 100000, "seed": 1}  # runs until the slot's context is full
+LONG = {"num_predict": 100000, "num_ctx": 8192, "seed": 1}  # runs until the slot's context is full
 
 
 def _generate(d: Daemon, **options: Any) -> tuple[int, Any]:
@@ -201,3 +201,25 @@ def test_client_disconnect_while_queued_leaves_the_queue(daemon_factory: Any, ll
     wait_for(lambda: busy_slots(child) == 0, timeout=5, step=0.005)
     time.sleep(0.3)
     assert busy_slots(child) == 0 and queued(d) == 0
+
+
+@pytest.mark.real
+def test_sigterm_under_load(daemon_factory: Any, llama_server: Path, models_dir: Path) -> None:
+    d = daemon_factory(llama_server, models_dir)
+    opts = {"num_predict": 3000, "num_ctx": 8192}
+    streams = [Stream(d, "/api/generate", {"model": "tiny", "prompt": "hi", "options": {**opts, "seed": i}})
+               for i in range(4)]
+    assert all(s.line() is not None for s in streams)
+    kids = runners(d)
+    assert d.proc is not None
+    d.proc.send_signal(signal.SIGTERM)
+    status, body = wait_for(lambda: (r := _generate(d))[0] != 200 and r, timeout=10, step=0.01)
+    assert status == 503 and "shutting down" in body["error"], body
+    following = [s.line() for s in streams]
+    assert any(ln is not None and not ln["done"] for ln in following)  # refused while streams still ran
+    for s, first in zip(streams, following, strict=True):
+        lines = [first, *s.rest()]
+        assert lines[-1] is not None and lines[-1]["done"] is True and "error" not in lines[-1], lines[-1]
+    assert d.proc.wait(30) == 0
+    _, alive = psutil.wait_procs(kids, timeout=5)
+    assert not alive
