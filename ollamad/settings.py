@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import AliasChoices, BeforeValidator, Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from ollamad.durations import FOREVER, keep_alive_from_env, parse_go_duration
 
@@ -92,6 +92,7 @@ Seconds = Annotated[float, BeforeValidator(_duration), Field(ge=0)]
 KeepAliveSeconds = Annotated[float, BeforeValidator(_keep_alive)]
 Flag = Annotated[bool, BeforeValidator(_bool)]
 ByteCount = Annotated[int, BeforeValidator(_bytes), Field(ge=0)]
+CsvList = Annotated[tuple[str, ...], NoDecode, BeforeValidator(_csv)]  # comma-separated, not JSON
 
 
 def _default_models_dir() -> Path:
@@ -143,7 +144,7 @@ class Settings(BaseSettings):
                                     description="Bytes of GPU memory to leave unused per GPU")
     sched_spread: Flag = Field(False, validation_alias="OLLAMA_SCHED_SPREAD",
                                description="Spread every model over all GPUs")
-    origins: Annotated[tuple[str, ...], BeforeValidator(_csv)] = Field(
+    origins: CsvList = Field(
         (), validation_alias="OLLAMA_ORIGINS", description="Extra allowed CORS origins, comma-separated")
     debug: Flag = Field(False, validation_alias="OLLAMA_DEBUG", description="Debug logging")
 
@@ -152,7 +153,7 @@ class Settings(BaseSettings):
                                       description="Path of the llama-server binary to run")
     runners_dir: Path = Field(default_factory=_default_runners_dir, validation_alias="OLLAMAD_RUNNERS_DIR",
                               description="Where runners/build.sh caches built llama-server binaries")
-    single_slot_architectures: Annotated[tuple[str, ...], BeforeValidator(_csv)] = Field(
+    single_slot_architectures: CsvList = Field(
         SINGLE_SLOT_ARCHITECTURES, validation_alias="OLLAMAD_SINGLE_SLOT_ARCHITECTURES",
         description="Architectures forced to one parallel request, comma-separated")
     sched_policy: Literal["affinity", "fifo"] = Field(
