@@ -20,24 +20,34 @@ import psutil
 import pytest
 
 from ollamad.leftovers import ChildRecord, ChildRecords
+from ollamad.testmodels import write_llama
 from tests.conftest import Daemon, fake_with
 from tests.streams import Stream, busy_slots, queued, runners, wait_for
 
-LONG = {"num_predict": 100000, "num_ctx": 8192, "seed": 1}  # runs until the slot's context is full
+LONG = {"num_predict": 100000, "num_ctx": 8192, "seed": 1}  # with "endless": runs until cut
 
 
-def _generate(d: Daemon, **options: Any) -> tuple[int, Any]:
-    return d.post("/api/generate", {"model": "tiny", "prompt": "hi", "options": {"num_predict": 4, **options}})
+@pytest.fixture(scope="module")
+def endless_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tiny, plus "endless": a model whose streams do not stop by themselves (no eos)."""
+    folder = tmp_path_factory.mktemp("endless")
+    write_llama(folder / "tiny.gguf", name="tiny")
+    write_llama(folder / "endless.gguf", name="endless", endless=True)
+    return folder
+
+
+def _generate(d: Daemon, model: str = "tiny", **options: Any) -> tuple[int, Any]:
+    return d.post("/api/generate", {"model": model, "prompt": "hi", "options": {"num_predict": 4, **options}})
 
 
 @pytest.mark.real
-def test_child_sigkilled_mid_stream(daemon_factory: Any, llama_server: Path, models_dir: Path) -> None:
-    d = daemon_factory(llama_server, models_dir, OLLAMA_NUM_PARALLEL="1")
-    a = Stream(d, "/api/generate", {"model": "tiny", "prompt": "hi", "options": LONG})
+def test_child_sigkilled_mid_stream(daemon_factory: Any, llama_server: Path, endless_dir: Path) -> None:
+    d = daemon_factory(llama_server, endless_dir, OLLAMA_NUM_PARALLEL="1")
+    a = Stream(d, "/api/generate", {"model": "endless", "prompt": "hi", "options": LONG})
     assert a.status == 200 and a.line() is not None
     (child,) = runners(d)
     with ThreadPoolExecutor(1) as pool:
-        waiting = pool.submit(_generate, d)
+        waiting = pool.submit(_generate, d, "endless", num_ctx=8192)
         wait_for(lambda: queued(d) == 1)
         child.kill()
         t0 = time.monotonic()
@@ -169,9 +179,9 @@ def test_restarted_daemon_ends_only_its_own_leftovers(fake_server: Path, models_
 
 @pytest.mark.real
 def test_client_disconnect_mid_stream_frees_the_slot(daemon_factory: Any, llama_server: Path,
-                                                     models_dir: Path) -> None:
-    d = daemon_factory(llama_server, models_dir, OLLAMA_NUM_PARALLEL="1")
-    a = Stream(d, "/api/generate", {"model": "tiny", "prompt": "hi", "options": LONG})
+                                                     endless_dir: Path) -> None:
+    d = daemon_factory(llama_server, endless_dir, OLLAMA_NUM_PARALLEL="1")
+    a = Stream(d, "/api/generate", {"model": "endless", "prompt": "hi", "options": LONG})
     assert a.line() is not None
     (child,) = runners(d)
     assert busy_slots(child) == 1
@@ -179,17 +189,18 @@ def test_client_disconnect_mid_stream_frees_the_slot(daemon_factory: Any, llama_
     t0 = time.monotonic()
     wait_for(lambda: busy_slots(child) == 0, timeout=5, step=0.005)
     assert time.monotonic() - t0 < 0.1  # the issue's deadline: the slot is free within 100 ms
-    assert _generate(d)[0] == 200
+    assert _generate(d, "endless", num_ctx=8192)[0] == 200
+    assert runners(d) == [child]
 
 
 @pytest.mark.real
 def test_client_disconnect_while_queued_leaves_the_queue(daemon_factory: Any, llama_server: Path,
-                                                         models_dir: Path) -> None:
-    d = daemon_factory(llama_server, models_dir, OLLAMA_NUM_PARALLEL="1")
-    a = Stream(d, "/api/generate", {"model": "tiny", "prompt": "hi", "options": LONG})
+                                                         endless_dir: Path) -> None:
+    d = daemon_factory(llama_server, endless_dir, OLLAMA_NUM_PARALLEL="1")
+    a = Stream(d, "/api/generate", {"model": "endless", "prompt": "hi", "options": LONG})
     assert a.line() is not None
     (child,) = runners(d)
-    body = json.dumps({"model": "tiny", "prompt": "queued", "options": LONG}).encode()
+    body = json.dumps({"model": "endless", "prompt": "queued", "options": LONG}).encode()
     with socket.create_connection(("127.0.0.1", d.port)) as b:
         b.sendall(b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                   b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
@@ -204,16 +215,16 @@ def test_client_disconnect_while_queued_leaves_the_queue(daemon_factory: Any, ll
 
 
 @pytest.mark.real
-def test_sigterm_under_load(daemon_factory: Any, llama_server: Path, models_dir: Path) -> None:
-    d = daemon_factory(llama_server, models_dir)
-    opts = {"num_predict": 3000, "num_ctx": 8192}
-    streams = [Stream(d, "/api/generate", {"model": "tiny", "prompt": "hi", "options": {**opts, "seed": i}})
+def test_sigterm_under_load(daemon_factory: Any, llama_server: Path, endless_dir: Path) -> None:
+    d = daemon_factory(llama_server, endless_dir)
+    opts = {"num_predict": 300, "num_ctx": 2048}
+    streams = [Stream(d, "/api/generate", {"model": "endless", "prompt": "hi", "options": {**opts, "seed": i}})
                for i in range(4)]
     assert all(s.line() is not None for s in streams)
     kids = runners(d)
     assert d.proc is not None
     d.proc.send_signal(signal.SIGTERM)
-    status, body = wait_for(lambda: (r := _generate(d))[0] != 200 and r, timeout=10, step=0.01)
+    status, body = wait_for(lambda: (r := _generate(d, "endless", num_ctx=2048))[0] != 200 and r, timeout=10, step=0.01)
     assert status == 503 and "shutting down" in body["error"], body
     following = [s.line() for s in streams]
     assert any(ln is not None and not ln["done"] for ln in following)  # refused while streams still ran
