@@ -13,6 +13,7 @@ import aiohttp
 import anyio
 import structlog
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 from pydantic import ValidationError
 
 from ollamad import __version__
@@ -20,6 +21,7 @@ from ollamad.catalog import Catalog, InvalidName, Model
 from ollamad.describe import capabilities, details
 from ollamad.durations import FOREVER, keep_alive_from_request
 from ollamad.ggufmeta import GGUFError
+from ollamad.guard import add_cors_headers, auth_middleware, cors_middleware, request_log_middleware
 from ollamad.metrics import CONTENT_TYPE, Metrics
 from ollamad.modelfacts import ModelFacts
 from ollamad.proxy import UpstreamError, error_of, sse_events
@@ -119,6 +121,8 @@ async def read_json(request: web.Request) -> dict[str, Any]:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise ApiError(400, f"invalid JSON: {e}") from None
+    except RecursionError:
+        raise ApiError(400, "invalid JSON: nested too deeply") from None
     if not isinstance(body, dict):
         raise ApiError(400, "request body must be a JSON object")
     return body
@@ -479,6 +483,19 @@ class _ChatShape:
 async def relay(request: web.Request, ctx: AppContext, lease: Lease, path: str, payload: dict[str, Any],
                 stream: bool, t0: int, shape: _GenerateShape | _ChatShape) -> web.StreamResponse:
     """Send ``payload`` to the runner and translate its event stream into NDJSON (or one object)."""
+    try:
+        return await _relay(request, ctx, lease, path, payload, stream, t0, shape)
+    except UpstreamError as e:
+        if e.lost:
+            lease.lost(e.message)
+        raise
+    except aiohttp.ClientError as e:  # could not connect, or cut before the reply began
+        lease.lost(str(e))
+        raise UpstreamError(500, f"llama-server is not answering: {e or type(e).__name__}") from None
+
+
+async def _relay(request: web.Request, ctx: AppContext, lease: Lease, path: str, payload: dict[str, Any],
+                 stream: bool, t0: int, shape: _GenerateShape | _ChatShape) -> web.StreamResponse:
     assert ctx.session is not None
     load_ns = int(lease.queued_for * 1e9)
     async with ctx.session.post(f"{lease.runner.url}{path}", json=payload, headers=lease.runner.headers) as up:
@@ -508,6 +525,8 @@ async def relay(request: web.Request, ctx: AppContext, lease: Lease, path: str, 
                     break
         except UpstreamError as e:
             log.warning("stream cut", model=shape.model, error=e.message)
+            if e.lost:
+                lease.lost(e.message)
             await resp.write(dumps({"error": e.message}))
             return resp
         final = shape.final(last, time.monotonic_ns() - t0, load_ns, whole=False)
@@ -527,9 +546,15 @@ METRICS = web.AppKey("metrics", Metrics)
 def make_app(ctx: AppContext) -> web.Application:
     from ollamad import api_embed, api_models, api_openai
 
+    s = ctx.settings
     observed = Metrics(ctx.scheduler)
-    app = web.Application(middlewares=[request_log(observed), errors_middleware],
-                          client_max_size=64 * 1024 * 1024)
+    # CORS outermost (preflights), then one log line and metrics for every request, auth included
+    middlewares: list[Middleware] = [cors_middleware(s.origins), request_log(observed)]
+    if s.api_key:
+        middlewares.append(auth_middleware(s.api_key))
+    middlewares += [errors_middleware, request_log_middleware(s.log_requests)]
+    app = web.Application(middlewares=middlewares, client_max_size=s.max_body)
+    app.on_response_prepare.append(add_cors_headers)
     app[CTX] = ctx
     app[METRICS] = observed
     app.router.add_get("/metrics", metrics)

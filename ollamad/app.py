@@ -16,6 +16,7 @@ from ollamad.accountant import Accountant
 from ollamad.api import AppContext, make_app
 from ollamad.binary import find_llama_server
 from ollamad.catalog import Catalog
+from ollamad.leftovers import ChildRecords
 from ollamad.memory import MemoryProbe, load_nvml
 from ollamad.modelconfig import ModelConfigError
 from ollamad.notify import Notifier
@@ -53,9 +54,11 @@ async def serve(settings: Settings, *, on_ready: Callable[[AppContext], None] | 
     probe = MemoryProbe(await anyio.to_thread.run_sync(load_nvml))
     accountant = Accountant(probe, interval=settings.memory_poll, gpu_overhead=settings.gpu_overhead,
                             reserve=settings.memory_reserve, spread=settings.sched_spread)
-    scheduler = Scheduler(settings, catalog, str(binary), accountant=accountant,
-                          gpus=len((await anyio.to_thread.run_sync(probe.snapshot)).gpus))
     host, port = settings.bind
+    records = ChildRecords.for_port(settings.state_dir, port)
+    records.clean_up()
+    scheduler = Scheduler(settings, catalog, str(binary), accountant=accountant, records=records,
+                          gpus=len((await anyio.to_thread.run_sync(probe.snapshot)).gpus))
     async with anyio.create_task_group() as tg:
         await tg.start(scheduler.run)
         connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30)

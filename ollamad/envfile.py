@@ -31,6 +31,7 @@ UNIT_FILE = Path("/etc/systemd/system") / DEFAULT_UNIT  # where scripts/install.
 FACTORY_DEFAULTS = {
     "models": ("/var/lib/ollamad/models", "~/.local/share/ollamad/models"),
     "runners_dir": ("/opt/ollamad/runners", "~/.cache/ollamad/runners"),
+    "state_dir": ("/var/lib/ollamad/state", "~/.local/state/ollamad"),
 }
 
 HEADER = """\

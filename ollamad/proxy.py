@@ -12,10 +12,11 @@ import aiohttp
 class UpstreamError(Exception):
     """llama-server answered with an error or went away mid-request."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, lost: bool = False) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.lost = lost  # the connection broke: the runner died or hung
 
 
 async def error_of(resp: aiohttp.ClientResponse) -> UpstreamError:
@@ -49,4 +50,4 @@ async def sse_events(resp: aiohttp.ClientResponse) -> AsyncIterator[dict[str, An
                 raise UpstreamError(500, err.get("message", str(err)) if isinstance(err, dict) else str(err))
             yield event
     except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, ConnectionResetError) as e:
-        raise UpstreamError(500, f"llama-server stopped mid-response: {e or type(e).__name__}") from None
+        raise UpstreamError(500, f"llama-server stopped mid-response: {e or type(e).__name__}", lost=True) from None

@@ -79,6 +79,7 @@ class Runner:
     env: dict[str, str] | None = None
     env_pass: tuple[str, ...] = ()
     on_line: Callable[[str], None] | None = None
+    on_spawn: Callable[[Runner], None] | None = None  # e.g. record the pid for crash cleanup
     port: int = field(default_factory=free_port)
     api_key: str = field(default_factory=lambda: secrets.token_urlsafe(24))
     proc: asyncio.subprocess.Process | None = None
@@ -86,6 +87,7 @@ class Runner:
     ready_at: float = 0.0
     last_output: float = 0.0
     stopping: bool = False
+    kill_sent: bool = False
     lines: deque[str] = field(default_factory=lambda: deque(maxlen=200))
     _pump: asyncio.Task[None] | None = None
 
@@ -125,6 +127,8 @@ class Runner:
             )
         except OSError as e:
             raise RunnerError(f"cannot start {argv[0]}: {e.strerror or e}") from None
+        if self.on_spawn is not None:
+            self.on_spawn(self)
         self._log().info("runner starting", argv=" ".join(a if a != self.api_key else "***" for a in argv))
         self._pump = asyncio.create_task(self._pump_output())
         try:
@@ -205,9 +209,35 @@ class Runner:
                     child.kill()
         await self._drain_pump()
 
+    def kill(self) -> None:
+        """SIGKILL the process group and every descendant at once (a hung runner); wait() reaps."""
+        self.stopping = True
+        if self.proc is None or self.proc.returncode is not None:
+            return
+        descendants = _descendants(self.proc.pid)
+        self._signal_group(signal.SIGKILL)
+        for child in descendants:
+            with contextlib.suppress(psutil.Error):
+                child.kill()
+
+    async def responds(self, session: aiohttp.ClientSession, timeout: float) -> bool:  # noqa: ASYNC109
+        """True if /health answers at all within ``timeout`` (any status: the process is alive)."""
+        try:
+            async with session.get(f"{self.url}/health", timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+                await r.read()
+                return True
+        except (TimeoutError, aiohttp.ClientError):
+            return False
+
+    def ended_on_request(self, code: int) -> bool:
+        """False when the child died by itself: a crash, or a SIGKILL we did not send (OOM killer)."""
+        return self.stopping and (code != -signal.SIGKILL or self.kill_sent)
+
     def _signal_group(self, sig: int) -> None:
         if self.proc is None:
             return
+        if sig == signal.SIGKILL:
+            self.kill_sent = True
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, sig)
 

@@ -22,6 +22,7 @@ from anyio.abc import TaskGroup, TaskStatus
 
 from ollamad.accountant import Accountant
 from ollamad.catalog import Catalog, Model
+from ollamad.leftovers import ChildRecords
 from ollamad.memfit import MemorySnapshot
 from ollamad.plan import (
     LoadOptions,
@@ -68,7 +69,12 @@ class Lease:
     queued_for: float  # seconds from arrival to dispatch (queue wait and load)
     holds_slot: bool
     _release: Callable[[Lease], None]
+    _lost: Callable[[Lease, str], None]
     released: bool = False
+
+    def lost(self, reason: str) -> None:
+        """The runner broke this request's connection: take no more requests for it."""
+        self._lost(self, reason)
 
     def release(self) -> None:
         if not self.released:
@@ -119,13 +125,15 @@ def auto_max_loaded(settings: Settings, gpus: int = 0) -> int:
 class Scheduler:
     def __init__(self, settings: Settings, catalog: Catalog, binary: str, *,
                  clock: Callable[[], float] = time.monotonic, gpus: int = 0,
-                 runner_env: dict[str, str] | None = None, accountant: Accountant | None = None) -> None:
+                 runner_env: dict[str, str] | None = None, accountant: Accountant | None = None,
+                 records: ChildRecords | None = None) -> None:
         self.settings = settings
         self.catalog = catalog
         self.binary = binary
         self.clock = clock
         self.runner_env = runner_env
         self.accountant = accountant
+        self.records = records
         self.plan_settings = plan_settings(settings)
         self.state = SchedState(
             max_loaded=auto_max_loaded(settings, gpus),
@@ -241,6 +249,12 @@ class Scheduler:
         self._step()
         return found
 
+    def _lost(self, lease: Lease, reason: str) -> None:
+        r = self.state.runners.get(lease.runner_id)
+        if r is not None and r.status != "stopping" and not r.draining:
+            log.warning("runner lost a request; replacing it", runner_id=lease.runner_id, reason=reason)
+            r.draining = f"runner failed: {reason}"
+
     def _release(self, lease: Lease) -> None:
         if lease.holds_slot:
             self.state.release(lease.runner_id, self.clock())
@@ -272,7 +286,7 @@ class Scheduler:
         waiter = self._waiters[action.request_id]
         assert waiter.request is not None
         lease = Lease(self.runners[action.runner_id], action.runner_id, action.request_id,
-                      now - waiter.request.arrived, not waiter.request.load_only, self._release)
+                      now - waiter.request.arrived, not waiter.request.load_only, self._release, self._lost)
         waiter.lease = lease
         waiter.event.set()
 
@@ -290,7 +304,7 @@ class Scheduler:
             env.update(gpu_env)
         runner = Runner(plan, self.binary, load_timeout=self.settings.load_timeout,
                         stop_grace=self.settings.stop_grace, env=env or None, on_line=on_line,
-                        env_pass=self.settings.runner_env_pass)
+                        env_pass=self.settings.runner_env_pass, on_spawn=self._record)
         self.runners[rid] = runner
         logger = log.bind(model=plan.model, runner_id=rid)
         for note in plan.notes:
@@ -322,8 +336,11 @@ class Scheduler:
                     logger.info("model loaded", pid=runner.pid, estimate=plan.estimate,
                                 reported_host=rm.reported.host, reported_gpu=rm.reported.gpu)
                 self.accountant.poke()
-            code = await runner.wait()
-            if not runner.stopping:
+            async with anyio.create_task_group() as watch:
+                watch.start_soon(self._watchdog, rid, runner)
+                code = await runner.wait()
+                watch.cancel_scope.cancel()
+            if not runner.ended_on_request(code):
                 self._emit(RunnerEvent("died", plan.model, describe_exit(code)))
                 logger.error("runner died", pid=runner.pid, how=describe_exit(code),
                              last_output=runner.tail())
@@ -331,6 +348,8 @@ class Scheduler:
             with anyio.CancelScope(shield=True):
                 if runner.proc is not None and runner.proc.returncode is None:
                     await runner.stop()
+            if self.records is not None:
+                self.records.remove(runner.pid)
             self.state.runner_exited(rid)
             self.runners.pop(rid, None)
             if self.accountant is not None:
@@ -349,6 +368,31 @@ class Scheduler:
             return int(body["default_generation_settings"]["n_ctx"])
         except (aiohttp.ClientError, TimeoutError, KeyError, TypeError, ValueError):
             return runner.plan.ctx
+
+    def _record(self, runner: Runner) -> None:
+        if self.records is not None and runner.pid is not None:
+            self.records.add(runner.pid, runner.plan.model)
+
+    async def _watchdog(self, rid: int, runner: Runner) -> None:
+        """Kill a ready runner that stops answering /health; its requests then fail and it is replaced."""
+        assert self._session is not None
+        interval, timeout = self.settings.health_interval, self.settings.health_timeout
+        last_ok = self.clock()
+        while True:
+            await anyio.sleep(interval)
+            if await runner.responds(self._session, timeout):
+                last_ok = self.clock()
+                continue
+            silent = self.clock() - last_ok
+            if silent < timeout:
+                continue
+            log.error("runner not responding; killing it", model=runner.plan.model, runner_id=rid,
+                      pid=runner.pid, silent_for=round(silent, 1), last_output=runner.tail())
+            r = self.state.runners.get(rid)
+            if r is not None and r.status != "stopping":
+                r.draining = "runner hung"
+            runner.kill()
+            return
 
     async def _stop_runner(self, rid: int, reason: str) -> None:
         runner = self.runners.get(rid)

@@ -92,7 +92,7 @@ Seconds = Annotated[float, BeforeValidator(_duration), Field(ge=0)]
 KeepAliveSeconds = Annotated[float, BeforeValidator(_keep_alive)]
 Flag = Annotated[bool, BeforeValidator(_bool)]
 ByteCount = Annotated[int, BeforeValidator(_bytes), Field(ge=0)]
-CsvList = Annotated[tuple[str, ...], NoDecode, BeforeValidator(_csv)]
+CsvList = Annotated[tuple[str, ...], NoDecode, BeforeValidator(_csv)]  # comma-separated, not JSON
 
 
 def _default_models_dir() -> Path:
@@ -103,6 +103,11 @@ def _default_models_dir() -> Path:
 def _default_runners_dir() -> Path:
     cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(cache) / "ollamad" / "runners"
+
+
+def _default_state_dir() -> Path:
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state) / "ollamad"
 
 
 def _env(name: str) -> Any:
@@ -180,6 +185,18 @@ class Settings(BaseSettings):
     create_dirs: Annotated[tuple[Path, ...], NoDecode, BeforeValidator(_csv)] = Field(
         (), validation_alias="OLLAMAD_CREATE_DIRS",
         description="Folders /api/create may read GGUF files from, comma-separated (the models folder always)")
+    health_interval: Seconds = Field(5.0, validation_alias="OLLAMAD_HEALTH_INTERVAL",
+                                     description="How often a loaded runner's /health is checked")
+    health_timeout: Seconds = Field(20.0, validation_alias="OLLAMAD_HEALTH_TIMEOUT",
+                                    description="A runner silent on /health this long is hung: killed and replaced")
+    state_dir: Path = Field(default_factory=_default_state_dir, validation_alias="OLLAMAD_STATE_DIR",
+                            description="Where the pids of started runners are recorded (cleanup after a crash)")
+    api_key: str = Field("", validation_alias="OLLAMAD_API_KEY",
+                         description="If set, API requests need 'Authorization: Bearer <key>' (/, /api/version open)")
+    max_body: ByteCount = Field(64 * 1024**2, validation_alias="OLLAMAD_MAX_BODY",
+                                description="Largest request body accepted (e.g. 64MiB); larger gets 413")
+    log_requests: Flag = Field(False, validation_alias="OLLAMAD_LOG_REQUESTS",
+                               description="Log request bodies (prompts) and replies; off by default")
 
     @field_validator("host", mode="before")
     @classmethod
@@ -189,7 +206,7 @@ class Settings(BaseSettings):
             parse_host(v)
         return v
 
-    @field_validator("models", "llama_server", "runners_dir", "model_settings", mode="before")
+    @field_validator("models", "llama_server", "runners_dir", "model_settings", "state_dir", mode="before")
     @classmethod
     def _path(cls, v: Any) -> Any:
         v = _clean(v)
@@ -197,7 +214,7 @@ class Settings(BaseSettings):
             return Path(v).expanduser() if v else None
         return v
 
-    @field_validator("num_parallel", "context_length", "max_loaded_models", "max_queue", "threads",
+    @field_validator("num_parallel", "context_length", "max_loaded_models", "max_queue", "threads", "api_key",
                      mode="before")
     @classmethod
     def _int(cls, v: Any) -> Any:

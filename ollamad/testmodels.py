@@ -51,8 +51,12 @@ def _vocab() -> tuple[list[str], list[float], list[int]]:
 
 
 def write_llama(path: str | Path, spec: Spec = TINY, *, name: str | None = None, seed: int = 0,
-                extra: dict[str, object] | None = None) -> Path:
-    """Write a loadable llama-architecture model with random weights to ``path``."""
+                extra: dict[str, object] | None = None, endless: bool = False) -> Path:
+    """Write a loadable llama-architecture model with random weights to ``path``.
+
+    ``endless``: the end-of-sequence logit is 0 while the others spread wide, so generation
+    practically never stops by itself (fault tests need streams that run until cut).
+    """
     import gguf
 
     path = Path(path)
@@ -97,7 +101,12 @@ def write_llama(path: str | Path, spec: Spec = TINY, *, name: str | None = None,
 
     t("token_embd.weight", vocab, spec.embd, scale=1.0)
     ones("output_norm.weight", spec.embd)
-    t("output.weight", vocab, spec.embd)
+    if endless:
+        out = rng.standard_normal((vocab, spec.embd)).astype(dt)
+        out[2] = 0  # the eos token
+        w.add_tensor("output.weight", out)
+    else:
+        t("output.weight", vocab, spec.embd)
     for i in range(spec.layers):
         ones(f"blk.{i}.attn_norm.weight", spec.embd)
         t(f"blk.{i}.attn_q.weight", spec.embd, spec.embd)

@@ -56,6 +56,15 @@ def fake_server(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+def fake_with(folder: Path, **knobs: str) -> Path:
+    """A fake llama-server launcher with FAKE_* knobs baked in (a runner's environment is explicit)."""
+    path = folder / "llama-server"
+    exports = " ".join(f"{k}={v}" for k, v in knobs.items())
+    path.write_text(f"#!/bin/sh\n{exports} exec {sys.executable} {HERE / 'fake_llama_server.py'} \"$@\"\n")
+    path.chmod(0o755)
+    return path
+
+
 class Daemon:
     """``ollamad serve`` as a subprocess on a free port."""
 
@@ -72,6 +81,7 @@ class Daemon:
 
     def start(self, log_path: Path) -> Daemon:
         self.log_path = log_path
+        self.env.setdefault("OLLAMAD_STATE_DIR", str(log_path.parent / "state"))
         self.log_file = open(log_path, "wb")  # noqa: SIM115 (held for the daemon's life)
         self.proc = subprocess.Popen([sys.executable, "-m", "ollamad.cli", "serve"], env=self.env,
                                      stdout=self.log_file, stderr=subprocess.STDOUT)

@@ -93,6 +93,7 @@ async def stream_tokens(request: web.Request, chat: bool) -> web.StreamResponse:
     n = int(body.get("n_predict", body.get("max_tokens", os.environ.get("FAKE_TOKENS", 8))))
     if n < 0:
         n = int(os.environ.get("FAKE_TOKENS", 8))
+    n = min(n, ARGS.ctx_size // ARGS.parallel)  # as llama-server: a slot stops when its context is full
     delay = env_float("FAKE_TOKEN_DELAY", 0.0)
     crash_after = int(os.environ.get("FAKE_CRASH_AFTER_TOKENS", -1))
     hang_after = int(os.environ.get("FAKE_HANG_AFTER_TOKENS", -1))

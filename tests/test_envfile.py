@@ -124,7 +124,8 @@ def test_unit_file_and_dropin_environment_read_offline(tmp_path: Path) -> None:
     shutil.copy(ROOT / "systemd" / "override.conf.example", tmp_path / "ollamad.service.d" / "override.conf")
     env = unit_file_environment(unit)
     assert env == {"HOME": "/var/lib/ollamad", "OLLAMA_MODELS": "/var/lib/ollamad/models",
-                   "OLLAMAD_RUNNERS_DIR": "/opt/ollamad/runners", "OLLAMA_NUM_PARALLEL": "3"}
+                   "OLLAMAD_RUNNERS_DIR": "/opt/ollamad/runners", "OLLAMAD_STATE_DIR": "/var/lib/ollamad/state",
+                   "OLLAMA_NUM_PARALLEL": "3"}
     env_file = tmp_path / "ollamad.env"
     env_file.write_text(ENV_FILE.read_text() + "OLLAMA_NUM_PARALLEL=2\n")
     settings, rows = effective({}, env_file, env)

@@ -1,0 +1,81 @@
+"""Helpers for fault tests: a line-by-line streaming client and a runner's own /slots."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import time
+import urllib.request
+from typing import Any
+
+import psutil
+
+from tests.conftest import Daemon
+
+
+class Stream:
+    """One streamed request, read line by line; ``close()`` is the client going away."""
+
+    def __init__(self, d: Daemon, path: str, body: dict[str, Any], timeout: float = 60,
+                 headers: dict[str, str] | None = None) -> None:
+        self.conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=timeout)
+        self.conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json", **(headers or {})})
+        self.resp = self.conn.getresponse()
+        self.status = self.resp.status
+
+    def line(self) -> dict[str, Any] | None:
+        raw = self.resp.readline()
+        return json.loads(raw) if raw.strip() else None
+
+    def rest(self) -> list[dict[str, Any]]:
+        out = []
+        while (ln := self.line()) is not None:
+            out.append(ln)
+        return out
+
+    def close(self) -> None:
+        self.resp.close()
+        self.conn.close()
+
+
+def runners(d: Daemon) -> list[psutil.Process]:
+    return [p for p in d.children() if "llama-server" in p.name() or "fake_llama_server" in " ".join(p.cmdline())]
+
+
+def flag(proc: psutil.Process, name: str) -> str:
+    argv = proc.cmdline()
+    return argv[argv.index(name) + 1]
+
+
+def child_get(proc: psutil.Process, path: str, key: str | None = "") -> tuple[int, Any]:
+    """GET from the runner itself, with its --api-key unless ``key`` is given (None: no key)."""
+    port = flag(proc, "--port")
+    use = flag(proc, "--api-key") if key == "" else key
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}")
+    if use is not None:
+        req.add_header("Authorization", f"Bearer {use}")
+    try:
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def busy_slots(proc: psutil.Process) -> int:
+    status, slots = child_get(proc, "/slots")
+    assert status == 200, slots
+    return sum(1 for s in slots if s.get("is_processing"))
+
+
+def wait_for(cond: Any, timeout: float = 30, step: float = 0.02) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(step)
+    raise AssertionError(f"condition not met within {timeout}s")
+
+
+def queued(d: Daemon) -> int:
+    return int(d.get("/api/ps")[1]["queue"]["waiting"])
