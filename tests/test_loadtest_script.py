@@ -19,5 +19,7 @@ def test_loadtest_small(tmp_path: Path) -> None:
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-2000:])
     assert result["requests"] == 1200 and result["counts_add_up"] and result["other"] == 0
     assert result["completed"] + result["refused_503"] == 1200
-    assert result["refused_503"] > 0 and result["completed"] >= 2 * 516
+    # a wave completes at least queue + slots (516); the first one may arrive while the model
+    # loads, when every request waits and only the queue (512) holds them
+    assert result["refused_503"] > 0 and result["completed"] >= 512 + 516
     assert result["queue_after"]["waiting"] == 0

@@ -65,9 +65,6 @@ def test_one_log_line_per_request_without_the_prompt(daemon_factory: Any, fake_s
     assert chat["request_id"] != gen["request_id"]
     missing = wait_for_log(d, lambda e: e.get("event") == "request" and e.get("status") == 404)
     assert missing["route"] == "/api/generate" and "model" not in missing
-    # child output is tagged with its model and pid
-    child = wait_for_log(d, lambda e: e.get("event") == "llama-server")
-    assert child["model"] == "tiny:latest" and isinstance(child["runner_pid"], int)
     assert SECRET not in d.log()
 
 
@@ -77,6 +74,11 @@ def test_debug_raises_the_level(daemon_factory: Any, fake_server: Path, models_d
     for d in (quiet, loud):
         assert d.get("/api/version")[0] == 200
     wait_for_log(loud, lambda e: e.get("route") == "/api/version" and e["level"] == "debug")
+    # child output (llama-server's chatter is debug-level: --verbosity 4 prints ~150 lines a load)
+    # is tagged with its model and pid
+    loud.post("/api/generate", {"model": "tiny", "prompt": "x", "options": {"num_predict": 1}})
+    child = wait_for_log(loud, lambda e: e.get("event") == "llama-server")
+    assert child["model"] == "tiny:latest" and isinstance(child["runner_pid"], int)
     time.sleep(0.2)
     assert not [e for e in json_lines(quiet) if e.get("level") == "debug"]
 
