@@ -156,6 +156,20 @@ async def stream_ollama(s: aiohttp.ClientSession, url: str, model: str, prompt: 
 
 
 async def stream_direct(s: aiohttp.ClientSession, url: str, prompt: str, n: int, seed: int) -> Result:
+    """One streamed /completion straight to llama-server.
+
+    llama-server may close a kept-alive connection after a stream; a request that finds its
+    pooled connection closed (before any data) is sent again on a new one.
+    """
+    for _ in range(3):
+        try:
+            return await _stream_direct(s, url, prompt, n, seed)
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+            continue
+    return await _stream_direct(s, url, prompt, n, seed)
+
+
+async def _stream_direct(s: aiohttp.ClientSession, url: str, prompt: str, n: int, seed: int) -> Result:
     t0 = time.monotonic()
     ttft = 0.0
     body = {"prompt": prompt, "n_predict": n, "seed": seed, "stream": True, "cache_prompt": True}
