@@ -14,7 +14,7 @@ import anyio
 import structlog
 from aiohttp import web
 from aiohttp.typedefs import Middleware
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from ollamad import __version__
 from ollamad.catalog import Catalog, InvalidName, Model
@@ -49,6 +49,7 @@ from ollamad.translate import (
 log = structlog.get_logger("ollamad.api")
 NDJSON = "application/x-ndjson"
 _Req = TypeVar("_Req", GenerateRequest, ChatRequest)
+_Body = TypeVar("_Body", bound=BaseModel)
 
 
 @dataclass
@@ -166,7 +167,8 @@ def check_capable(name: str, facts: ModelFacts, need: str) -> None:
         raise ApiError(400, f'"{name}" does not support {need}')
 
 
-def validate(cls: type[_Req], body: dict[str, Any]) -> _Req:
+def validate(cls: type[_Body], body: dict[str, Any]) -> _Body:
+    """The body as ``cls``; 400 naming the missing model or the wrong fields."""
     if not body.get("model"):
         raise ApiError(400, "model is required")
     try:

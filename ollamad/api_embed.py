@@ -7,7 +7,7 @@ import time
 from typing import Any
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from ollamad.api import (
     CTX,
@@ -17,11 +17,12 @@ from ollamad.api import (
     read_json,
     reply,
     resolve,
+    validate,
 )
 from ollamad.catalog import Model
 from ollamad.proxy import error_of
 from ollamad.scheduler import Lease
-from ollamad.translate import Options, describe_validation
+from ollamad.translate import Options
 
 
 class EmbedRequest(BaseModel):
@@ -43,14 +44,6 @@ class LegacyEmbedRequest(BaseModel):
     options: Options = Field(default_factory=lambda: Options())
     keep_alive: float | str | None = None
 
-
-def _parse(cls: type[BaseModel], body: dict[str, Any]) -> Any:
-    if not body.get("model"):
-        raise ApiError(400, "model is required")
-    try:
-        return cls.model_validate(body)
-    except ValidationError as e:
-        raise ApiError(400, describe_validation(e)) from None
 
 
 def shorten(vector: list[float], dimensions: int | None) -> list[float]:
@@ -103,7 +96,7 @@ async def _tokenize(ctx: AppContext, lease: Lease, text: str) -> list[int]:
 async def embed(request: web.Request) -> web.Response:
     ctx = request.app[CTX]
     t0 = time.monotonic_ns()
-    req: EmbedRequest = _parse(EmbedRequest, await read_json(request))
+    req: EmbedRequest = validate(EmbedRequest, await read_json(request))
     model = resolve(ctx, req.model)
     keep_alive = parse_keep_alive(req.keep_alive)
     texts = [req.input] if isinstance(req.input, str) else list(req.input)
@@ -122,7 +115,7 @@ async def embed(request: web.Request) -> web.Response:
 
 async def embeddings_legacy(request: web.Request) -> web.Response:
     ctx = request.app[CTX]
-    req: LegacyEmbedRequest = _parse(LegacyEmbedRequest, await read_json(request))
+    req: LegacyEmbedRequest = validate(LegacyEmbedRequest, await read_json(request))
     model = resolve(ctx, req.model)
     keep_alive = parse_keep_alive(req.keep_alive)
     if not req.prompt:

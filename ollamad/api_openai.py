@@ -9,11 +9,11 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 
-from ollamad.api import CTX, ApiError, AppContext, check_capable, dumps, read_json, reply, resolve
+from ollamad.api import CTX, ApiError, AppContext, check_capable, dumps, read_json, reply, resolve, validate
 from ollamad.api_embed import embed_texts, shorten
 from ollamad.catalog import Model
 from ollamad.proxy import UpstreamError, error_of, sse_events
-from ollamad.translate import Options, describe_validation
+from ollamad.translate import Options
 
 # OpenAI parameter names that llama-server takes as they are, and Ollama's names for the rest
 _OLLAMA_TO_OPENAI = {"num_predict": "max_tokens"}
@@ -54,14 +54,6 @@ class EmbeddingRequest(BaseModel):
     encoding_format: str = "float"
     dimensions: int | None = Field(None, ge=1)
 
-
-def _parse(cls: type[BaseModel], body: dict[str, Any]) -> Any:
-    if not body.get("model"):
-        raise ApiError(400, "model is required")
-    try:
-        return cls.model_validate(body)
-    except ValidationError as e:
-        raise ApiError(400, describe_validation(e)) from None
 
 
 def upstream_payload(body: dict[str, Any], defaults: dict[str, object]) -> dict[str, Any]:
@@ -110,7 +102,7 @@ async def _forward(request: web.Request, ctx: AppContext, model: Model, name: st
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     ctx = request.app[CTX]
     body = await read_json(request)
-    req: ChatCompletionRequest = _parse(ChatCompletionRequest, body)
+    req: ChatCompletionRequest = validate(ChatCompletionRequest, body)
     model = resolve(ctx, req.model)
     facts = ctx.catalog.facts(model)
     check_capable(req.model, facts, "chat" if facts.embedding else "completion")
@@ -128,7 +120,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 async def completions(request: web.Request) -> web.StreamResponse:
     ctx = request.app[CTX]
     body = await read_json(request)
-    req: CompletionRequest = _parse(CompletionRequest, body)
+    req: CompletionRequest = validate(CompletionRequest, body)
     model = resolve(ctx, req.model)
     facts = ctx.catalog.facts(model)
     check_capable(req.model, facts, "generate" if facts.embedding else "completion")
@@ -145,7 +137,7 @@ def encode_base64(vector: list[float]) -> str:
 
 async def embeddings(request: web.Request) -> web.Response:
     ctx = request.app[CTX]
-    req: EmbeddingRequest = _parse(EmbeddingRequest, await read_json(request))
+    req: EmbeddingRequest = validate(EmbeddingRequest, await read_json(request))
     if req.encoding_format not in ("float", "base64"):
         raise ApiError(400, f"invalid encoding_format {req.encoding_format!r}: use float or base64")
     texts = [req.input] if isinstance(req.input, str) else list(req.input)
