@@ -492,6 +492,9 @@ async def relay(request: web.Request, ctx: AppContext, lease: Lease, path: str, 
             lease.lost(e.message)
         raise
     except aiohttp.ClientError as e:  # could not connect, or cut before the reply began
+        if request.transport is None or request.transport.is_closing():
+            # our own client went away (a write to it failed): the runner is fine, keep it
+            return web.Response(status=499)
         lease.lost(str(e))
         raise UpstreamError(500, f"llama-server is not answering: {e or type(e).__name__}") from None
 
