@@ -313,14 +313,18 @@ async def _generate_prompt(ctx: AppContext, lease: Lease, req: GenerateRequest, 
     return await apply_template(ctx, lease, messages)
 
 
-async def apply_template(ctx: AppContext, lease: Lease, messages: list[dict[str, Any]]) -> str:
-    """The prompt llama-server's chat template makes of ``messages``."""
+async def runner_json(ctx: AppContext, lease: Lease, path: str, payload: dict[str, Any]) -> Any:
+    """POST ``payload`` to the lease's runner and return its JSON answer; UpstreamError otherwise."""
     assert ctx.session is not None
-    async with ctx.session.post(f"{lease.runner.url}/apply-template", json={"messages": messages},
-                                headers=lease.runner.headers) as up:
+    async with ctx.session.post(f"{lease.runner.url}{path}", json=payload, headers=lease.runner.headers) as up:
         if up.status != 200:
             raise await error_of(up)
-        body = await up.json()
+        return await up.json()
+
+
+async def apply_template(ctx: AppContext, lease: Lease, messages: list[dict[str, Any]]) -> str:
+    """The prompt llama-server's chat template makes of ``messages``."""
+    body = await runner_json(ctx, lease, "/apply-template", {"messages": messages})
     return str(body.get("prompt", ""))
 
 

@@ -17,6 +17,7 @@ from ollamad.api import (
     read_json,
     reply,
     resolve,
+    runner_json,
     validate,
 )
 from ollamad.catalog import Model
@@ -72,12 +73,7 @@ async def embed_texts(ctx: AppContext, model: Model, name: str, texts: list[str]
                 inputs.append(tokens[: lease.runner.plan.ctx])
             else:
                 inputs.append(tokens)
-        assert ctx.session is not None
-        async with ctx.session.post(f"{lease.runner.url}/v1/embeddings", json={"input": inputs},
-                                    headers=lease.runner.headers) as up:
-            if up.status != 200:
-                raise await error_of(up)
-            body = await up.json()
+        body = await runner_json(ctx, lease, "/v1/embeddings", {"input": inputs})
     data = sorted(body.get("data") or [], key=lambda d: d.get("index", 0))
     vectors = [[float(x) for x in d["embedding"]] for d in data]
     return vectors, int((body.get("usage") or {}).get("prompt_tokens", 0)), lease.queued_for
