@@ -29,6 +29,8 @@ log = structlog.get_logger("ollamad.runner")
 
 PR_SET_PDEATHSIG = 1
 HEALTH_POLL = 0.02  # seconds between /health polls while loading
+# Lines llama-server prints as it becomes ready: /health is asked at once, not at the next poll.
+READY_LINES = ("model loaded", "listening on", "all slots are idle")
 ENV_PASS = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "LD_LIBRARY_PATH", "CUDA_VISIBLE_DEVICES",
             "HIP_VISIBLE_DEVICES", "GGML_CUDA_ENABLE_UNIFIED_MEMORY", "TMPDIR")
 
@@ -90,6 +92,7 @@ class Runner:
     kill_sent: bool = False
     lines: deque[str] = field(default_factory=lambda: deque(maxlen=200))
     _pump: asyncio.Task[None] | None = None
+    _ready_hint: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def url(self) -> str:
@@ -152,7 +155,9 @@ class Runner:
                 async with session.get(url, timeout=aiohttp.ClientTimeout(total=2)) as r:
                     if r.status == 200:
                         return
-            await asyncio.sleep(HEALTH_POLL)
+            with contextlib.suppress(TimeoutError):  # the next poll, or sooner on a ready line
+                await asyncio.wait_for(self._ready_hint.wait(), HEALTH_POLL)
+            self._ready_hint.clear()
 
     async def _pump_output(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None
@@ -165,6 +170,8 @@ class Runner:
             self.lines.append(line)
             if self.on_line is not None:
                 self.on_line(line)
+            if not self.ready_at and any(m in line for m in READY_LINES):
+                self._ready_hint.set()
             low = line.lower()
             if "error" in low or "failed" in low:
                 logger.warning("llama-server", line=line)

@@ -172,7 +172,7 @@ async def main() -> None:
     if not only or (ARGS.model and only in ARGS.model):
         await asyncio.sleep(env_float("FAKE_START_DELAY", 0.0))
     state["ready"] = True
-    print("main: server is listening", flush=True)
+    print(f"srv  llama_server: listening on http://{ARGS.host}:{ARGS.port}", flush=True)
     await asyncio.Event().wait()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import subprocess
@@ -81,3 +82,30 @@ def test_second_build_is_cached(llama_server: Path) -> None:
         pytest.skip("a configured binary is in use, not the project-built one")
     r = subprocess.run(["bash", str(BUILD)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "cached:" in r.stderr
+
+
+async def test_runner_is_ready_when_llama_server_says_so(llama_server: Path, models_dir: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ready lines llama-server prints wake the /health check: with a one-minute poll
+    interval the load still ends in seconds, so a real llama-server still prints them."""
+    import time
+
+    import aiohttp
+
+    from ollamad import runner as runner_mod
+    from ollamad.ggufmeta import read_gguf
+    from ollamad.modelfacts import facts_from_gguf
+    from ollamad.plan import LoadOptions, ModelDefaults, PlanSettings, plan_candidates
+
+    monkeypatch.setattr(runner_mod, "HEALTH_POLL", 60.0)
+    path = models_dir / "tiny.gguf"
+    (plan,) = plan_candidates("tiny", path, facts_from_gguf(read_gguf(path)), PlanSettings(num_parallel=1),
+                              ModelDefaults(), 256, LoadOptions())
+    runner = runner_mod.Runner(plan, str(llama_server))
+    async with aiohttp.ClientSession() as session:
+        t0 = time.monotonic()
+        try:
+            await asyncio.wait_for(runner.start(session), 50)
+        finally:
+            await runner.stop()
+    assert runner.ready_at - t0 < 30
