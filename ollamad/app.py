@@ -24,9 +24,9 @@ from ollamad.schedcore import SchedState
 from ollamad.scheduler import Scheduler
 from ollamad.settings import Settings
 from ollamad.testmodels import write_llama
+from ollamad.upstream import runner_session
 
 log = structlog.get_logger("ollamad")
-UPSTREAM_KEEPALIVE = 2.0  # seconds; below llama-server's 5 s
 DEMO_MODEL = "tiny"
 CUT_AFTER_DRAIN = 1.0  # seconds aiohttp gives handlers still running after the drain
 STATUS_EVERY = 2.0  # seconds between STATUS= updates to systemd (sent only when changed)
@@ -62,10 +62,7 @@ async def serve(settings: Settings, *, on_ready: Callable[[AppContext], None] | 
                           gpus=len((await anyio.to_thread.run_sync(probe.snapshot)).gpus))
     async with anyio.create_task_group() as tg:
         await tg.start(scheduler.run)
-        # llama-server (cpp-httplib) closes idle keep-alive connections after 5 s: keep ours for less,
-        # or a request is written to a socket the runner already closed (500, runner taken as lost)
-        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=UPSTREAM_KEEPALIVE)
-        async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None)) as session:
+        async with runner_session(timeout=aiohttp.ClientTimeout(total=None)) as session:
             ctx = AppContext(settings, catalog, scheduler, session)
             # drain() already waited for requests; what is left when cleanup runs gets cut
             runner = web.AppRunner(make_app(ctx), handler_cancellation=True, access_log=None,

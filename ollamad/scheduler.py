@@ -45,6 +45,7 @@ from ollamad.schedcore import (
     relieve_pressure,
 )
 from ollamad.settings import Settings
+from ollamad.upstream import runner_session
 
 log = structlog.get_logger("ollamad.scheduler")
 NO_LOAD_OPTIONS = LoadOptions()
@@ -159,7 +160,7 @@ class Scheduler:
     # --- lifecycle ---------------------------------------------------------------------
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Run until cancelled; on the way out every runner is stopped."""
-        async with aiohttp.ClientSession() as session:
+        async with runner_session() as session:
             self._session = session
             try:
                 async with anyio.create_task_group() as tg:

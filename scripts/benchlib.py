@@ -112,6 +112,7 @@ class Result:
     status: int
     wait: float = 0.0  # ollamad's load_duration (queue wait + load), seconds
     chunks: int = 0
+    seed: int = 0
 
 
 @dataclass
@@ -152,7 +153,7 @@ async def stream_ollama(s: aiohttp.ClientSession, url: str, model: str, prompt: 
                 if not ttft:
                     ttft = time.monotonic() - t0
     return Result(ttft, time.monotonic() - t0, int(final.get("eval_count", 0)), 200,
-                  final.get("load_duration", 0) / 1e9, chunks)
+                  final.get("load_duration", 0) / 1e9, chunks, seed)
 
 
 async def stream_direct(s: aiohttp.ClientSession, url: str, prompt: str, n: int, seed: int) -> Result:
@@ -187,7 +188,32 @@ async def _stream_direct(s: aiohttp.ClientSession, url: str, prompt: str, n: int
                 if not ttft:
                     ttft = time.monotonic() - t0
     return Result(ttft, time.monotonic() - t0, int(final.get("timings", {}).get("predicted_n", 0)), r.status,
-                  chunks=chunks)
+                  chunks=chunks, seed=seed)
+
+
+async def text_seeds(url: str, prompt: str, count: int, tries: int = 400) -> list[int]:
+    """Seeds whose first sampled token is whole text, asked of a bare llama-server.
+
+    The generated models have random weights and byte tokens: a token may be part of a
+    UTF-8 character, which llama-server holds back until the character is whole, so "time to
+    first content" can be several tokens late and differ by whole token times between runs.
+    With these seeds the first token is streamed at once, on both paths (same sampling).
+    """
+    out: list[int] = []
+    async with aiohttp.ClientSession() as s:
+        for seed in range(tries):
+            if (await stream_direct(s, url, prompt, 1, seed)).chunks:
+                out.append(seed)
+                if len(out) == count:
+                    return out
+    raise RuntimeError(f"only {len(out)} of {tries} seeds give a whole first token for {prompt!r}")
+
+
+def paired_median_ms(a: list[Result], b: list[Result]) -> float:
+    """Median over requests with the same seed of b's TTFT minus a's, in ms."""
+    first = {r.seed: r.ttft for r in a}
+    diffs = [r.ttft - first[r.seed] for r in b if r.seed in first]
+    return 1000 * statistics.median(diffs) if diffs else float("nan")
 
 
 async def run_clients(clients: int, per_client: int, one: Any) -> Run:

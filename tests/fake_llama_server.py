@@ -3,7 +3,9 @@
 Knobs (environment): FAKE_START_DELAY (s before /health is 200; only for models whose
 path contains FAKE_START_DELAY_FOR, when set), FAKE_TOKEN_DELAY (s per
 token), FAKE_TOKENS (default n_predict), FAKE_CRASH_AFTER_TOKENS (exit mid-stream),
-FAKE_EXIT_AT_START (exit code at start-up), FAKE_HANG_AFTER_TOKENS (stop answering).
+FAKE_EXIT_AT_START (exit code at start-up), FAKE_HANG_AFTER_TOKENS (stop answering),
+FAKE_DROP_REUSED (close a kept-alive connection, unread, when a second completion comes on
+it: what llama-server's unannounced closes look like to a client; counted as "dropped").
 It counts requests in flight; GET /fake/stats reports the peak, so tests can check that the
 supervisor never sends more than --parallel at once.
 """
@@ -20,7 +22,9 @@ from typing import Any
 
 from aiohttp import web
 
-state: dict[str, Any] = {"ready": False, "in_flight": 0, "peak": 0, "total": 0, "hang": False, "prompts": []}
+state: dict[str, Any] = {"ready": False, "in_flight": 0, "peak": 0, "total": 0, "hang": False, "prompts": [],
+                         "dropped": 0}
+served_on: set[int] = set()  # connections (their handlers' ids) that carried a completion
 
 
 def env_float(name: str, default: float) -> float:
@@ -88,6 +92,13 @@ async def apply_template(request: web.Request) -> web.Response:
 
 
 async def stream_tokens(request: web.Request, chat: bool) -> web.StreamResponse:
+    conn = id(request.protocol)
+    if os.environ.get("FAKE_DROP_REUSED") and conn in served_on and request.transport is not None:
+        served_on.discard(conn)
+        state["dropped"] += 1
+        request.transport.abort()
+        return web.Response()
+    served_on.add(conn)
     check_key(request)
     body = await request.json()
     n = int(body.get("n_predict", body.get("max_tokens", os.environ.get("FAKE_TOKENS", 8))))

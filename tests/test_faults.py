@@ -22,7 +22,7 @@ import pytest
 from ollamad.leftovers import ChildRecord, ChildRecords
 from ollamad.testmodels import write_llama
 from tests.conftest import Daemon, fake_with
-from tests.streams import Stream, busy_slots, queued, runners, wait_for
+from tests.streams import Stream, busy_slots, child_get, queued, runners, wait_for
 
 LONG = {"num_predict": 100000, "num_ctx": 8192, "seed": 1}  # with "endless": runs until cut
 
@@ -234,3 +234,20 @@ def test_sigterm_under_load(daemon_factory: Any, llama_server: Path, endless_dir
     assert d.proc.wait(30) == 0
     _, alive = psutil.wait_procs(kids, timeout=5)
     assert not alive
+
+
+def test_runner_closing_a_kept_alive_connection_loses_nothing(daemon_factory: Any, models_dir: Path,
+                                                              tmp_path: Path) -> None:
+    """A runner that closes a kept-alive connection just as a request goes out on it (what
+    llama-server does after streams, unannounced): the request is sent again on a new
+    connection. Every request is answered and the healthy runner is kept."""
+    d = daemon_factory(fake_with(tmp_path, FAKE_DROP_REUSED="1"), models_dir)
+    for stream in (True, False, True, True, False, True):
+        status, body = d.post("/api/generate", {"model": "tiny", "prompt": "hi", "stream": stream,
+                                                "options": {"num_predict": 3}})
+        final = body[-1] if stream else body
+        assert status == 200 and final["done"] is True and final["eval_count"] == 3, body
+    (child,) = runners(d)
+    assert child_get(child, "/fake/stats")[1]["dropped"] >= 3  # the fault did happen
+    assert "runner lost" not in d.log() and "not answering" not in d.log()
+

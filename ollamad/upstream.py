@@ -1,0 +1,43 @@
+"""The daemon's HTTP client to its runners: pooled connections, and a request the runner's
+closing of a kept-alive connection cut before any reply is sent again on a new one.
+
+llama-server (cpp-httplib) closes a connection after a streamed reply without saying so
+(no ``Connection: close``), and closes idle ones after 5 s. A request that goes out on such a
+socket in the moment before its close is seen fails with "Server disconnected" or "Can not
+write request body": the runner never read it, so it is safe to send again. Go's net/http
+does the same for a request nothing was written for on a reused connection.
+"""
+
+from __future__ import annotations
+
+import aiohttp
+import structlog
+
+log = structlog.get_logger("ollamad.upstream")
+
+KEEPALIVE = 2.0  # seconds a pooled connection is kept; below llama-server's 5 s
+ATTEMPTS = 3  # a request, and twice more on a new connection
+# Cut before any reply: the runner closed the socket. Not ClientConnectorError (a subclass of
+# ClientOSError): a refused connection means the runner is gone, and is reported at once.
+CLOSED_UNDER_US = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, aiohttp.ClientConnectionResetError)
+
+
+async def resend_when_closed(req: aiohttp.ClientRequest, handler: aiohttp.ClientHandlerType) -> aiohttp.ClientResponse:
+    """Client middleware: send ``req`` again when the connection closed before the reply began."""
+    for attempt in range(1, ATTEMPTS + 1):
+        try:
+            return await handler(req)
+        except aiohttp.ClientConnectorError:
+            raise
+        except CLOSED_UNDER_US as e:
+            if attempt == ATTEMPTS:
+                raise
+            log.debug("runner closed the connection before replying; sending again", url=str(req.url),
+                      error=str(e) or type(e).__name__, attempt=attempt)
+    raise AssertionError("unreachable")
+
+
+def runner_session(**kw: object) -> aiohttp.ClientSession:
+    """A session for talking to runners: no pool limit, short keep-alive, resend when closed."""
+    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE)
+    return aiohttp.ClientSession(connector=connector, middlewares=(resend_when_closed,), **kw)  # type: ignore[arg-type]
