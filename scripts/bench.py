@@ -26,6 +26,8 @@ import aiohttp
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import (
     ROOT,
+    Result,
+    Run,
     bare_server,
     cpu_seconds,
     mean,
@@ -78,33 +80,49 @@ def fake_binary(tmp: Path) -> Path:
 async def overhead(binary: Path, mdir: Path, tmp: Path, quick: bool) -> dict[str, Any]:
     """Same streaming workload (64-token completions) direct to llama-server and through ollamad.
 
+    Both run side by side, idle in turn: rounds alternate between the two paths (and which goes
+    first), so a machine that slows down or speeds up during the run weighs on both alike.
     Both paths get the same prompts and seeds, chosen so the first token is whole text (see
-    ``text_seeds``), so each request's TTFT can be paired with its twin on the other path.
+    ``text_seeds``), so each request's TTFT is paired with its twin on the other path.
     """
-    return {"np1": await _overhead(binary, mdir, tmp, 1, 10 if quick else 30),
-            "np4": await _overhead(binary, mdir, tmp, 4, 3 if quick else 10)}
+    return {"np1": await _overhead(binary, mdir, tmp, 1, 6 if quick else 16, 2),
+            "np4": await _overhead(binary, mdir, tmp, 4, 2 if quick else 6, 2)}
 
 
-async def _overhead(binary: Path, mdir: Path, tmp: Path, np_: int, per_client: int) -> dict[str, Any]:
+async def _overhead(binary: Path, mdir: Path, tmp: Path, np_: int, rounds: int, per_client: int) -> dict[str, Any]:
     n_tok, ctx, clients = 64, 2048, np_
+    per_round = clients * per_client
     seeds: list[int] = []
+    direct, proxied = Run(), Run()
+    async with (bare_server(binary, mdir / "big.gguf", tmp, np_, ctx) as srv,
+                ollamad(binary, only(mdir, "big"), tmp, OLLAMA_NUM_PARALLEL=str(np_),
+                        OLLAMA_CONTEXT_LENGTH=str(ctx), OLLAMA_KEEP_ALIVE="1h") as d):
+        seeds += await text_seeds(srv.url, PROMPT, rounds * per_round)
 
-    async def direct_one(s: aiohttp.ClientSession, c: int, i: int, url: str) -> Any:
-        return await stream_direct(s, url, PROMPT, n_tok, seeds[c * per_client + i])
+        def one(path: str, rnd: int) -> Any:
+            async def call(s: aiohttp.ClientSession, c: int, i: int) -> Result:
+                seed = seeds[rnd * per_round + c * per_client + i]
+                if path == "direct":
+                    return await stream_direct(s, srv.url, PROMPT, n_tok, seed)
+                return await stream_ollama(s, d.url, "big", PROMPT, n_tok, seed)
+            return call
 
-    async def proxied_one(s: aiohttp.ClientSession, c: int, i: int, url: str) -> Any:
-        return await stream_ollama(s, url, "big", PROMPT, n_tok, seeds[c * per_client + i])
-
-    async with bare_server(binary, mdir / "big.gguf", tmp, np_, ctx) as srv:
-        seeds += await text_seeds(srv.url, PROMPT, clients * per_client)
-        await run_clients(1, 1, lambda s, c, i: direct_one(s, c, i, srv.url))  # warm-up
-        direct = await run_clients(clients, per_client, lambda s, c, i: direct_one(s, c, i, srv.url))
-    async with ollamad(binary, only(mdir, "big"), tmp, OLLAMA_NUM_PARALLEL=str(np_),
-                       OLLAMA_CONTEXT_LENGTH=str(ctx)) as d:
-        await run_clients(1, 1, lambda s, c, i: proxied_one(s, c, i, d.url))  # load + warm-up
-        proxied = await run_clients(clients, per_client, lambda s, c, i: proxied_one(s, c, i, d.url))
+        await run_clients(1, 1, one("direct", 0))  # warm-up; ollamad's also loads the model
+        await run_clients(1, 1, one("ollamad", 0))
+        for rnd in range(rounds):
+            order = ("direct", "ollamad") if rnd % 2 == 0 else ("ollamad", "direct")
+            for path in order:
+                run = await run_clients(clients, per_client, one(path, rnd))
+                (direct if path == "direct" else proxied).add(run)
+        errors = proxied.errors()
+        if errors:
+            kept = Path(tempfile.gettempdir()) / f"bench-failed-{d.log.name}"
+            shutil.copy(d.log, kept)
+            print(f"[bench] overhead np{np_}: {len(errors)} failed through ollamad: {errors[:3]}; log {kept}",
+                  flush=True)
     return {
-        "requests": len(direct.ok), "ollamad_requests": len(proxied.ok),
+        "requests": len(direct.results), "direct_ok": len(direct.ok), "ollamad_ok": len(proxied.ok),
+        "ollamad_errors": proxied.errors(),
         "direct_tokens": sum(r.tokens for r in direct.ok), "ollamad_tokens": sum(r.tokens for r in proxied.ok),
         "direct_tokens_per_s": direct.tokens_per_s(), "ollamad_tokens_per_s": proxied.tokens_per_s(),
         "ratio": proxied.tokens_per_s() / direct.tokens_per_s(),

@@ -113,6 +113,7 @@ class Result:
     wait: float = 0.0  # ollamad's load_duration (queue wait + load), seconds
     chunks: int = 0
     seed: int = 0
+    error: str = ""
 
 
 @dataclass
@@ -130,6 +131,14 @@ class Run:
     def ttft_ms(self, p: float) -> float:
         return 1000 * pct([r.ttft for r in self.ok], p)
 
+    def add(self, other: Run) -> None:
+        """Count another run's requests and time as part of this one."""
+        self.results += other.results
+        self.wall += other.wall
+
+    def errors(self) -> list[str]:
+        return [f"{r.status}: {r.error}" for r in self.results if r.status != 200]
+
 
 async def stream_ollama(s: aiohttp.ClientSession, url: str, model: str, prompt: str, n: int, seed: int,
                         **extra: Any) -> Result:
@@ -139,15 +148,14 @@ async def stream_ollama(s: aiohttp.ClientSession, url: str, model: str, prompt: 
     body = {"model": model, "prompt": prompt, "options": {"num_predict": n, "seed": seed}, **extra}
     async with s.post(url + "/api/generate", json=body) as r:
         if r.status != 200:
-            await r.read()
-            return Result(0, time.monotonic() - t0, 0, r.status)
+            return Result(0, time.monotonic() - t0, 0, r.status, seed=seed, error=(await r.text())[:300])
         final: dict[str, Any] = {}
         async for line in r.content:
             obj = json.loads(line)
             if obj.get("done"):
                 final = obj
             elif "error" in obj:
-                return Result(ttft, time.monotonic() - t0, 0, 500)
+                return Result(ttft, time.monotonic() - t0, 0, 500, seed=seed, error=str(obj["error"])[:300])
             else:
                 chunks += 1
                 if not ttft:
