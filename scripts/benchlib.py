@@ -89,11 +89,14 @@ async def ollamad(binary: Path, models: Path, logdir: Path, **env: str) -> Async
 
 
 @contextlib.asynccontextmanager
-async def bare_server(binary: Path, model: Path, logdir: Path, parallel: int, ctx: int) -> AsyncIterator[Proc]:
+async def bare_server(binary: Path, model: Path, logdir: Path, parallel: int, ctx: int,
+                      threads: int = 0) -> AsyncIterator[Proc]:
     port = free_port()
     log = logdir / f"llama-server-{port}.log"
     argv = [str(binary), "--model", str(model), "--host", "127.0.0.1", "--port", str(port), "--parallel",
             str(parallel), "--ctx-size", str(parallel * ctx), "--no-webui", "--fit", "off", "--flash-attn", "off"]
+    if threads:
+        argv += ["--threads", str(threads)]
     with open(log, "wb") as f:
         p = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
     proc = Proc(p, f"http://127.0.0.1:{port}", log)
