@@ -15,7 +15,6 @@ import asyncio
 import json
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,10 +37,10 @@ from benchlib import (
     pct,
     rss,
     run_clients,
+    spawned,
     stream_direct,
     stream_ollama,
     text_seeds,
-    wait_http,
 )
 
 from ollamad.binary import find_llama_server
@@ -166,7 +165,7 @@ async def relay(binary: Path, mdir: Path, tmp: Path, quick: bool) -> dict[str, A
         cpu0 = cpu_seconds(d.pid)
         run = await run_clients(4, n // 4, lambda s, c, i: stream_ollama(s, d.url, "a", "x", 64, 1))
         cpu = cpu_seconds(d.pid) - cpu0
-        first = await _first_chunk_latency(d.url, only(mdir, "a") / "a.gguf", 100 if quick else 400)
+        first = await _first_chunk_latency(d.url, mdir / "a.gguf", 100 if quick else 400)
     chunks = sum(r.chunks + 1 for r in run.ok)  # content chunks plus the final one
     return {"requests": len(run.ok), "requests_per_s": len(run.ok) / run.wall, "chunks": chunks,
             "daemon_cpu_s": cpu, "daemon_cpu_us_per_chunk": 1e6 * cpu / chunks,
@@ -177,19 +176,13 @@ async def _first_chunk_latency(url: str, model: Path, n: int) -> dict[str, Any]:
     """One-token requests in turn to a fake llama-server alone and through ollamad (whose runner
     is the same fake): the time to the first chunk that the daemon's own path adds, idle machine."""
     port = free_port()
-    fake = subprocess.Popen([sys.executable, str(FAKE), "--port", str(port), "--model", str(model)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        direct_url = f"http://127.0.0.1:{port}"
-        await wait_http(direct_url + "/health")
+    async with spawned([sys.executable, str(FAKE), "--port", str(port), "--model", str(model)], port, None,
+                       "/health") as fake:
         direct, proxied = Run(), Run()
         async with aiohttp.ClientSession() as s:
             for i in range(n):
-                direct.results.append(await stream_direct(s, direct_url, "x", 1, i))
+                direct.results.append(await stream_direct(s, fake.url, "x", 1, i))
                 proxied.results.append(await stream_ollama(s, url, "a", "x", 1, i))
-    finally:
-        fake.terminate()
-        fake.wait()
     return {"first_chunk_direct_p50_ms": direct.ttft_ms(50), "first_chunk_ollamad_p50_ms": proxied.ttft_ms(50),
             "first_chunk_added_paired_median_ms": paired_median_ms(direct.ok, proxied.ok), "first_chunk_requests": n}
 

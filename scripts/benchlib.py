@@ -71,40 +71,40 @@ class Proc:
 
 
 @contextlib.asynccontextmanager
-async def ollamad(binary: Path, models: Path, logdir: Path, **env: str) -> AsyncIterator[Proc]:
-    port = free_port()
-    e = {k: v for k, v in os.environ.items() if not k.startswith(("OLLAMA_", "OLLAMAD_"))}
-    e.update({"OLLAMA_HOST": f"127.0.0.1:{port}", "OLLAMA_MODELS": str(models), "OLLAMAD_LLAMA_SERVER": str(binary),
-              "OLLAMAD_RUNNER_ENV_PASS": "FAKE_*"})
-    e.update(env)
-    log = logdir / f"ollamad-{port}.log"
-    with open(log, "wb") as f:
-        p = subprocess.Popen([sys.executable, "-m", "ollamad.cli", "serve"], env=e, stdout=f, stderr=subprocess.STDOUT)
-    proc = Proc(p, f"http://127.0.0.1:{port}", log)
+async def spawned(argv: list[str], port: int, log: Path | None, ready_path: str, **popen: Any) -> AsyncIterator[Proc]:
+    """Start ``argv`` (output to ``log``, or nowhere), wait until ``ready_path`` answers 200, stop it on exit."""
+    with open(log or os.devnull, "wb") as f:
+        p = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, **popen)
+    proc = Proc(p, f"http://127.0.0.1:{port}", log or Path(os.devnull))
     try:
-        await wait_http(proc.url + "/")
+        await wait_http(proc.url + ready_path)
         yield proc
     finally:
         proc.stop()
 
 
 @contextlib.asynccontextmanager
+async def ollamad(binary: Path, models: Path, logdir: Path, **env: str) -> AsyncIterator[Proc]:
+    port = free_port()
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("OLLAMA_", "OLLAMAD_"))}
+    e.update({"OLLAMA_HOST": f"127.0.0.1:{port}", "OLLAMA_MODELS": str(models), "OLLAMAD_LLAMA_SERVER": str(binary),
+              "OLLAMAD_RUNNER_ENV_PASS": "FAKE_*"})
+    e.update(env)
+    async with spawned([sys.executable, "-m", "ollamad.cli", "serve"], port, logdir / f"ollamad-{port}.log", "/",
+                       env=e) as proc:
+        yield proc
+
+
+@contextlib.asynccontextmanager
 async def bare_server(binary: Path, model: Path, logdir: Path, parallel: int, ctx: int,
                       threads: int = 0) -> AsyncIterator[Proc]:
     port = free_port()
-    log = logdir / f"llama-server-{port}.log"
     argv = [str(binary), "--model", str(model), "--host", "127.0.0.1", "--port", str(port), "--parallel",
             str(parallel), "--ctx-size", str(parallel * ctx), "--no-webui", "--fit", "off", "--flash-attn", "off"]
     if threads:
         argv += ["--threads", str(threads)]
-    with open(log, "wb") as f:
-        p = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
-    proc = Proc(p, f"http://127.0.0.1:{port}", log)
-    try:
-        await wait_http(proc.url + "/health")
+    async with spawned(argv, port, logdir / f"llama-server-{port}.log", "/health", start_new_session=True) as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 @dataclass
