@@ -10,6 +10,8 @@ does the same for a request nothing was written for on a reused connection.
 
 from __future__ import annotations
 
+from typing import Any
+
 import aiohttp
 import structlog
 
@@ -24,20 +26,18 @@ CLOSED_UNDER_US = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, aioht
 
 async def resend_when_closed(req: aiohttp.ClientRequest, handler: aiohttp.ClientHandlerType) -> aiohttp.ClientResponse:
     """Client middleware: send ``req`` again when the connection closed before the reply began."""
-    for attempt in range(1, ATTEMPTS + 1):
+    for attempt in range(1, ATTEMPTS):
         try:
             return await handler(req)
         except aiohttp.ClientConnectorError:
             raise
         except CLOSED_UNDER_US as e:
-            if attempt == ATTEMPTS:
-                raise
             log.debug("runner closed the connection before replying; sending again", url=str(req.url),
                       error=str(e) or type(e).__name__, attempt=attempt)
-    raise AssertionError("unreachable")
+    return await handler(req)  # the last attempt: its error is the caller's
 
 
-def runner_session(**kw: object) -> aiohttp.ClientSession:
+def runner_session(**kw: Any) -> aiohttp.ClientSession:
     """A session for talking to runners: no pool limit, short keep-alive, resend when closed."""
     connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE)
-    return aiohttp.ClientSession(connector=connector, middlewares=(resend_when_closed,), **kw)  # type: ignore[arg-type]
+    return aiohttp.ClientSession(connector=connector, middlewares=(resend_when_closed,), **kw)
