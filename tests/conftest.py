@@ -19,6 +19,9 @@ import psutil
 import pytest
 
 from ollamad.binary import BinaryNotFound, find_llama_server
+from ollamad.ggufmeta import read_gguf
+from ollamad.modelfacts import facts_from_gguf
+from ollamad.plan import LoadOptions, ModelDefaults, PlanSettings, RunnerPlan, plan_candidates
 from ollamad.settings import load_settings
 from ollamad.testmodels import write_all
 
@@ -29,6 +32,14 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def model_plan(models_dir: Path, name: str, num_parallel: int = 1, ctx: int = 2048) -> RunnerPlan:
+    """The one plan (no GPU) for a generated model at default settings."""
+    path = models_dir / f"{name}.gguf"
+    (plan,) = plan_candidates(name, path, facts_from_gguf(read_gguf(path)), PlanSettings(num_parallel=num_parallel),
+                              ModelDefaults(), ctx, LoadOptions())
+    return plan
 
 
 @pytest.fixture(scope="session")

@@ -15,19 +15,15 @@ import pytest
 
 from ollamad.accountant import Accountant
 from ollamad.estimate import PROCESS_OVERHEAD, Estimate, MiB
-from ollamad.ggufmeta import read_gguf
 from ollamad.memfit import MemorySnapshot, ProcessUse
 from ollamad.memory import MemoryProbe
-from ollamad.modelfacts import facts_from_gguf
-from ollamad.plan import LoadOptions, ModelDefaults, PlanSettings, RunnerPlan, plan_candidates
-from tests.conftest import HERE, Daemon
+from ollamad.plan import RunnerPlan
+from tests.conftest import HERE, Daemon, model_plan
 from tests.fake_nvml import FakeNvml, GiB
 
 
 def a_plan(models_dir: Path, name: str = "small") -> RunnerPlan:
-    facts = facts_from_gguf(read_gguf(models_dir / f"{name}.gguf"))
-    return plan_candidates(name, models_dir / f"{name}.gguf", facts, PlanSettings(num_parallel=1),
-                           ModelDefaults(), 2048, LoadOptions())[0]
+    return model_plan(models_dir, name)
 
 
 def host(pid: int, rss: int, vram: int = 0) -> MemorySnapshot:

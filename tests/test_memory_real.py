@@ -132,12 +132,10 @@ async def test_estimate_matches_what_this_llama_server_logs(llama_server: Path, 
 
     from ollamad.accountant import Accountant
     from ollamad.memory import MemoryProbe
-    from ollamad.plan import LoadOptions, ModelDefaults, PlanSettings, plan_candidates
     from ollamad.runner import Runner
+    from tests.conftest import model_plan
 
-    path = models_dir / f"{model}.gguf"
-    facts = facts_from_gguf(read_gguf(path))
-    (plan,) = plan_candidates(model, path, facts, PlanSettings(num_parallel=np_), ModelDefaults(), ctx, LoadOptions())
+    plan = model_plan(models_dir, model, num_parallel=np_, ctx=ctx)
     acct = Accountant(MemoryProbe(None))
     runner = Runner(plan, str(llama_server), on_line=acct.track(1, plan))
     async with aiohttp.ClientSession() as session:

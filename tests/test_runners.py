@@ -93,15 +93,10 @@ async def test_runner_is_ready_when_llama_server_says_so(llama_server: Path, mod
     import aiohttp
 
     from ollamad import runner as runner_mod
-    from ollamad.ggufmeta import read_gguf
-    from ollamad.modelfacts import facts_from_gguf
-    from ollamad.plan import LoadOptions, ModelDefaults, PlanSettings, plan_candidates
+    from tests.conftest import model_plan
 
     monkeypatch.setattr(runner_mod, "HEALTH_POLL", 60.0)
-    path = models_dir / "tiny.gguf"
-    (plan,) = plan_candidates("tiny", path, facts_from_gguf(read_gguf(path)), PlanSettings(num_parallel=1),
-                              ModelDefaults(), 256, LoadOptions())
-    runner = runner_mod.Runner(plan, str(llama_server))
+    runner = runner_mod.Runner(model_plan(models_dir, "tiny", ctx=256), str(llama_server))
     async with aiohttp.ClientSession() as session:
         t0 = time.monotonic()
         try:

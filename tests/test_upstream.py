@@ -8,13 +8,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from ollamad.ggufmeta import read_gguf
-from ollamad.modelfacts import facts_from_gguf
-from ollamad.plan import LoadOptions, ModelDefaults, PlanSettings, plan_candidates
 from ollamad.runner import Runner
 from ollamad.upstream import runner_session
-
-SESSION = runner_session
+from tests.conftest import model_plan
 
 
 @pytest.mark.real
@@ -23,12 +19,9 @@ async def test_connections_llama_server_closes_lose_no_request(llama_server: Pat
     clients each sending a request the moment a stream ends: a plain pooled session
     (TCPConnector, 2 s keep-alive) met a closed socket ("Server disconnected", "Can not write
     request body") in 5 runs of 5 of this test. The runner session sends such a request again."""
-    path = models_dir / "tiny.gguf"
-    (plan,) = plan_candidates("tiny", path, facts_from_gguf(read_gguf(path)), PlanSettings(num_parallel=4),
-                              ModelDefaults(), 256, LoadOptions())
-    runner = Runner(plan, str(llama_server))
+    runner = Runner(model_plan(models_dir, "tiny", num_parallel=4, ctx=256), str(llama_server))
     errors: list[str] = []
-    async with SESSION() as session:
+    async with runner_session() as session:
         await runner.start(session)
         try:
             async def client(c: int) -> None:
