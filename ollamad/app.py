@@ -12,19 +12,20 @@ import structlog
 from aiohttp import web
 
 from ollamad import __version__
-from ollamad.accountant import Accountant
-from ollamad.api import AppContext, make_app
-from ollamad.binary import find_llama_server
-from ollamad.catalog import Catalog
-from ollamad.leftovers import ChildRecords
-from ollamad.memory import MemoryProbe, load_nvml
-from ollamad.modelconfig import ModelConfigError
-from ollamad.notify import Notifier
-from ollamad.schedcore import SchedState
-from ollamad.scheduler import Scheduler
+from ollamad.api.common import AppContext
+from ollamad.api.routes import make_app
+from ollamad.memory.accountant import Accountant
+from ollamad.memory.probe import MemoryProbe, load_nvml
+from ollamad.models.catalog import Catalog
+from ollamad.models.config import ModelConfigError
+from ollamad.models.testmodels import write_llama
+from ollamad.runner.binary import find_llama_server
+from ollamad.runner.leftovers import ChildRecords
+from ollamad.runner.upstream import runner_session
+from ollamad.sched.core import SchedState
+from ollamad.sched.scheduler import Scheduler
+from ollamad.service.notify import Notifier
 from ollamad.settings import Settings
-from ollamad.testmodels import write_llama
-from ollamad.upstream import runner_session
 
 log = structlog.get_logger("ollamad")
 DEMO_MODEL = "tiny"

@@ -58,9 +58,9 @@ def serve_command() -> None:
     import anyio
 
     from ollamad.app import serve
-    from ollamad.binary import BinaryNotFound
-    from ollamad.logs import configure
-    from ollamad.modelconfig import ModelConfigError
+    from ollamad.models.config import ModelConfigError
+    from ollamad.runner.binary import BinaryNotFound
+    from ollamad.service.logs import configure
     from ollamad.settings import SettingsError, load_settings
 
     try:
@@ -88,7 +88,13 @@ def _config_error(message: str) -> NoReturn:
 def config_command(env_file: Path | None, template: bool) -> None:
     import os
 
-    from ollamad.envfile import DEFAULT_ENV_FILE, effective, render_env_file, unit_environment, unknown_variables
+    from ollamad.service.envfile import (
+        DEFAULT_ENV_FILE,
+        effective,
+        render_env_file,
+        unit_environment,
+        unknown_variables,
+    )
     from ollamad.settings import SettingsError
 
     if template:
@@ -194,7 +200,7 @@ def until(expires_at: str, status: str | None = None, now: float | None = None) 
 
 
 def ps_command() -> None:
-    from ollamad.memfit import processor
+    from ollamad.memory.fit import processor
 
     body = _get("/api/ps")
     rows = []

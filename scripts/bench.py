@@ -43,9 +43,9 @@ from benchlib import (
     text_seeds,
 )
 
-from ollamad.binary import find_llama_server
+from ollamad.models.testmodels import BIG, SMALL, write_llama
+from ollamad.runner.binary import find_llama_server
 from ollamad.settings import load_settings
-from ollamad.testmodels import BIG, SMALL, write_llama
 
 CACHE = Path.home() / ".cache" / "ollamad" / "bench-models"
 FAKE = ROOT / "tests" / "fake_llama_server.py"
@@ -379,7 +379,7 @@ def render(res: dict[str, Any], meta: dict[str, Any]) -> str:
               "`Connection: close`; a request sent on it in the moment after a stream ended failed with "
               "\"Can not write request body\" (a 500, and a healthy runner taken as lost): 1 of 48 requests in "
               "the 4-slot run of section 1. The daemon now sends such a request again on a new connection "
-              "(`ollamad/upstream.py`); tests reproduce it with the fake and with a real llama-server.",
+              "(`ollamad/runner/upstream.py`); tests reproduce it with the fake and with a real llama-server.",
               "- **Cold start.** A loading runner's `/health` was polled every 20 ms; the lines llama-server prints "
               "when ready now trigger the check at once.",
               "- **Relay CPU.** Date formatting took 8% of the relay's CPU (py-spy); the timestamp is now made once "

@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from ollamad.testmodels import write_all
+from ollamad.models.testmodels import write_all
 from tests.conftest import Daemon, fake_with
 from tests.fuzzing import Figures, run_all
 

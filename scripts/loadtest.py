@@ -30,8 +30,8 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from ollamad.schedcore import QUEUE_FULL
-from ollamad.testmodels import write_all
+from ollamad.models.testmodels import write_all
+from ollamad.sched.core import QUEUE_FULL
 from tests.conftest import Daemon, fake_with
 
 CLIENT_TIMEOUT = 120.0  # a request still unanswered after this counts as hung

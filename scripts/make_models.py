@@ -3,7 +3,7 @@
 
 import sys
 
-from ollamad.testmodels import SPECS, write_all
+from ollamad.models.testmodels import SPECS, write_all
 
 
 def main() -> None:

@@ -18,12 +18,12 @@ from typing import Any
 import psutil
 import pytest
 
-from ollamad.binary import BinaryNotFound, find_llama_server
-from ollamad.ggufmeta import read_gguf
-from ollamad.modelfacts import facts_from_gguf
-from ollamad.plan import LoadOptions, ModelDefaults, PlanSettings, RunnerPlan, plan_candidates
+from ollamad.models.facts import facts_from_gguf
+from ollamad.models.ggufmeta import read_gguf
+from ollamad.models.plan import LoadOptions, ModelDefaults, PlanSettings, RunnerPlan, plan_candidates
+from ollamad.models.testmodels import write_all
+from ollamad.runner.binary import BinaryNotFound, find_llama_server
 from ollamad.settings import load_settings
-from ollamad.testmodels import write_all
 
 HERE = Path(__file__).parent
 

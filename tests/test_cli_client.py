@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from ollamad.testmodels import write_all
+from ollamad.models.testmodels import write_all
 from tests.conftest import Daemon
 
 pytestmark = pytest.mark.real

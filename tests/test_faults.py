@@ -19,8 +19,8 @@ from typing import Any
 import psutil
 import pytest
 
-from ollamad.leftovers import ChildRecord, ChildRecords
-from ollamad.testmodels import write_llama
+from ollamad.models.testmodels import write_llama
+from ollamad.runner.leftovers import ChildRecord, ChildRecords
 from tests.conftest import Daemon, fake_with
 from tests.streams import Stream, busy_slots, child_get, queued, runners, wait_for
 

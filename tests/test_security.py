@@ -9,8 +9,8 @@ from typing import Any
 import psutil
 import pytest
 
-from ollamad.catalog import InvalidName, normalize
-from ollamad.guard import allowed_origins, origin_allowed
+from ollamad.api.guard import allowed_origins, origin_allowed
+from ollamad.models.catalog import InvalidName, normalize
 from tests.conftest import Daemon
 from tests.streams import child_get, runners
 

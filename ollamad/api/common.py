@@ -1,0 +1,183 @@
+"""What every route family shares: the app context, errors in Ollama's and OpenAI's shapes,
+reading and validating JSON bodies, resolving a model name, and calling a runner for JSON.
+Route modules import this one, never each other."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import aiohttp
+import structlog
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+
+from ollamad.api.translate import (
+    ChatRequest,
+    GenerateRequest,
+    describe_validation,
+)
+from ollamad.durations import keep_alive_from_request
+from ollamad.models.catalog import Catalog, InvalidName, Model
+from ollamad.models.describe import capabilities
+from ollamad.models.facts import ModelFacts
+from ollamad.models.ggufmeta import GGUFError
+from ollamad.models.options import Options
+from ollamad.runner.events import UpstreamError, error_of
+from ollamad.sched.scheduler import Lease, Scheduler, SchedulerError
+from ollamad.settings import Settings
+
+log = structlog.get_logger("ollamad.api")
+NDJSON = "application/x-ndjson"
+_Req = TypeVar("_Req", GenerateRequest, ChatRequest)
+_Body = TypeVar("_Body", bound=BaseModel)
+
+
+@dataclass
+class AppContext:
+    settings: Settings
+    catalog: Catalog
+    scheduler: Scheduler
+    session: aiohttp.ClientSession | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+CTX = web.AppKey("ctx", AppContext)
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def dumps(obj: Any) -> bytes:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+
+
+def reply(body: Any, status: int = 200) -> web.Response:
+    """A JSON answer, compact as Ollama writes it."""
+    return web.Response(body=dumps(body), status=status, content_type="application/json")
+
+
+def error(status: int, message: str) -> web.Response:
+    return reply({"error": message}, status)
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def openai_error(status: int, message: str) -> web.Response:
+    """OpenAI's error object, as Ollama's /v1 routes answer."""
+    kind = "invalid_request_error" if status < 500 else "api_error"
+    if status == 404:
+        kind = "not_found_error"
+    return reply({"error": {"message": message, "type": kind, "param": None, "code": None}}, status)
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every failure becomes Ollama's ``{"error": ...}`` (OpenAI's object under /v1) with the right status."""
+    shape = openai_error if request.path.startswith("/v1/") else error
+    try:
+        return await handler(request)
+    except (ApiError, SchedulerError, UpstreamError) as e:
+        return shape(e.status, e.message)
+    except web.HTTPException as e:
+        if e.status >= 400:
+            return shape(e.status, e.reason)
+        raise
+    except GGUFError as e:
+        return shape(500, str(e))
+    except Exception as e:  # a bug: answer in Ollama's shape, log it with its traceback
+        log.exception("unhandled error", path=request.path)
+        return shape(500, f"internal error: {type(e).__name__}: {e}")
+
+
+async def read_json(request: web.Request) -> dict[str, Any]:
+    raw = await request.read()
+    if not raw.strip():
+        raise ApiError(400, "missing request body")
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"invalid JSON: {e}") from None
+    except RecursionError:
+        raise ApiError(400, "invalid JSON: nested too deeply") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "request body must be a JSON object")
+    return body
+
+
+def resolve(ctx: AppContext, name: str) -> Model:
+    try:
+        model = ctx.catalog.resolve(name)
+    except InvalidName as e:
+        raise ApiError(400, str(e)) from None
+    if model is None:
+        raise ApiError(404, f"model '{name}' not found")
+    return model
+
+
+def parse_keep_alive(value: object) -> float | None:
+    if value is None:
+        return None
+    try:
+        return keep_alive_from_request(value)
+    except ValueError as e:
+        raise ApiError(400, f"invalid keep_alive: {e}") from None
+
+
+def with_defaults(req: _Req, model: Model) -> _Req:
+    """Model defaults (store params, per-model settings) under the request's own options."""
+    if not model.defaults.options:
+        return req
+    merged = {**model.defaults.options, **req.options.model_dump(exclude_none=True)}
+    try:
+        options = Options.model_validate(merged)
+    except ValidationError as e:
+        raise ApiError(500, f"model defaults for {model.name}: {describe_validation(e)}") from None
+    return req.model_copy(update={"options": options})
+
+
+def check_capable(name: str, facts: ModelFacts, need: str) -> None:
+    """400 ``"x" does not support <need>`` as Ollama answers."""
+    caps = capabilities(facts)
+    if need not in caps:
+        raise ApiError(400, f'"{name}" does not support {need}')
+
+
+def validate(cls: type[_Body], body: dict[str, Any]) -> _Body:
+    """The body as ``cls``; 400 naming the missing model or the wrong fields."""
+    if not body.get("model"):
+        raise ApiError(400, "model is required")
+    try:
+        return cls.model_validate(body)
+    except ValidationError as e:
+        raise ApiError(400, describe_validation(e)) from None
+
+
+
+def iso_time(ts: float) -> str:
+    import datetime as dt
+
+    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+async def runner_json(ctx: AppContext, lease: Lease, path: str, payload: dict[str, Any]) -> Any:
+    """POST ``payload`` to the lease's runner and return its JSON answer; UpstreamError otherwise."""
+    assert ctx.session is not None
+    async with ctx.session.post(f"{lease.runner.url}{path}", json=payload, headers=lease.runner.headers) as up:
+        if up.status != 200:
+            raise await error_of(up)
+        return await up.json()
+
+
+async def apply_template(ctx: AppContext, lease: Lease, messages: list[dict[str, Any]]) -> str:
+    """The prompt llama-server's chat template makes of ``messages``."""
+    body = await runner_json(ctx, lease, "/apply-template", {"messages": messages})
+    return str(body.get("prompt", ""))
+

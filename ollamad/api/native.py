@@ -1,0 +1,247 @@
+"""Ollama's native routes: /, /api/version, /api/tags, /api/ps, /api/generate, /api/chat."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import anyio
+from aiohttp import web
+
+from ollamad import __version__
+from ollamad.api.common import (
+    CTX,
+    ApiError,
+    AppContext,
+    apply_template,
+    check_capable,
+    iso_time,
+    parse_keep_alive,
+    read_json,
+    reply,
+    resolve,
+    validate,
+    with_defaults,
+)
+from ollamad.api.relay import ChatShape, GenerateShape, TemplatedChatShape, relay
+from ollamad.api.reqlog import record_of
+from ollamad.api.translate import (
+    ChatRequest,
+    GenerateRequest,
+    Message,
+    chat_messages,
+    chat_payload,
+    completion_payload,
+    image_data,
+    multimodal_prompt,
+    now_iso,
+    with_media_markers,
+)
+from ollamad.durations import FOREVER
+from ollamad.models.catalog import Model
+from ollamad.models.describe import details
+from ollamad.models.facts import ModelFacts
+from ollamad.models.ggufmeta import GGUFError
+from ollamad.sched.scheduler import Lease, Scheduler
+
+
+# --- simple routes ----------------------------------------------------------------------
+async def root(request: web.Request) -> web.Response:
+    return web.Response(text="Ollama is running")
+
+
+async def version(request: web.Request) -> web.Response:
+    return reply({"version": __version__})
+
+
+async def tags(request: web.Request) -> web.Response:
+    ctx = request.app[CTX]
+    out = []
+    for m in sorted(ctx.catalog.list(), key=lambda m: -m.modified):
+        try:
+            facts = ctx.catalog.facts(m)
+        except (GGUFError, OSError):
+            continue
+        digest = await anyio.to_thread.run_sync(ctx.catalog.digest, m)
+        out.append({
+            "name": m.name, "model": m.name, "modified_at": iso_time(m.modified), "size": m.size,
+            "digest": digest, "details": details(facts),
+        })
+    return reply({"models": out})
+
+
+async def ps(request: web.Request) -> web.Response:
+    ctx = request.app[CTX]
+    return reply(await ps_body(ctx))
+
+
+async def ps_body(ctx: AppContext) -> dict[str, Any]:
+    sched = ctx.scheduler
+    now_mono, now_wall = sched.clock(), time.time()
+    models = []
+    for rid, r in sorted(sched.state.runners.items()):
+        model = ctx.catalog.resolve(r.plan.model)
+        facts = ctx.catalog.facts(model) if model else None
+        expires: float | None
+        if r.status == "stopping":
+            expires = now_wall
+        elif r.in_flight or r.expires_at is None:
+            expires = now_wall + r.keep_alive if r.keep_alive != FOREVER else None
+        else:
+            expires = now_wall + (r.expires_at - now_mono)
+        if expires is not None and math.isinf(expires):
+            expires = None
+        digest = await anyio.to_thread.run_sync(ctx.catalog.digest, model) if model else ""
+        size, memory = r.memory, _memory_fields(sched, rid, r.memory)
+        if memory.get("measured_size"):
+            size = memory["measured_size"]
+        models.append({
+            "name": r.plan.model, "model": r.plan.model, "size": size, "digest": digest,
+            "details": details(facts) if facts else {},
+            "expires_at": iso_time(expires) if expires is not None else "2318-08-07T02:09:33.437417Z",
+            "size_vram": memory.get("size_vram", 0), "context_length": r.ctx,
+            # beyond Ollama's fields
+            "runner_id": rid, "status": r.status, "num_parallel": r.plan.num_parallel,
+            "busy_slots": r.in_flight, "queued": sched.state.waiting(r.plan.model),
+            "pid": sched.runners[rid].pid if rid in sched.runners else None,
+            "estimated_size": r.plan.estimate, **memory,
+        })
+    return {"models": models, "queue": {"waiting": sched.state.waiting(), "max": sched.state.max_queue}}
+
+
+def _memory_fields(sched: Scheduler, rid: int, memory: int) -> dict[str, Any]:
+    """Measured figures beyond Ollama's: RSS, VRAM, what llama-server reported, the split."""
+    acct = sched.accountant
+    rm = acct.runners.get(rid) if acct is not None else None
+    if rm is None:
+        return {"size_vram": 0, "processor": "100% CPU"}
+    out: dict[str, Any] = {"size_vram": rm.size_vram, "processor": rm.processor,
+                           "reported_size": rm.reported.total, "accounted_size": memory}
+    if rm.measured:
+        out.update(measured_size=rm.used, size_rss=rm.rss)
+    if rm.placement is not None:
+        out.update(gpus=list(rm.placement.gpus), n_gpu_layers=rm.placement.n_gpu_layers)
+    return out
+
+
+
+
+# --- generate and chat ------------------------------------------------------------------
+async def generate(request: web.Request) -> web.StreamResponse:
+    ctx = request.app[CTX]
+    t0 = time.monotonic_ns()
+    req = validate(GenerateRequest, await read_json(request))
+    model = resolve(ctx, req.model)
+    record_of(request).model = model.name
+    facts = ctx.catalog.facts(model)
+    check_capable(req.model, facts, "generate" if facts.embedding else "completion")
+    images: list[str] = []
+    if req.images:
+        check_capable(req.model, facts, "vision")
+        try:
+            images = image_data(req.images)
+        except ValueError as e:
+            raise ApiError(400, str(e)) from None
+    if req.suffix:
+        check_capable(req.model, facts, "insert")
+    if req.system is None and model.system:
+        req = req.model_copy(update={"system": model.system})
+    req = with_defaults(req, model)
+    keep_alive = parse_keep_alive(req.keep_alive)
+    if not req.prompt and not req.images:
+        return await load_or_unload(ctx, model, req.model, keep_alive, req.options.num_ctx,
+                                    {"response": ""})
+    lease = await ctx.scheduler.acquire(model, num_ctx=req.options.num_ctx,
+                                        load=req.options.load_options(), keep_alive=keep_alive)
+    _dispatched(request, model, lease)
+    async with lease:
+        if req.suffix:  # fill in the middle: the prompt is the prefix, no chat template
+            payload = completion_payload(req, "", stream=True)
+            payload.update(input_prefix=req.prompt, input_suffix=req.suffix)
+            return await relay(request, ctx, lease, "/infill", payload, req.stream, t0, GenerateShape(req.model))
+        prompt = await _generate_prompt(ctx, lease, req, facts, len(images))
+        payload = completion_payload(req, multimodal_prompt(prompt, images), stream=True)
+        return await relay(request, ctx, lease, "/completion", payload, req.stream, t0,
+                           GenerateShape(req.model))
+
+
+async def _generate_prompt(ctx: AppContext, lease: Lease, req: GenerateRequest, facts: ModelFacts,
+                           images: int = 0) -> str:
+    """Ollama applies the model's chat template to a generate prompt unless raw is set."""
+    if req.raw or not facts.chat_template:
+        return with_media_markers(req.prompt, images)
+    messages = []
+    if req.system:
+        messages.append({"role": "system", "content": req.system})
+    messages.append({"role": "user", "content": with_media_markers(req.prompt, images)})
+    return await apply_template(ctx, lease, messages)
+
+
+
+
+async def chat(request: web.Request) -> web.StreamResponse:
+    ctx = request.app[CTX]
+    t0 = time.monotonic_ns()
+    req = validate(ChatRequest, await read_json(request))
+    model = resolve(ctx, req.model)
+    record_of(request).model = model.name
+    facts = ctx.catalog.facts(model)
+    check_capable(req.model, facts, "chat" if facts.embedding else "completion")
+    if any(m.images for m in req.messages):
+        check_capable(req.model, facts, "vision")
+    if req.tools:
+        check_capable(req.model, facts, "tools")
+    if model.system and req.messages and not any(m.role == "system" for m in req.messages):
+        req = req.model_copy(update={"messages": [Message(role="system", content=model.system), *req.messages]})
+    req = with_defaults(req, model)
+    keep_alive = parse_keep_alive(req.keep_alive)
+    if not req.messages:
+        return await load_or_unload(ctx, model, req.model, keep_alive, req.options.num_ctx,
+                                    {"message": {"role": "assistant", "content": ""}})
+    try:
+        payload = chat_payload(req, stream=True)
+    except ValueError as e:
+        raise ApiError(400, str(e)) from None
+    lease = await ctx.scheduler.acquire(model, num_ctx=req.options.num_ctx,
+                                        load=req.options.load_options(), keep_alive=keep_alive)
+    _dispatched(request, model, lease)
+    async with lease:
+        if req.format and not req.tools and not any(m.images for m in req.messages):
+            # As Ollama does: render the template, then constrain only the reply with the grammar
+            prompt = await apply_template(ctx, lease, chat_messages(req))
+            gen = GenerateRequest(model=req.model, prompt=prompt, format=req.format, options=req.options)
+            return await relay(request, ctx, lease, "/completion", completion_payload(gen, prompt), req.stream,
+                               t0, TemplatedChatShape(req.model))
+        return await relay(request, ctx, lease, "/v1/chat/completions", payload, req.stream, t0,
+                           ChatShape(req.model))
+
+
+def _dispatched(request: web.Request, model: Model, lease: Lease) -> None:
+    r = lease.runner
+    record_of(request).dispatched(model.name, lease.queued_for, r.ready_at, r.started_at)
+
+
+async def load_or_unload(ctx: AppContext, model: Model, name: str, keep_alive: float | None,
+                         num_ctx: int | None, empty: dict[str, Any]) -> web.Response:
+    """Empty prompt: load the model (done_reason "load"), or with keep_alive 0 unload it."""
+    if keep_alive == 0:
+        ctx.scheduler.unload(model)
+        reason = "unload"
+    else:
+        lease = await ctx.scheduler.acquire(model, num_ctx=num_ctx, keep_alive=keep_alive, load_only=True)
+        lease.release()
+        reason = "load"
+    return reply({"model": name, "created_at": now_iso(), **empty, "done": True,
+                              "done_reason": reason})
+
+
+
+
+def register(app: web.Application) -> None:
+    app.router.add_get("/", root)
+    app.router.add_get("/api/version", version)
+    app.router.add_get("/api/tags", tags)
+    app.router.add_get("/api/ps", ps)
+    app.router.add_post("/api/generate", generate)
+    app.router.add_post("/api/chat", chat)

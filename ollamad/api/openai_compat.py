@@ -1,0 +1,186 @@
+"""OpenAI-compatible routes: /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models."""
+
+from __future__ import annotations
+
+import base64
+import struct
+from typing import Any
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
+
+from ollamad.api.common import CTX, ApiError, AppContext, check_capable, dumps, read_json, reply, resolve, validate
+from ollamad.api.embedding import embed_texts, shorten
+from ollamad.models.catalog import Model
+from ollamad.models.options import Options
+from ollamad.runner.events import UpstreamError, error_of, sse_events
+
+# OpenAI parameter names that llama-server takes as they are, and Ollama's names for the rest
+_OLLAMA_TO_OPENAI = {"num_predict": "max_tokens"}
+
+
+class _OpenAIBase(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model: str = Field(min_length=1)
+    stream: StrictBool = False
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, ge=0, le=1)
+    max_tokens: int | None = Field(None, ge=0)
+    max_completion_tokens: int | None = Field(None, ge=0)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    stream_options: dict[str, Any] | None = None
+
+
+class ChatCompletionRequest(_OpenAIBase):
+    messages: list[dict[str, Any]] = Field(min_length=1)
+    tools: list[dict[str, Any]] | None = None
+    response_format: dict[str, Any] | None = None
+
+
+class CompletionRequest(_OpenAIBase):
+    prompt: str | list[str]
+    suffix: str | None = None
+
+
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(min_length=1)
+    input: str | list[str]
+    encoding_format: str = "float"
+    dimensions: int | None = Field(None, ge=1)
+
+
+
+def upstream_payload(body: dict[str, Any], defaults: dict[str, object]) -> dict[str, Any]:
+    """The client's OpenAI body for llama-server, with the model's default options under it (pure)."""
+    payload: dict[str, Any] = {}
+    try:
+        sampling = Options.model_validate(defaults).sampling() if defaults else {}
+    except ValidationError:
+        sampling = {}
+    for key, value in sampling.items():
+        payload[_OLLAMA_TO_OPENAI.get("num_predict" if key == "n_predict" else key, key)] = value
+    payload.update({k: v for k, v in body.items() if v is not None})
+    if "max_completion_tokens" in payload:
+        payload["max_tokens"] = payload.pop("max_completion_tokens")
+    payload.pop("model", None)
+    return payload
+
+
+async def _forward(request: web.Request, ctx: AppContext, model: Model, name: str, path: str,
+                   payload: dict[str, Any]) -> web.StreamResponse:
+    lease = await ctx.scheduler.acquire(model)
+    assert ctx.session is not None
+    async with lease, ctx.session.post(f"{lease.runner.url}{path}", json=payload,
+                                       headers=lease.runner.headers) as up:
+        if up.status != 200:
+            raise await error_of(up)
+        if not payload.get("stream"):
+            body = await up.json()
+            body["model"] = name
+            body["system_fingerprint"] = "fp_ollama"
+            return reply(body)
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+        try:
+            async for event in sse_events(up):
+                event["model"] = name
+                event["system_fingerprint"] = "fp_ollama"
+                await resp.write(b"data: " + dumps(event) + b"\n")
+        except UpstreamError as e:
+            err = {"error": {"message": e.message, "type": "api_error", "param": None, "code": None}}
+            await resp.write(b"data: " + dumps(err) + b"\n")
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    ctx = request.app[CTX]
+    body = await read_json(request)
+    req: ChatCompletionRequest = validate(ChatCompletionRequest, body)
+    model = resolve(ctx, req.model)
+    facts = ctx.catalog.facts(model)
+    check_capable(req.model, facts, "chat" if facts.embedding else "completion")
+    if req.tools:
+        check_capable(req.model, facts, "tools")
+    if any(isinstance(m.get("content"), list) and any(isinstance(p, dict) and p.get("type") == "image_url"
+                                                      for p in m["content"]) for m in req.messages):
+        check_capable(req.model, facts, "vision")
+    payload = upstream_payload(body, model.defaults.options)
+    if model.system and not any(m.get("role") == "system" for m in req.messages):
+        payload["messages"] = [{"role": "system", "content": model.system}, *req.messages]
+    return await _forward(request, ctx, model, req.model, "/v1/chat/completions", payload)
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    ctx = request.app[CTX]
+    body = await read_json(request)
+    req: CompletionRequest = validate(CompletionRequest, body)
+    model = resolve(ctx, req.model)
+    facts = ctx.catalog.facts(model)
+    check_capable(req.model, facts, "generate" if facts.embedding else "completion")
+    if req.suffix:
+        check_capable(req.model, facts, "insert")
+    payload = upstream_payload(body, model.defaults.options)
+    return await _forward(request, ctx, model, req.model, "/v1/completions", payload)
+
+
+def encode_base64(vector: list[float]) -> str:
+    """OpenAI's base64 encoding: little-endian float32 (pure)."""
+    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+
+
+async def embeddings(request: web.Request) -> web.Response:
+    ctx = request.app[CTX]
+    req: EmbeddingRequest = validate(EmbeddingRequest, await read_json(request))
+    if req.encoding_format not in ("float", "base64"):
+        raise ApiError(400, f"invalid encoding_format {req.encoding_format!r}: use float or base64")
+    texts = [req.input] if isinstance(req.input, str) else list(req.input)
+    if not texts or any(not t for t in texts):
+        raise ApiError(400, "input must be a non-empty string or a list of non-empty strings")
+    model = resolve(ctx, req.model)
+    vectors, tokens, _ = await embed_texts(ctx, model, req.model, texts, truncate=True, options=Options(),
+                                           keep_alive=None)
+    data = []
+    for i, v in enumerate(vectors):
+        v = shorten(v, req.dimensions)
+        data.append({"object": "embedding", "index": i,
+                     "embedding": encode_base64(v) if req.encoding_format == "base64" else v})
+    return reply({"object": "list", "data": data, "model": req.model,
+                  "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+
+def _model_entry(m: Model) -> dict[str, Any]:
+    owner = m.name.split("/")[0] if "/" in m.name else "library"
+    return {"id": m.name, "object": "model", "created": int(m.modified), "owned_by": owner}
+
+
+async def list_models(request: web.Request) -> web.Response:
+    ctx = request.app[CTX]
+    models = sorted(ctx.catalog.list(), key=lambda m: -m.modified)
+    return reply({"object": "list", "data": [_model_entry(m) for m in models]})
+
+
+async def get_model(request: web.Request) -> web.Response:
+    ctx = request.app[CTX]
+    name = request.match_info["model"]
+    try:
+        model = resolve(ctx, name)
+    except ApiError as e:
+        if e.status == 404:
+            raise ApiError(404, f'model "{name}" not found') from None
+        raise
+    return reply(_model_entry(model))
+
+
+def register(app: web.Application) -> None:
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/embeddings", embeddings)
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/v1/models/{model:.+}", get_model)

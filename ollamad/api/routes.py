@@ -1,0 +1,40 @@
+"""The application: middlewares in order, then each route family registers its routes."""
+
+from __future__ import annotations
+
+from aiohttp import web
+from aiohttp.typedefs import Middleware
+
+from ollamad.api import embed, manage, native, openai_compat
+from ollamad.api.common import CTX, AppContext, errors_middleware
+from ollamad.api.guard import add_cors_headers, auth_middleware, cors_middleware, request_log_middleware
+from ollamad.api.reqlog import request_log
+from ollamad.service.metrics import CONTENT_TYPE, Metrics
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = request.app[METRICS].render()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+
+METRICS = web.AppKey("metrics", Metrics)
+
+
+def make_app(ctx: AppContext) -> web.Application:
+    s = ctx.settings
+    observed = Metrics(ctx.scheduler)
+    # CORS outermost (preflights), then one log line and metrics for every request, auth included
+    middlewares: list[Middleware] = [cors_middleware(s.origins), request_log(observed)]
+    if s.api_key:
+        middlewares.append(auth_middleware(s.api_key))
+    middlewares += [errors_middleware, request_log_middleware(s.log_requests)]
+    app = web.Application(middlewares=middlewares, client_max_size=s.max_body)
+    app.on_response_prepare.append(add_cors_headers)
+    app[CTX] = ctx
+    app[METRICS] = observed
+    app.router.add_get("/metrics", metrics)
+    native.register(app)
+    manage.register(app)
+    embed.register(app)
+    openai_compat.register(app)
+    return app

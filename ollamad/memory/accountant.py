@@ -1,0 +1,163 @@
+"""The memory accountant at run time: poll snapshots, read buffer sizes, learn, place.
+
+Turns what memory.py measures into what the scheduler core decides with: free memory,
+how much of each runner the snapshot shows, each runner's memory (the larger of what it
+uses and what llama-server said it allocated), and per-model corrections of the estimate
+when the measurement disagrees with it by more than ``TOLERANCE``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+
+import anyio
+import structlog
+
+from ollamad.memory.fit import MemorySnapshot, Placement, Reported, parse_buffer_line, place, processor
+from ollamad.memory.probe import MemoryProbe
+from ollamad.models.estimate import PROCESS_OVERHEAD
+from ollamad.models.plan import RunnerPlan
+
+log = structlog.get_logger("ollamad.memory")
+TOLERANCE = 0.10
+
+
+@dataclass
+class RunnerMemory:
+    """What is known about one runner's memory."""
+
+    plan: RunnerPlan
+    reported: Reported = field(default_factory=Reported)
+    placement: Placement | None = None
+    rss: int = 0
+    vram: int = 0
+    peak: int = 0
+    measured: bool = False
+
+    @property
+    def used(self) -> int:
+        return self.rss + self.vram
+
+    @property
+    def size_vram(self) -> int:
+        """GPU bytes: NVML's per-process figure, else what llama-server said it put on GPUs."""
+        return self.vram or self.reported.gpu
+
+    @property
+    def holds(self) -> int:
+        """Bytes to account for: it may grow to what llama-server allocated (compute buffers
+        are touched under load), and never counts as less than it really uses."""
+        allocated = self.reported.total + PROCESS_OVERHEAD if self.reported.total else 0
+        return max(self.peak, allocated)
+
+    @property
+    def processor(self) -> str:
+        return processor(self.size_vram, max(self.used, self.reported.total))
+
+
+@dataclass(frozen=True)
+class Observation:
+    free: float  # host available plus each GPU's free less OLLAMA_GPU_OVERHEAD
+    counted: dict[int, int]  # runner id -> bytes the snapshot shows it using
+    memory: dict[int, int]  # runner id -> bytes to account for it
+
+
+class Accountant:
+    def __init__(self, probe: MemoryProbe, *, interval: float = 1.0, gpu_overhead: int = 0,
+                 reserve: int = 0, spread: bool = False) -> None:
+        self.probe = probe
+        self.interval = interval
+        self.gpu_overhead = gpu_overhead
+        self.reserve = reserve
+        self.spread = spread
+        self.snapshot: MemorySnapshot | None = None
+        self.runners: dict[int, RunnerMemory] = {}
+        self.corrections: dict[str, float] = {}
+        self._poke = anyio.Event()
+
+    # --- polling -----------------------------------------------------------------------
+    async def run(self, pids: Callable[[], Mapping[int, int]],
+                  on_snapshot: Callable[[MemorySnapshot], None]) -> None:
+        """Measure every ``interval`` seconds, or at once when poked; NVML runs in a thread."""
+        while True:
+            self._poke = anyio.Event()
+            snap = await anyio.to_thread.run_sync(self.probe.snapshot, list(pids().values()))
+            self.snapshot = snap
+            on_snapshot(snap)
+            with anyio.move_on_after(self.interval):
+                await self._poke.wait()
+
+    def poke(self) -> None:
+        """Measure now (a runner started or exited)."""
+        self._poke.set()
+
+    # --- runners -----------------------------------------------------------------------
+    def track(self, rid: int, plan: RunnerPlan) -> Callable[[str], None]:
+        """Start accounting for a runner; returns the hook for its output lines."""
+        rm = self.runners[rid] = RunnerMemory(plan)
+
+        def on_line(line: str) -> None:
+            b = parse_buffer_line(line)
+            if b is not None:
+                host, gpu = rm.reported.host, rm.reported.gpu
+                rm.reported = Reported(host + b.size, gpu) if b.on_host else Reported(host, gpu + b.size)
+
+        return on_line
+
+    def forget(self, rid: int) -> None:
+        self.runners.pop(rid, None)
+
+    def observe(self, snap: MemorySnapshot, pids: Mapping[int, int], ready: set[int]) -> Observation:
+        """Fold a snapshot into each runner's figures; learn from the ready ones."""
+        counted: dict[int, int] = {}
+        memory: dict[int, int] = {}
+        for rid, pid in pids.items():
+            rm = self.runners.get(rid)
+            use = snap.processes.get(pid)
+            if rm is None or use is None:
+                continue
+            rm.rss, rm.vram, rm.measured = use.rss, use.vram, True
+            rm.peak = max(rm.peak, use.total)
+            counted[rid] = use.total
+            if rid in ready:
+                memory[rid] = rm.holds
+                self._learn(rm)
+        free = snap.host_available + sum(max(g.free - self.gpu_overhead, 0) for g in snap.gpus)
+        return Observation(free, counted, memory)
+
+    def _learn(self, rm: RunnerMemory) -> None:
+        plan = rm.plan
+        base = plan.detail.total if plan.detail is not None else plan.estimate
+        if base <= 0 or rm.holds <= 0:
+            return
+        ratio = rm.holds / base
+        known = self.corrections.get(plan.model, 1.0)
+        if abs(ratio - known) <= TOLERANCE * known:
+            return
+        self.corrections[plan.model] = ratio
+        log.info("estimate corrected from measurement", model=plan.model, estimated=base, measured=rm.holds,
+                 rss=rm.rss, vram=rm.vram, reported=rm.reported.total, factor=round(ratio, 3))
+
+    # --- planning ----------------------------------------------------------------------
+    def correct(self, plan: RunnerPlan) -> RunnerPlan:
+        """The plan with its estimate scaled by what this model measured before."""
+        factor = self.corrections.get(plan.model)
+        return plan if factor is None else replace(plan, estimate=int(plan.estimate * factor))
+
+    def place(self, rid: int, plan: RunnerPlan) -> tuple[RunnerPlan, dict[str, str]]:
+        """Pick GPUs and --n-gpu-layers for a runner about to start; its extra environment."""
+        snap = self.snapshot
+        if snap is None or not snap.gpus or plan.detail is None:
+            return plan, {}
+        p = place(plan.detail, snap, gpu_overhead=self.gpu_overhead, reserve=self.reserve,
+                  spread=self.spread, total=plan.estimate)
+        if p is None:  # the core judged it fits by total; the split says CPU
+            p = Placement((), 0, 0, plan.estimate)
+        if rid in self.runners:
+            self.runners[rid].placement = p
+        log.info("placing model", model=plan.model, gpus=list(p.gpus), n_gpu_layers=p.n_gpu_layers,
+                 processor=p.processor, gpu_bytes=p.gpu_bytes, cpu_bytes=p.cpu_bytes)
+        env = {"CUDA_DEVICE_ORDER": "PCI_BUS_ID",  # the order NVML numbers GPUs in
+               "CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in p.gpus)}
+        return replace(plan, n_gpu_layers=p.n_gpu_layers, gpus=p.gpus), env

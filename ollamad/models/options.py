@@ -1,0 +1,60 @@
+"""Ollama's request ``options`` (the Modelfile's PARAMETERs too): load-time and sampling."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
+
+from ollamad.models.plan import LoadOptions
+
+
+class Options(BaseModel):
+    """Ollama's ``options``: typed so a wrong type is a 400 naming the field; unknown keys ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    # load-time: a runner must be (re)started for these
+    num_ctx: int | None = Field(None, ge=1, le=1 << 24)
+    num_batch: int | None = Field(None, ge=1, le=1 << 20)
+    num_gpu: int | None = Field(None, ge=-1, le=10_000)
+    main_gpu: int | None = Field(None, ge=0, le=1024)
+    use_mmap: StrictBool | None = None
+    num_thread: int | None = Field(None, ge=0, le=4096)
+    # sampling: per request
+    num_predict: int | None = Field(None, ge=-2, le=1 << 24)
+    num_keep: int | None = Field(None, ge=-1, le=1 << 24)
+    temperature: float | None = Field(None, ge=0, le=1e6)
+    top_k: int | None = Field(None, ge=0, le=1 << 24)
+    top_p: float | None = Field(None, ge=0, le=1)
+    min_p: float | None = Field(None, ge=0, le=1)
+    typical_p: float | None = Field(None, ge=0, le=1)
+    repeat_penalty: float | None = Field(None, ge=0, le=1e6)
+    repeat_last_n: int | None = Field(None, ge=-1, le=1 << 24)
+    presence_penalty: float | None = Field(None, ge=-1e6, le=1e6)
+    frequency_penalty: float | None = Field(None, ge=-1e6, le=1e6)
+    seed: int | None = Field(None, ge=-(1 << 63), le=(1 << 64) - 1)
+    stop: list[str] | None = None
+    mirostat: int | None = Field(None, ge=0, le=2)
+    mirostat_tau: float | None = Field(None, ge=0, le=1e6)
+    mirostat_eta: float | None = Field(None, ge=0, le=1e6)
+
+    def load_options(self) -> LoadOptions:
+        return LoadOptions(num_batch=self.num_batch, num_gpu=self.num_gpu, main_gpu=self.main_gpu,
+                           use_mmap=self.use_mmap, num_thread=self.num_thread)
+
+    def sampling(self) -> dict[str, Any]:
+        """llama-server parameters for the sampling options that were given."""
+        out: dict[str, Any] = {}
+        names = {"num_keep": "n_keep", "num_predict": "n_predict"}
+        for key in ("temperature", "top_k", "top_p", "min_p", "typical_p", "repeat_penalty",
+                    "repeat_last_n", "presence_penalty", "frequency_penalty", "seed", "stop",
+                    "mirostat", "mirostat_tau", "mirostat_eta", "num_keep", "num_predict"):
+            value = getattr(self, key)
+            if value is not None:
+                out[names.get(key, key)] = value
+        if out.get("n_predict", 0) < -1:  # -2: fill the context
+            out["n_predict"] = -1
+        if out.get("seed", 0) < 0:
+            out["seed"] = -1
+        return out

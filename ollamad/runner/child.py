@@ -1,0 +1,252 @@
+"""One llama-server child process: spawn, wait for /health, capture output, stop.
+
+Knows nothing about other runners or the queue. The child gets a parent-death signal so it
+never outlives the daemon, runs in its own process group, listens on loopback only, and
+gets a random API key so other local users cannot talk to it directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import os
+import secrets
+import signal
+import socket
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import aiohttp
+import psutil
+import structlog
+
+from ollamad.models.plan import RunnerPlan
+
+log = structlog.get_logger("ollamad.runner")
+
+PR_SET_PDEATHSIG = 1
+HEALTH_POLL = 0.02  # seconds between /health polls while loading
+# Lines llama-server prints as it becomes ready: /health is asked at once, not at the next poll.
+READY_LINES = ("model loaded", "listening on", "all slots are idle")
+ENV_PASS = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "LD_LIBRARY_PATH", "CUDA_VISIBLE_DEVICES",
+            "HIP_VISIBLE_DEVICES", "GGML_CUDA_ENABLE_UNIFIED_MEMORY", "TMPDIR")
+
+
+class RunnerError(Exception):
+    """A runner failed to start or died; the message says why, with llama-server's words."""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _child_setup() -> None:  # runs in the child between fork and exec
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _matches(name: str, patterns: tuple[str, ...]) -> bool:
+    return any(name == p or (p.endswith("*") and name.startswith(p[:-1])) for p in patterns)
+
+
+def _descendants(pid: int) -> list[psutil.Process]:
+    try:
+        return list(psutil.Process(pid).children(recursive=True))
+    except psutil.Error:
+        return []
+
+
+def describe_exit(code: int | None) -> str:
+    """How a child ended, with an out-of-memory hint for SIGKILL (as gunicorn does)."""
+    if code is None:
+        return "still running"
+    if code < 0:
+        sig = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else -code
+        hint = " (perhaps out of memory?)" if code == -signal.SIGKILL else ""
+        return f"killed by signal {sig}{hint}"
+    return f"exited with code {code}"
+
+
+@dataclass
+class Runner:
+    plan: RunnerPlan
+    binary: str
+    load_timeout: float = 300.0
+    stop_grace: float = 10.0
+    env: dict[str, str] | None = None
+    env_pass: tuple[str, ...] = ()
+    on_line: Callable[[str], None] | None = None
+    on_spawn: Callable[[Runner], None] | None = None  # e.g. record the pid for crash cleanup
+    port: int = field(default_factory=free_port)
+    api_key: str = field(default_factory=lambda: secrets.token_urlsafe(24))
+    proc: asyncio.subprocess.Process | None = None
+    started_at: float = 0.0
+    ready_at: float = 0.0
+    last_output: float = 0.0
+    stopping: bool = False
+    kill_sent: bool = False
+    lines: deque[str] = field(default_factory=lambda: deque(maxlen=200))
+    _pump: asyncio.Task[None] | None = None
+    _ready_hint: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"}
+
+    def argv(self) -> list[str]:
+        return self.plan.argv(self.binary, self.port, self.api_key)
+
+    def child_env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k in ENV_PASS or _matches(k, self.env_pass)}
+        env.update(self.env or {})
+        return env
+
+    async def start(self, session: aiohttp.ClientSession) -> None:
+        """Spawn llama-server and return once /health answers 200; RunnerError otherwise."""
+        argv = self.argv()
+        self.started_at = self.last_output = time.monotonic()
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                env=self.child_env(),
+                start_new_session=True,
+                preexec_fn=_child_setup,
+            )
+        except OSError as e:
+            raise RunnerError(f"cannot start {argv[0]}: {e.strerror or e}") from None
+        if self.on_spawn is not None:
+            self.on_spawn(self)
+        self._log().info("runner starting", argv=" ".join(a if a != self.api_key else "***" for a in argv))
+        self._pump = asyncio.create_task(self._pump_output())
+        try:
+            await self._wait_healthy(session)
+        except BaseException:
+            await self.stop()
+            raise
+        self.ready_at = time.monotonic()
+        self._log().info("runner ready", seconds=round(self.ready_at - self.started_at, 3))
+
+    async def _wait_healthy(self, session: aiohttp.ClientSession) -> None:
+        assert self.proc is not None
+        url = f"{self.url}/health"
+        while True:
+            if self.proc.returncode is not None:
+                await self._drain_pump()
+                raise RunnerError(f"llama-server {describe_exit(self.proc.returncode)}: {self.tail()}")
+            if time.monotonic() - self.last_output > self.load_timeout:
+                raise RunnerError(f"timed out waiting for llama-server to start - {self.tail()}")
+            with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
+                async with session.get(url, timeout=aiohttp.ClientTimeout(total=2)) as r:
+                    if r.status == 200:
+                        return
+            with contextlib.suppress(TimeoutError):  # the next poll, or sooner on a ready line
+                await asyncio.wait_for(self._ready_hint.wait(), HEALTH_POLL)
+            self._ready_hint.clear()
+
+    async def _pump_output(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        logger = self._log()
+        async for raw in self.proc.stdout:
+            line = raw.decode("utf-8", errors="replace").rstrip()
+            if not line:
+                continue
+            self.last_output = time.monotonic()
+            self.lines.append(line)
+            if self.on_line is not None:
+                self.on_line(line)
+            if not self.ready_at and any(m in line for m in READY_LINES):
+                self._ready_hint.set()
+            low = line.lower()
+            if "error" in low or "failed" in low:
+                logger.warning("llama-server", line=line)
+            else:  # with --verbosity 4 a load prints ~150 lines: debug; the scheduler sums them up
+                logger.debug("llama-server", line=line)
+
+    async def _drain_pump(self) -> None:
+        if self._pump is not None:
+            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(self._pump), 1.0)
+
+    def tail(self, n: int = 5) -> str:
+        """The last lines llama-server printed, for error messages."""
+        interesting = [ln for ln in self.lines if "error" in ln.lower() or "failed" in ln.lower()]
+        picked = interesting[-n:] or list(self.lines)[-n:]
+        return " | ".join(picked) if picked else "no output"
+
+    async def wait(self) -> int:
+        assert self.proc is not None
+        code = await self.proc.wait()
+        await self._drain_pump()
+        return code
+
+    async def stop(self) -> None:
+        """SIGTERM the process group, wait up to stop_grace, then SIGKILL it; reap."""
+        self.stopping = True
+        proc = self.proc
+        if proc is None:
+            return
+        if proc.returncode is None:
+            descendants = _descendants(proc.pid)  # before signalling: orphans are lost later
+            self._signal_group(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(asyncio.shield(proc.wait()), self.stop_grace)
+            except TimeoutError:
+                self._log().warning("runner did not stop in time; killing", grace=self.stop_grace)
+                self._signal_group(signal.SIGKILL)
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(proc.wait()), 5)
+            for child in descendants:
+                with contextlib.suppress(psutil.Error):
+                    child.kill()
+        await self._drain_pump()
+
+    def kill(self) -> None:
+        """SIGKILL the process group and every descendant at once (a hung runner); wait() reaps."""
+        self.stopping = True
+        if self.proc is None or self.proc.returncode is not None:
+            return
+        descendants = _descendants(self.proc.pid)
+        self._signal_group(signal.SIGKILL)
+        for child in descendants:
+            with contextlib.suppress(psutil.Error):
+                child.kill()
+
+    async def responds(self, session: aiohttp.ClientSession, timeout: float) -> bool:  # noqa: ASYNC109
+        """True if /health answers at all within ``timeout`` (any status: the process is alive)."""
+        try:
+            async with session.get(f"{self.url}/health", timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+                await r.read()
+                return True
+        except (TimeoutError, aiohttp.ClientError):
+            return False
+
+    def ended_on_request(self, code: int) -> bool:
+        """False when the child died by itself: a crash, or a SIGKILL we did not send (OOM killer)."""
+        return self.stopping and (code != -signal.SIGKILL or self.kill_sent)
+
+    def _signal_group(self, sig: int) -> None:
+        if self.proc is None:
+            return
+        if sig == signal.SIGKILL:
+            self.kill_sent = True
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, sig)
+
+    def _log(self) -> structlog.typing.FilteringBoundLogger:
+        return log.bind(model=self.plan.model, runner_pid=self.pid)  # type: ignore[no-any-return]

@@ -1,0 +1,415 @@
+"""The scheduler's decisions as a pure function: (state, now) -> actions.
+
+The async driver (scheduler.py) feeds events into a ``SchedState`` through its methods,
+calls ``decide`` and carries out the actions. Nothing here does I/O or reads a clock.
+
+Rules:
+- Requests for one model start in arrival order; a request for a loaded model never waits
+  behind a load of another model (no head-of-line blocking).
+- A runner never has more than ``num_parallel`` requests in flight.
+- A request that needs a runner starts one if the loaded-model cap and memory allow;
+  otherwise it evicts idle runners (least recently used first), never a busy one; a runner
+  being evicted finishes what it started and takes nothing new.
+- ``affinity`` policy: runners keep serving the queued requests for their own model before
+  being evicted for another model, until the waiting request has been passed over for
+  ``max_passover`` seconds; ``fifo`` policy evicts at once, in arrival order (Ollama-like).
+- Memory has two bounds: ``capacity`` (the budget for all runners, by their ``memory``) and
+  ``free`` (what the last snapshot measured as free; ``reserve`` of it is never given to a
+  new runner). A runner counts
+  against ``free`` by what is not yet measured of it (``memory - counted``); memory of a
+  runner that exited counts as free only once a later snapshot shows it free.
+- Pressure: when measured free memory falls below ``low_water``, idle runners are
+  unloaded, least recently used first; busy ones never are.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ollamad.models.plan import LoadOptions, RunnerPlan
+
+Policy = Literal["affinity", "fifo"]
+RunnerStatus = Literal["starting", "ready", "stopping"]
+
+
+@dataclass
+class Request:
+    id: int
+    model: str
+    ctx: int
+    plans: tuple[RunnerPlan, ...]  # candidate plans for a new runner, best first
+    arrived: float
+    load: LoadOptions = field(default_factory=LoadOptions)
+    keep_alive: float | None = None  # None: leave the runner's value as it is
+    load_only: bool = False  # empty prompt: answer once the model is loaded
+
+
+@dataclass
+class RunnerState:
+    id: int
+    plan: RunnerPlan
+    keep_alive: float
+    status: RunnerStatus = "starting"
+    in_flight: int = 0
+    last_used: float = 0.0
+    expires_at: float | None = None
+    draining: str | None = None  # why it takes no new requests and stops once idle
+    claimed_by: int | None = None  # the request whose load waits for this runner to go
+    memory: int = 0  # bytes: the estimate until measured
+    counted: int = 0  # bytes of it the last memory snapshot already shows as used
+    ctx: int = 0  # per-slot context llama-server really gave (it rounds up); plan.ctx until known
+
+    def __post_init__(self) -> None:
+        self.ctx = self.ctx or self.plan.ctx
+
+    @property
+    def free_slots(self) -> int:
+        return self.plan.num_parallel - self.in_flight
+
+    def serves(self, req: Request) -> bool:
+        return self.plan.model == req.model and req.ctx <= self.ctx and req.load == self.plan.load
+
+
+@dataclass(frozen=True)
+class Start:
+    runner_id: int
+    plan: RunnerPlan
+    request_id: int
+
+
+@dataclass(frozen=True)
+class Stop:
+    runner_id: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    request_id: int
+    runner_id: int
+
+
+@dataclass(frozen=True)
+class Reject:
+    request_id: int
+    status: int
+    message: str
+
+
+Action = Start | Stop | Dispatch | Reject
+
+QUEUE_FULL = "server busy, please try again.  maximum pending requests exceeded"
+
+
+@dataclass
+class Failure:
+    count: int
+    retry_at: float
+    message: str
+
+
+@dataclass
+class SchedState:
+    max_loaded: int
+    max_queue: int = 512
+    policy: Policy = "affinity"
+    max_passover: float = 10.0
+    default_keep_alive: float = 300.0
+    capacity: float = math.inf  # bytes all runners may use together
+    free: float = math.inf  # bytes free at the last snapshot (GPUs less overhead, and host RAM)
+    reserve: float = 0.0  # bytes of ``free`` never given to a new runner
+    low_water: float = 0.0  # below this much free memory, idle runners are unloaded
+    unseen_free: float = 0.0  # bytes of runners that exited since the last snapshot
+    backoff_base: float = 5.0
+    backoff_max: float = 300.0
+    queue: list[Request] = field(default_factory=list)
+    runners: dict[int, RunnerState] = field(default_factory=dict)
+    failures: dict[str, Failure] = field(default_factory=dict)
+    _next_runner: int = 1
+
+    # --- events ------------------------------------------------------------------------
+    def submit(self, req: Request) -> None:
+        self.queue.append(req)
+
+    def cancel(self, request_id: int) -> bool:
+        """Drop a waiting request (its client went away); True if it was waiting."""
+        for i, r in enumerate(self.queue):
+            if r.id == request_id:
+                del self.queue[i]
+                return True
+        return False
+
+    def release(self, runner_id: int, now: float) -> None:
+        """A request on this runner has ended."""
+        r = self.runners.get(runner_id)
+        if r is None:
+            return
+        r.in_flight = max(r.in_flight - 1, 0)
+        r.last_used = now
+        if r.in_flight == 0:
+            r.expires_at = now + r.keep_alive
+
+    def runner_ready(self, runner_id: int, now: float, memory: int | None = None, ctx: int | None = None) -> None:
+        r = self.runners.get(runner_id)
+        if r is None or r.status != "starting":
+            return
+        r.status = "ready"
+        if ctx is not None and ctx >= r.plan.ctx:
+            r.ctx = ctx
+        r.last_used = now
+        r.expires_at = now + r.keep_alive
+        if memory is not None:
+            r.memory = memory
+        self.failures.pop(r.plan.model, None)
+
+    def runner_failed(self, runner_id: int, now: float, message: str) -> list[Reject]:
+        """A runner could not start: fail the requests waiting for its model and back off."""
+        r = self.runners.pop(runner_id, None)
+        if r is None:
+            return []
+        model = r.plan.model
+        prev = self.failures.get(model)
+        count = prev.count + 1 if prev else 1
+        delay = min(self.backoff_base * 2 ** (count - 1), self.backoff_max)
+        self.failures[model] = Failure(count, now + delay, message)
+        rejects = [Reject(q.id, 500, message) for q in self.queue if q.model == model]
+        self.queue = [q for q in self.queue if q.model != model]
+        return rejects
+
+    def runner_exited(self, runner_id: int) -> None:
+        r = self.runners.pop(runner_id, None)
+        if r is not None:
+            self.unseen_free += r.counted
+
+    def set_memory(self, runner_id: int, memory: int) -> None:
+        r = self.runners.get(runner_id)
+        if r is not None:
+            r.memory = memory
+
+    def observe(self, free: float, counted: dict[int, int]) -> None:
+        """A memory snapshot: ``free`` bytes, and how much of each runner it shows as used."""
+        self.free = free
+        self.unseen_free = 0.0
+        for rid, used in counted.items():
+            r = self.runners.get(rid)
+            if r is not None:
+                r.counted = used
+
+    def unload(self, model: str, now: float) -> bool:
+        """keep_alive 0 on an empty request: unload the model once its requests end."""
+        found = False
+        for r in self.runners.values():
+            if r.plan.model == model and r.status != "stopping":
+                found = True
+                r.keep_alive = 0.0
+                if r.in_flight == 0:
+                    r.expires_at = now
+        return found
+
+    # --- queries -----------------------------------------------------------------------
+    def waiting(self, model: str | None = None) -> int:
+        return sum(1 for q in self.queue if model is None or q.model == model)
+
+    def next_wakeup(self, now: float) -> float | None:
+        """The earliest time at which ``decide`` may act without a new event."""
+        times: list[float] = []
+        for r in self.runners.values():
+            if r.status == "ready" and r.in_flight == 0 and r.expires_at is not None:
+                times.append(r.expires_at)
+        if self.policy == "affinity":
+            times += [q.arrived + self.max_passover for q in self.queue
+                      if q.arrived + self.max_passover > now]
+        return min(times) if times else None
+
+    def free_now(self) -> float:
+        """Free memory now: the snapshot's, less what runners took since (estimated)."""
+        return self.free - sum(max(r.memory - r.counted, 0) for r in self.runners.values())
+
+    def new_runner_id(self) -> int:
+        rid = self._next_runner
+        self._next_runner += 1
+        return rid
+
+
+def decide(s: SchedState, now: float) -> list[Action]:
+    """Everything the scheduler should do now; applies the actions to ``s`` as it goes."""
+    actions: list[Action] = []
+    waiting_ids = {q.id for q in s.queue}
+
+    for r in s.runners.values():
+        # a claim by a request that is gone (cancelled, failed) is void
+        if r.claimed_by is not None and r.claimed_by not in waiting_ids and r.status != "stopping":
+            r.claimed_by = None
+            r.draining = None
+
+    blocked: set[str] = set()
+    for req in list(s.queue):
+        if req.model in blocked:
+            continue  # an earlier request for this model waits: keep arrival order
+        runner = _runner_for(s, req)
+        if runner is not None:
+            s.queue.remove(req)
+            if not req.load_only:
+                runner.in_flight += 1
+                runner.expires_at = None
+            if req.keep_alive is not None:
+                runner.keep_alive = req.keep_alive
+                if runner.in_flight == 0:
+                    runner.expires_at = now + req.keep_alive
+            actions.append(Dispatch(req.id, runner.id))
+            continue
+        blocked.add(req.model)
+        if any(r.serves(req) and r.status != "stopping" and not r.draining for r in s.runners.values()):
+            continue  # its runner is starting or busy: wait for a slot
+        fail = s.failures.get(req.model)
+        if fail is not None and now < fail.retry_at:
+            s.queue.remove(req)
+            wait = fail.retry_at - now
+            actions.append(Reject(req.id, 500, f"{fail.message} (next attempt in {wait:.0f}s)"))
+            continue
+        actions += _make_room_and_start(s, req, now)
+
+    # only after handing out work: a runner started for a keep_alive 0 request serves it first
+    for r in list(s.runners.values()):
+        if r.status != "ready" or r.in_flight:
+            continue
+        if r.draining:
+            actions.append(_stop(r, r.draining))
+        elif r.expires_at is not None and r.expires_at <= now:
+            actions.append(_stop(r, "keep-alive expired"))
+    return actions
+
+
+def _runner_for(s: SchedState, req: Request) -> RunnerState | None:
+    """A ready runner that can take ``req`` now: the one with the most free slots."""
+    best = None
+    for r in s.runners.values():
+        if r.status != "ready" or r.draining or not r.serves(req):
+            continue
+        if (req.load_only or r.free_slots > 0) and (best is None or r.free_slots > best.free_slots):
+            best = r
+    return best
+
+
+def _stop(r: RunnerState, reason: str) -> Stop:
+    r.status = "stopping"
+    r.expires_at = None
+    return Stop(r.id, reason)
+
+
+def _make_room_and_start(s: SchedState, req: Request, now: float) -> list[Action]:
+    actions: list[Action] = []
+    # runners of the same model that cannot serve it (less context, other load options)
+    # are replaced once they drain: a reload
+    for r in s.runners.values():
+        if r.plan.model == req.model and r.status != "stopping" and not r.draining:
+            r.draining = "reload with a new plan"
+            r.claimed_by = req.id
+            if r.status == "ready" and r.in_flight == 0:
+                actions.append(_stop(r, r.draining))
+
+    if any(r.plan.model == req.model for r in s.runners.values()):
+        return actions  # the old runner drains and exits first, then the new plan starts
+
+    live = list(s.runners.values())
+    plan = next((p for p in req.plans if _fits(s, live, [], p)), None)
+    if plan is not None:
+        rid = s.new_runner_id()
+        s.runners[rid] = RunnerState(
+            id=rid, plan=plan, keep_alive=_keep_alive(s, req), memory=plan.estimate, last_used=now)
+        actions.append(Start(rid, plan, req.id))
+        return actions
+
+    plan = req.plans[-1]  # the smallest candidate
+    room = min(s.capacity, s.free_now() + s.unseen_free + sum(_frees(r) for r in live) - s.reserve)
+    if plan.estimate > room:  # not even with every runner gone, busy ones included
+        s.queue.remove(req)
+        return [*actions, Reject(req.id, 500, _too_big(plan, room))]
+
+    # what goes anyway: runners already stopping or draining for this request
+    going = [r for r in live if r.status == "stopping" and r.claimed_by in (None, req.id)]
+    going += [r for r in live if r.status != "stopping" and r.claimed_by == req.id]
+    for r in going:
+        r.claimed_by = req.id
+    if _fits(s, live, going, plan):
+        return actions
+
+    urgent = s.policy == "fifo" or now - req.arrived >= s.max_passover
+    idle = [r for r in live if r.status == "ready" and r.in_flight == 0 and not r.draining
+            and r.claimed_by is None and (urgent or not _has_waiting(s, r))]
+    victims = _choose_victims(s, live, going, idle, plan)
+    if victims is None and urgent:
+        busy = [r for r in live if r.status == "ready" and not r.draining and r.claimed_by is None
+                and r not in idle]
+        victims = _choose_victims(s, live, going, idle + busy, plan)
+    for r in victims or []:
+        r.claimed_by = req.id
+        r.draining = f"evicted to load {req.model}"
+        if r.in_flight == 0:
+            actions.append(_stop(r, r.draining))
+    return actions
+
+
+def _has_waiting(s: SchedState, r: RunnerState) -> bool:
+    return any(r.serves(q) for q in s.queue)
+
+
+def _fits(s: SchedState, live: list[RunnerState], gone: list[RunnerState], plan: RunnerPlan) -> bool:
+    remaining = [r for r in live if r not in gone]
+    used = sum(r.memory for r in remaining)
+    freed = sum(_frees(r) for r in gone)
+    return (len(remaining) < s.max_loaded and used + plan.estimate <= s.capacity
+            and plan.estimate <= s.free_now() + freed - s.reserve)
+
+
+def relieve_pressure(s: SchedState, now: float) -> list[Stop]:
+    """Below the low-water mark: stop idle runners, least recently used first, never busy ones."""
+    live = list(s.runners.values())
+    free = s.free_now() + sum(_frees(r) for r in live if r.status == "stopping")
+    if free >= s.low_water:
+        return []
+    stops: list[Stop] = []
+    idle = [r for r in live if r.status == "ready" and r.in_flight == 0 and not r.draining]
+    for r in sorted(idle, key=lambda r: r.last_used):
+        if free >= s.low_water:
+            break
+        mib = 1024 * 1024
+        stops.append(_stop(r, f"memory pressure: {free / mib:.0f} MiB free, below the low-water mark "
+                              f"of {s.low_water / mib:.0f} MiB"))
+        free += _frees(r)
+    return stops
+
+
+def _frees(r: RunnerState) -> int:
+    """What unloading ``r`` gives back: its unmeasured part at once, the measured part once a
+    snapshot after its exit shows it free."""
+    return max(r.memory, r.counted)
+
+
+def _choose_victims(s: SchedState, live: list[RunnerState], going: list[RunnerState],
+                    candidates: list[RunnerState], plan: RunnerPlan) -> list[RunnerState] | None:
+    """Least recently used first until the plan fits; then drop any not needed."""
+    chosen: list[RunnerState] = []
+    for r in sorted(candidates, key=lambda r: (r.in_flight > 0, r.last_used)):
+        chosen.append(r)
+        if _fits(s, live, going + chosen, plan):
+            break
+    else:
+        return None
+    for r in sorted(chosen, key=lambda r: -r.last_used):
+        rest = [x for x in chosen if x is not r]
+        if _fits(s, live, going + rest, plan):
+            chosen = rest
+    return chosen
+
+
+def _keep_alive(s: SchedState, req: Request) -> float:
+    return req.keep_alive if req.keep_alive is not None else s.default_keep_alive
+
+
+def _too_big(plan: RunnerPlan, room: float) -> str:
+    gib = 1024**3
+    return (f"model requires more system memory ({plan.estimate / gib:.2f} GiB) "
+            f"than is available ({max(room, 0) / gib:.2f} GiB) even with every other model unloaded")

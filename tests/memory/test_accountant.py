@@ -1,0 +1,135 @@
+"""The accountant: learning from measurements, GPU placement of a plan, pressure end to end."""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+import urllib.request
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ollamad.memory.accountant import Accountant
+from ollamad.memory.fit import MemorySnapshot, ProcessUse
+from ollamad.memory.probe import MemoryProbe
+from ollamad.models.estimate import PROCESS_OVERHEAD, Estimate, MiB
+from ollamad.models.plan import RunnerPlan
+from tests.conftest import HERE, Daemon, model_plan
+from tests.fake_nvml import FakeNvml, GiB
+
+
+def a_plan(models_dir: Path, name: str = "small") -> RunnerPlan:
+    return model_plan(models_dir, name)
+
+
+def host(pid: int, rss: int, vram: int = 0) -> MemorySnapshot:
+    return MemorySnapshot(16 * GiB, 8 * GiB, (), {pid: ProcessUse(rss, vram)})
+
+
+def test_learns_when_measured_differs_and_corrects_later_estimates(models_dir: Path) -> None:
+    acct = Accountant(MemoryProbe(None))
+    plan = a_plan(models_dir)
+    on_line = acct.track(1, plan)
+    on_line("load_tensors:   CPU_Mapped model buffer size =     9.51 MiB")
+    obs = acct.observe(host(100, 30 * MiB), {1: 100}, ready=set())
+    assert obs.counted == {1: 30 * MiB} and obs.memory == {} and acct.corrections == {}  # still loading
+    big = 2 * plan.estimate
+    obs = acct.observe(host(100, big), {1: 100}, ready={1})
+    assert obs.memory == {1: big} and acct.corrections["small"] == pytest.approx(2.0, rel=0.01)
+    assert acct.correct(plan).estimate == pytest.approx(2 * plan.estimate, rel=0.01)
+    assert acct.correct(replace(plan, model="other")).estimate == plan.estimate
+
+
+def test_no_correction_within_tolerance(models_dir: Path) -> None:
+    acct = Accountant(MemoryProbe(None))
+    plan = a_plan(models_dir)
+    assert plan.detail is not None
+    on_line = acct.track(1, plan)
+    for kind, size in (("model", plan.detail.weights), ("KV", plan.detail.kv), ("compute", plan.detail.compute)):
+        on_line(f"x:        CPU {kind} buffer size = {size / MiB:.2f} MiB")
+    acct.observe(host(100, 20 * MiB), {1: 100}, ready={1})  # RSS below buffers: compute not touched yet
+    assert acct.corrections == {}
+    assert acct.runners[1].holds == pytest.approx(plan.detail.buffers + PROCESS_OVERHEAD, rel=0.01)
+
+
+@pytest.mark.parametrize(("state", "spread", "visible", "ngl"), [
+    ("1x24GB", False, "0", 33), ("2x80GB", False, "0", 33), ("2x80GB", True, "0,1", 33),
+    ("1x24GB-nearly-full", False, "0", 2),
+])
+def test_placement_sets_layers_and_pins_gpus(state: str, spread: bool, visible: str, ngl: int) -> None:
+    est = Estimate(weights=4 * GiB, kv=1 * GiB, recurrent=0, compute=256 * MiB, output=0, overhead=0,
+                   layers=32, layer_weights=int(3.8 * GiB))  # a 7B-like model
+    plan = RunnerPlan(model="m", path=Path("/m.gguf"), num_parallel=1, ctx=2048, estimate=est.total, detail=est)
+    acct = Accountant(MemoryProbe(FakeNvml.state(state), cgroup=False), spread=spread)
+    acct.snapshot = replace(acct.probe.snapshot(), host_available=64 * GiB)
+    acct.track(1, plan)
+    placed, env = acct.place(1, plan)
+    assert env["CUDA_VISIBLE_DEVICES"] == visible and placed.n_gpu_layers == ngl
+    argv = placed.argv("llama-server", 1)
+    assert argv[argv.index("--n-gpu-layers") + 1] == str(ngl)
+
+
+def test_cpu_only_host_places_nothing(models_dir: Path) -> None:
+    acct = Accountant(MemoryProbe(None))
+    acct.snapshot = acct.probe.snapshot()
+    plan = a_plan(models_dir)
+    assert acct.place(1, plan) == (plan, {})
+
+
+# --- end to end with the fake llama-server --------------------------------------------------
+@pytest.fixture
+def slow_fake(tmp_path: Path) -> Path:
+    path = tmp_path / "llama-server"
+    path.write_text(f"#!/bin/sh\nFAKE_TOKEN_DELAY=0.02 exec {sys.executable} {HERE / 'fake_llama_server.py'} \"$@\"\n")
+    path.chmod(0o755)
+    return path
+
+
+def test_pressure_unloads_idle_runner_but_never_a_busy_one(daemon_factory: Any, slow_fake: Path,
+                                                           models_dir: Path) -> None:
+    d: Daemon = daemon_factory(slow_fake, models_dir, OLLAMAD_MEMORY_POLL="0.1s",
+                               OLLAMAD_MEMORY_LOW_WATER="1000TiB")  # always under pressure
+    done: dict[str, Any] = {}
+
+    def stream() -> None:
+        req = urllib.request.Request(d.url + "/api/generate", method="POST", data=json.dumps(
+            {"model": "tiny", "prompt": "go", "options": {"num_predict": 100}}).encode())
+        with urllib.request.urlopen(req, timeout=60) as r:
+            done["lines"] = [json.loads(x) for x in r]
+
+    t = threading.Thread(target=stream)
+    t.start()
+    t.join(60)
+    lines = done["lines"]
+    assert lines[-1]["done"] is True and lines[-1]["eval_count"] == 100  # never cut off
+    assert len(lines) == 101
+    deadline = time.monotonic() + 10
+    while d.get("/api/ps")[1]["models"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert d.get("/api/ps")[1]["models"] == []  # idle: unloaded at once for the pressure
+    assert "memory pressure" in d.log() and "low-water" in d.log()
+
+
+def test_fake_server_measurement_corrects_the_next_estimate(daemon_factory: Any, fake_server: Path,
+                                                            models_dir: Path) -> None:
+    # 4 x 8192 context: the estimate (~130 MiB) is far above what the fake (a small Python process) uses
+    d: Daemon = daemon_factory(fake_server, models_dir, OLLAMAD_MEMORY_POLL="0.1s", OLLAMA_CONTEXT_LENGTH="8192")
+    assert d.post("/api/generate", {"model": "tiny"})[0] == 200
+    time.sleep(0.5)
+    (first,) = d.get("/api/ps")[1]["models"]
+    assert first["reported_size"] == 0 and first["measured_size"] > 0  # the fake logs no buffers
+    assert first["measured_size"] < 0.8 * first["estimated_size"]
+    assert d.post("/api/generate", {"model": "tiny", "keep_alive": 0})[0] == 200
+    deadline = time.monotonic() + 10
+    while d.get("/api/ps")[1]["models"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert d.post("/api/generate", {"model": "tiny"})[0] == 200
+    (second,) = d.get("/api/ps")[1]["models"]
+    assert "estimate corrected from measurement" in d.log()
+    # the fake (a Python process) is nothing like llama-server: the new estimate is what it measured
+    assert second["estimated_size"] != first["estimated_size"]
+    assert abs(second["estimated_size"] - first["accounted_size"]) <= 0.10 * first["accounted_size"]
