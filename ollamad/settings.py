@@ -195,6 +195,11 @@ class Settings(BaseSettings):
                          description="If set, API requests need 'Authorization: Bearer <key>' (/, /api/version open)")
     max_body: ByteCount = Field(64 * 1024**2, validation_alias="OLLAMAD_MAX_BODY",
                                 description="Largest request body accepted (e.g. 64MiB); larger gets 413")
+    pull_allow: CsvList = Field(
+        (), validation_alias="OLLAMAD_PULL_ALLOW",
+        description="Private, loopback or link-local hosts /api/pull may reach (names, IPs, CIDRs; * = any)")
+    pull_timeout: Seconds = Field(30.0, validation_alias="OLLAMAD_PULL_TIMEOUT",
+                                  description="/api/pull: longest wait to connect to a registry, and between reads")
     log_requests: Flag = Field(False, validation_alias="OLLAMAD_LOG_REQUESTS",
                                description="Log request bodies (prompts) and replies; off by default")
 

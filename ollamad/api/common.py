@@ -117,7 +117,7 @@ def resolve(ctx: AppContext, name: str) -> Model:
         model = ctx.catalog.resolve(name)
     except InvalidName as e:
         raise ApiError(400, str(e)) from None
-    if model is None:
+    if model is None or not model.path.is_file():  # deleted since the last scan: gone
         raise ApiError(404, f"model '{name}' not found")
     return model
 

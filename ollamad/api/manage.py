@@ -9,16 +9,17 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import anyio
 from aiohttp import web
 
 from ollamad.api.common import CTX, NDJSON, ApiError, AppContext, dumps, iso_time, read_json, reply, resolve
+from ollamad.api.registry import pull_steps
 from ollamad.models import store
 from ollamad.models.catalog import Model
 from ollamad.models.describe import capabilities, details
 from ollamad.models.ggufmeta import GGUFError, SkippedArray, read_gguf
 from ollamad.models.modelfile import ModelfileError, parse_modelfile
+from ollamad.models.options import check_params
 
 Progress = AsyncIterator[dict[str, Any]]
 
@@ -266,6 +267,11 @@ async def _create_steps(ctx: AppContext, body: dict[str, Any], dest: store.Name)
               or (field == "license" and isinstance(value, list)))
         if value is not None and not ok:
             raise ApiError(400, f"{field} must be a {'JSON object' if field == 'parameters' else 'string'}")
+    if isinstance(body.get("parameters"), dict):
+        try:
+            check_params(body["parameters"])
+        except ValueError as e:
+            raise ApiError(400, f"invalid parameters: {e}") from None
     layers: list[store.Layer] = []
     files = body.get("files")
     source = body.get("from") or body.get("path")
@@ -301,9 +307,11 @@ async def _create_steps(ctx: AppContext, body: dict[str, Any], dest: store.Name)
     if model_layer is None:
         raise ApiError(400, "no model file (GGUF) among the files")
     try:
-        await anyio.to_thread.run_sync(read_gguf, store.blob_path(root, model_layer.digest))
+        for x in layers:
+            if x.media_type in (store.MODEL, store.PROJECTOR):
+                await anyio.to_thread.run_sync(read_gguf, store.blob_path(root, x.digest))
     except GGUFError as e:
-        raise ApiError(400, f"invalid model file: {e}") from None
+        raise ApiError(400, str(e)) from None
     for field, media in (("template", store.TEMPLATE), ("system", store.SYSTEM),
                          ("license", store.LICENSE), ("parameters", store.PARAMS)):
         value = body.get(field)
@@ -333,70 +341,6 @@ async def create(request: web.Request) -> web.StreamResponse:
 
 
 # --- pull -------------------------------------------------------------------------------
-ACCEPT = f"{store.MANIFEST_TYPE}, application/vnd.oci.image.manifest.v1+json"
-
-
-async def _pull_steps(ctx: AppContext, name: store.Name, insecure: bool) -> Progress:
-    assert ctx.session is not None
-    root = ctx.catalog.folder
-    base = f"{'http' if insecure else 'https'}://{name.host}/v2/{name.namespace}/{name.model}"
-    yield {"status": "pulling manifest"}
-    try:
-        async with ctx.session.get(f"{base}/manifests/{name.tag}", headers={"Accept": ACCEPT}) as r:
-            if r.status == 404:
-                raise ApiError(404, "pull model manifest: file does not exist")
-            if r.status != 200:
-                raise ApiError(502, f"pull model manifest: registry answered {r.status}")
-            raw = await r.read()
-    except aiohttp.ClientError as e:
-        raise ApiError(502, f"pull model manifest: {e}") from None
-    try:
-        manifest = store.parse_manifest(name, name.manifest_path(root), raw)
-    except store.StoreError as e:
-        raise ApiError(502, str(e)) from None
-    blobs = [*([manifest.config] if manifest.config else []), *manifest.layers]
-    for layer in blobs:
-        async for step in _pull_blob(ctx, f"{base}/blobs/{layer.digest}", layer):
-            yield step
-    yield {"status": "verifying sha256 digest"}
-    yield {"status": "writing manifest"}
-    await anyio.to_thread.run_sync(store.write_atomic, name.manifest_path(root), raw)
-    await _rescan(ctx)
-    yield {"status": "success"}
-
-
-async def _pull_blob(ctx: AppContext, url: str, layer: store.Layer) -> Progress:
-    assert ctx.session is not None
-    path = store.blob_path(ctx.catalog.folder, layer.digest)
-    status = f"pulling {layer.digest.split(':')[1][:12]}"
-    if path.is_file():
-        yield {"status": status, "digest": layer.digest, "total": layer.size, "completed": layer.size}
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = store.temp_beside(path, "partial")
-    h, done, reported = hashlib.sha256(), 0, 0
-    try:
-        async with ctx.session.get(url) as r:
-            if r.status != 200:
-                raise ApiError(502, f"pull {layer.digest}: registry answered {r.status}")
-            async with await anyio.open_file(tmp, "wb") as f:
-                async for chunk in r.content.iter_chunked(1 << 20):
-                    h.update(chunk)
-                    await f.write(chunk)
-                    done += len(chunk)
-                    if done - reported >= 1 << 20:
-                        reported = done
-                        yield {"status": status, "digest": layer.digest, "total": layer.size, "completed": done}
-        if "sha256:" + h.hexdigest() != layer.digest:
-            raise ApiError(502, f"digest mismatch for {layer.digest}: got sha256:{h.hexdigest()}")
-        os.replace(tmp, path)
-    except aiohttp.ClientError as e:
-        raise ApiError(502, f"pull {layer.digest}: {e}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-    yield {"status": status, "digest": layer.digest, "total": layer.size, "completed": done}
-
-
 async def pull(request: web.Request) -> web.StreamResponse:
     ctx = request.app[CTX]
     body = await read_json(request)
@@ -406,7 +350,7 @@ async def pull(request: web.Request) -> web.StreamResponse:
         raise ApiError(400, "insecure must be true or false")
     if not isinstance(stream, bool):
         raise ApiError(400, "stream must be true or false")
-    return await progress_reply(request, stream, _pull_steps(ctx, name, insecure))
+    return await progress_reply(request, stream, pull_steps(ctx, name, insecure))
 
 
 def register(app: web.Application) -> None:

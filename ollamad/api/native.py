@@ -59,11 +59,11 @@ async def tags(request: web.Request) -> web.Response:
     ctx = request.app[CTX]
     out = []
     for m in sorted(ctx.catalog.list(), key=lambda m: -m.modified):
-        try:
+        try:  # a bad or vanished file is left out (the catalog logs a bad one once)
             facts = ctx.catalog.facts(m)
+            digest = await anyio.to_thread.run_sync(ctx.catalog.digest, m)
         except (GGUFError, OSError):
             continue
-        digest = await anyio.to_thread.run_sync(ctx.catalog.digest, m)
         out.append({
             "name": m.name, "model": m.name, "modified_at": iso_time(m.modified), "size": m.size,
             "digest": digest, "details": details(facts),
@@ -82,7 +82,7 @@ async def ps_body(ctx: AppContext) -> dict[str, Any]:
     models = []
     for rid, r in sorted(sched.state.runners.items()):
         model = ctx.catalog.resolve(r.plan.model)
-        facts = ctx.catalog.facts(model) if model else None
+        facts, digest = await _facts_and_digest(ctx, model)
         expires: float | None
         if r.status == "stopping":
             expires = now_wall
@@ -92,7 +92,6 @@ async def ps_body(ctx: AppContext) -> dict[str, Any]:
             expires = now_wall + (r.expires_at - now_mono)
         if expires is not None and math.isinf(expires):
             expires = None
-        digest = await anyio.to_thread.run_sync(ctx.catalog.digest, model) if model else ""
         size, memory = r.memory, _memory_fields(sched, rid, r.memory)
         if memory.get("measured_size"):
             size = memory["measured_size"]
@@ -108,6 +107,16 @@ async def ps_body(ctx: AppContext) -> dict[str, Any]:
             "estimated_size": r.plan.estimate, **memory,
         })
     return {"models": models, "queue": {"waiting": sched.state.waiting(), "max": sched.state.max_queue}}
+
+
+async def _facts_and_digest(ctx: AppContext, model: Model | None) -> tuple[ModelFacts | None, str]:
+    """What /api/ps shows of a loaded model's file; nothing when it was deleted or broken since."""
+    if model is None:
+        return None, ""
+    try:
+        return ctx.catalog.facts(model), await anyio.to_thread.run_sync(ctx.catalog.digest, model)
+    except (GGUFError, OSError):
+        return None, ""
 
 
 def _memory_fields(sched: Scheduler, rid: int, memory: int) -> dict[str, Any]:

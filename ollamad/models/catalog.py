@@ -17,12 +17,15 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import structlog
+
 from ollamad.models import store
 from ollamad.models.config import ModelConfig, load_model_config
 from ollamad.models.facts import ModelFacts, facts_from_gguf
-from ollamad.models.ggufmeta import GGUFInfo, read_gguf
+from ollamad.models.ggufmeta import GGUFError, GGUFInfo, read_gguf
 from ollamad.models.plan import ModelDefaults
 
+log = structlog.get_logger("ollamad.catalog")
 PROJECTOR_SUFFIX = ".mmproj.gguf"
 _PART = r"[a-zA-Z0-9][a-zA-Z0-9_.\-]{0,127}"
 _NAME = re.compile(rf"^({_PART}(:[0-9]{{1,5}})?/)?({_PART}/)?{_PART}(:[a-zA-Z0-9_][a-zA-Z0-9_.\-]{{0,127}})?$")
@@ -69,6 +72,7 @@ class Catalog:
         self._models: dict[str, Model] = {}
         self._aliases: dict[str, str] = {}
         self._facts: dict[tuple[Path, int, float], ModelFacts] = {}
+        self._bad: dict[tuple[Path, int, float], GGUFError] = {}  # logged once, not read again
         self._digests: dict[tuple[Path, int, float], str] = {}
         self._lock = threading.Lock()
 
@@ -150,10 +154,19 @@ class Catalog:
         st = model.path.stat()
         key = (model.path, st.st_size, st.st_mtime)
         facts = self._facts.get(key)
-        if facts is None:
+        if facts is not None:
+            return facts
+        if key in self._bad:
+            raise self._bad[key]
+        try:
             proj = read_gguf(model.projector) if model.projector else None
             facts = facts_from_gguf(read_gguf(model.path), proj)
-            self._facts[key] = facts
+        except (GGUFError, ValueError, TypeError, ArithmeticError) as e:
+            err = e if isinstance(e, GGUFError) else GGUFError(f"invalid model file {model.path.name}: {e}")
+            self._bad[key] = err
+            log.warning("skipping a model whose file cannot be read", model=model.name, error=str(err))
+            raise err from None
+        self._facts[key] = facts
         return facts
 
     def digest(self, model: Model) -> str:

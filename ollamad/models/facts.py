@@ -7,6 +7,8 @@ from typing import Any
 
 from ollamad.models.ggufmeta import GGUFInfo, SkippedArray
 
+MAX_TRAIN_CTX = 1 << 24  # a larger context_length (2^32-1 in a hostile file) is taken as this
+
 
 @dataclass(frozen=True)
 class ModelFacts:
@@ -55,7 +57,7 @@ def facts_from_gguf(info: GGUFInfo, projector: GGUFInfo | None = None) -> ModelF
     head_dim = embd // heads if heads else 0
     key_length = _int(info.arch("attention.key_length"), head_dim) or head_dim
     value_length = _int(info.arch("attention.value_length"), head_dim) or head_dim
-    train_ctx = _int(info.arch("context_length")) or None
+    train_ctx = min(_int(info.arch("context_length")), MAX_TRAIN_CTX) or None
     template = info.metadata.get("tokenizer.chat_template")
     recurrent = 0
     ssm_state = _int(info.arch("ssm.state_size"))

@@ -1,10 +1,13 @@
 """Read a GGUF file's metadata and tensor table without loading the tensors.
 
 Large arrays (a 150k-token vocabulary) are skipped, not parsed: only their length is kept.
+The file may be hostile (a pulled or uploaded blob): nesting depth, counts and string lengths
+are bounded, and every way of failing is a GGUFError saying "invalid model file".
 """
 
 from __future__ import annotations
 
+import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +21,9 @@ _SCALARS = {
 }  # fmt: skip
 _STRING, _ARRAY = 8, 9
 KEEP_ARRAY_MAX = 64  # arrays longer than this are skipped (tokens, merges, scores)
+MAX_DEPTH = 4  # arrays of arrays nested deeper than this are refused (real files use 1)
+MAX_KEY = 1 << 16  # bytes in a metadata key or tensor name
+MAX_STRING = 1 << 26  # bytes in one metadata string (chat templates are a few KiB)
 
 
 class GGUFError(ValueError):
@@ -77,8 +83,17 @@ class GGUFInfo:
 
 
 class _Reader:
-    def __init__(self, f: BinaryIO) -> None:
+    def __init__(self, f: BinaryIO, size: int) -> None:
         self.f = f
+        self.size = size
+
+    def left(self) -> int:
+        return self.size - self.f.tell()
+
+    def need(self, n: int, what: str) -> None:
+        """Refuse a declared length or count the rest of the file cannot hold."""
+        if n > self.left():
+            raise GGUFError(f"{what} runs past the end of the file")
 
     def read(self, n: int) -> bytes:
         b = self.f.read(n)
@@ -95,30 +110,35 @@ class _Reader:
     def u64(self) -> int:
         return int(self.scalar("<Q"))
 
-    def string(self) -> str:
+    def string(self, limit: int = MAX_STRING) -> str:
         n = self.u64()
-        if n > 1 << 26:
+        if n > limit:
             raise GGUFError("string length is implausible")
+        self.need(n, "a string")
         return self.read(n).decode("utf-8", errors="replace")
 
     def skip_string(self) -> None:
         n = self.u64()
+        self.need(n, "a string")
         self.f.seek(n, 1)
 
-    def value(self, vtype: int) -> Any:
+    def value(self, vtype: int, depth: int = 0) -> Any:
         if vtype in _SCALARS:
             return self.scalar(_SCALARS[vtype])
         if vtype == _STRING:
             return self.string()
         if vtype == _ARRAY:
+            if depth >= MAX_DEPTH:
+                raise GGUFError(f"arrays nested more than {MAX_DEPTH} deep")
             itype, count = self.u32(), self.u64()
+            self.need(count * _least_size(itype), "an array")
             if count > KEEP_ARRAY_MAX:
-                self.skip_array(itype, count)
+                self.skip_array(itype, count, depth + 1)
                 return SkippedArray(count)
-            return [self.value(itype) for _ in range(count)]
+            return [self.value(itype, depth + 1) for _ in range(count)]
         raise GGUFError(f"unknown metadata value type {vtype}")
 
-    def skip_array(self, itype: int, count: int) -> None:
+    def skip_array(self, itype: int, count: int, depth: int) -> None:
         if itype in _SCALARS:
             self.f.seek(struct.calcsize(_SCALARS[itype]) * count, 1)
         elif itype == _STRING:
@@ -126,21 +146,35 @@ class _Reader:
                 self.skip_string()
         else:
             for _ in range(count):
-                self.value(itype)
+                self.value(itype, depth)
+
+
+def _least_size(vtype: int) -> int:
+    """Fewest bytes one value of ``vtype`` takes in the file (a count check needs no reading)."""
+    if vtype in _SCALARS:
+        return struct.calcsize(_SCALARS[vtype])
+    if vtype == _STRING:
+        return 8
+    if vtype == _ARRAY:
+        return 12
+    raise GGUFError(f"unknown metadata value type {vtype}")
 
 
 def read_gguf(path: str | Path) -> GGUFInfo:
-    """Read metadata and tensor infos from ``path``; raises GGUFError on a bad file."""
+    """Read metadata and tensor infos from ``path``; GGUFError ("invalid model file") on a bad file.
+
+    OSError (no such file, no permission) is left to the caller: the file is not bad, it is missing.
+    """
     try:
         with open(path, "rb", buffering=1 << 20) as f:
-            return _read(_Reader(f), Path(path).stat().st_size)
-    except (struct.error, UnicodeDecodeError, OverflowError, MemoryError) as e:
-        raise GGUFError(f"{path}: not a valid GGUF file ({e})") from None
+            return _read(_Reader(f, os.fstat(f.fileno()).st_size))
     except GGUFError as e:
-        raise GGUFError(f"{path}: {e}") from None
+        raise GGUFError(f"invalid model file {Path(path).name}: {e}") from None
+    except (struct.error, ValueError, OverflowError, MemoryError, RecursionError) as e:
+        raise GGUFError(f"invalid model file {Path(path).name}: {type(e).__name__}") from None
 
 
-def _read(r: _Reader, size: int) -> GGUFInfo:
+def _read(r: _Reader) -> GGUFInfo:
     if r.read(4) != MAGIC:
         raise GGUFError("not a GGUF file (bad magic)")
     version = r.u32()
@@ -151,11 +185,11 @@ def _read(r: _Reader, size: int) -> GGUFInfo:
         raise GGUFError("header counts are implausible")
     meta: dict[str, Any] = {}
     for _ in range(n_kv):
-        key = r.string()
+        key = r.string(MAX_KEY)
         meta[key] = r.value(r.u32())
     tensors = []
     for _ in range(n_tensors):
-        name = r.string()
+        name = r.string(MAX_KEY)
         n_dims = r.u32()
         if n_dims > 8:
             raise GGUFError(f"tensor {name} has {n_dims} dimensions")
@@ -164,6 +198,6 @@ def _read(r: _Reader, size: int) -> GGUFInfo:
         r.u64()  # offset
         tensors.append(TensorInfo(name, shape, ttype))
     info = GGUFInfo(version, meta, tuple(tensors))
-    if info.tensors and r.f.tell() + info.tensor_bytes > size:
+    if info.tensors and info.tensor_bytes > r.left():
         raise GGUFError("file is truncated (tensor data missing)")
     return info

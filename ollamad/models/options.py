@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 
 from ollamad.models.plan import LoadOptions
 
@@ -58,3 +58,15 @@ class Options(BaseModel):
         if out.get("seed", 0) < 0:
             out["seed"] = -1
         return out
+
+
+def check_params(params: object) -> dict[str, Any]:
+    """A model's stored parameters (create, pull): ValueError naming a wrong type or value."""
+    if not isinstance(params, dict):
+        raise ValueError("parameters must be a JSON object")
+    try:
+        Options.model_validate(params)
+    except ValidationError as e:
+        parts = [f"{'.'.join(str(x) for x in i['loc'])}: {i['msg']}" for i in e.errors()[:5]]
+        raise ValueError("; ".join(parts)) from None
+    return params

@@ -123,6 +123,31 @@ def parse_manifest(name: Name, path: Path, data: bytes) -> Manifest:
     return Manifest(name, path, layers, config, path.stat().st_mtime if path.exists() else 0.0, body)
 
 
+MAX_LAYERS = 64
+MAX_LAYER_SIZE = 1 << 40  # bytes: 1 TiB
+
+
+def check_manifest(name: Name, path: Path, data: bytes) -> Manifest:
+    """A manifest from a registry, checked before it is stored: StoreError naming what is wrong."""
+    try:
+        body = json.loads(data)
+    except ValueError:
+        raise StoreError("the registry's manifest is not JSON") from None
+    if not isinstance(body, dict) or body.get("schemaVersion") != 2:
+        raise StoreError("not an image manifest (schemaVersion 2)")
+    layers, config = body.get("layers"), body.get("config")
+    if not isinstance(layers, list) or not 0 < len(layers) <= MAX_LAYERS:
+        raise StoreError(f"a manifest needs 1 to {MAX_LAYERS} layers")
+    for x in [*layers, *([config] if config is not None else [])]:
+        if not (isinstance(x, dict) and isinstance(x.get("mediaType"), str) and isinstance(x.get("digest"), str)
+                and type(x.get("size")) is int and 0 <= x["size"] <= MAX_LAYER_SIZE):
+            raise StoreError("a manifest layer needs a mediaType, a digest and a size")
+        check_digest(x["digest"])
+    if sum(1 for x in layers if x["mediaType"] == MODEL) != 1:
+        raise StoreError("a manifest needs exactly one model layer")
+    return parse_manifest(name, path, data)
+
+
 def _layer(x: dict[str, Any]) -> Layer:
     return Layer(str(x["mediaType"]), check_digest(str(x["digest"])), int(x.get("size", 0)))
 

@@ -30,7 +30,8 @@ def api_models(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def daemon(daemon_factory: Any, llama_server: Path, api_models: Path) -> Daemon:
-    return daemon_factory(llama_server, api_models)  # type: ignore[no-any-return]
+    # the local registry of the pull test is on loopback, which /api/pull refuses unless allowed
+    return daemon_factory(llama_server, api_models, OLLAMAD_PULL_ALLOW="127.0.0.1")  # type: ignore[no-any-return]
 
 
 @pytest.fixture
