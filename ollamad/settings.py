@@ -195,6 +195,10 @@ class Settings(BaseSettings):
                          description="If set, API requests need 'Authorization: Bearer <key>' (/, /api/version open)")
     max_body: ByteCount = Field(64 * 1024**2, validation_alias="OLLAMAD_MAX_BODY",
                                 description="Largest request body accepted (e.g. 64MiB); larger gets 413")
+    embed_max_inputs: int = Field(2048, ge=1, validation_alias="OLLAMAD_EMBED_MAX_INPUTS",
+                                  description="Most inputs one embedding request may carry (more: 400)")
+    embed_max_tokens: int = Field(300_000, ge=1, validation_alias="OLLAMAD_EMBED_MAX_TOKENS",
+                                  description="Most tokens one embedding request may embed in all (more: 400)")
     pull_allow: CsvList = Field(
         (), validation_alias="OLLAMAD_PULL_ALLOW",
         description="Private, loopback or link-local hosts /api/pull may reach (names, IPs, CIDRs; * = any)")
@@ -220,7 +224,7 @@ class Settings(BaseSettings):
         return v
 
     @field_validator("num_parallel", "context_length", "max_loaded_models", "max_queue", "threads", "api_key",
-                     mode="before")
+                     "embed_max_inputs", "embed_max_tokens", mode="before")
     @classmethod
     def _int(cls, v: Any) -> Any:
         return _clean(v)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 from aiohttp import web
@@ -10,13 +11,14 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool
 from ollamad.api.common import (
     CTX,
     ApiError,
+    dumps,
     parse_keep_alive,
     read_json,
     reply,
     resolve,
     validate,
 )
-from ollamad.api.embedding import embed_texts, shorten
+from ollamad.api.embedding import check_count, embed_texts, shorten, stream_embeddings
 from ollamad.models.options import Options
 
 
@@ -41,7 +43,7 @@ class LegacyEmbedRequest(BaseModel):
 
 
 
-async def embed(request: web.Request) -> web.Response:
+async def embed(request: web.Request) -> web.StreamResponse:
     ctx = request.app[CTX]
     t0 = time.monotonic_ns()
     req: EmbedRequest = validate(EmbedRequest, await read_json(request))
@@ -52,13 +54,16 @@ async def embed(request: web.Request) -> web.Response:
         if not ctx.catalog.facts(model).embedding:
             raise ApiError(400, f'"{req.model}" does not support embeddings')
         return reply({"model": req.model, "embeddings": []})
-    vectors, tokens, queued = await embed_texts(ctx, model, req.model, texts, truncate=req.truncate,
-                                                options=req.options, keep_alive=keep_alive)
-    return reply({
-        "model": req.model, "embeddings": [shorten(v, req.dimensions) for v in vectors],
-        "total_duration": time.monotonic_ns() - t0, "load_duration": int(queued * 1e9),
-        "prompt_eval_count": tokens,
-    })
+    check_count(ctx, texts)
+
+    def tail(tokens: int, queued: float) -> bytes:
+        return b"]," + dumps({"total_duration": time.monotonic_ns() - t0, "load_duration": int(queued * 1e9),
+                              "prompt_eval_count": tokens})[1:]
+
+    return await stream_embeddings(
+        request, ctx, model, req.model, texts, truncate=req.truncate, options=req.options, keep_alive=keep_alive,
+        head=dumps({"model": req.model})[:-2] + b',"embeddings":[',
+        item=lambda _, v: json.dumps(shorten(v, req.dimensions)).encode(), tail=tail)
 
 
 async def embeddings_legacy(request: web.Request) -> web.Response:

@@ -1,16 +1,32 @@
-"""Embedding work shared by the native and OpenAI embedding routes: tokenize, truncate to the
-runner's context, embed, and shorten to ``dimensions``."""
+"""Embedding work shared by the native and OpenAI embedding routes: bound the request, tokenize
+only what may not fit, embed in batches, and stream the reply's encoding so memory stays flat.
+
+A request may carry OLLAMAD_EMBED_MAX_INPUTS inputs and OLLAMAD_EMBED_MAX_TOKENS tokens (400
+past either). An input whose UTF-8 length cannot reach the context is sent as text (llama-server
+tokenizes it); a longer one is tokenized first (a few at a time), to truncate it to the context
+or refuse it. Token counts are exact where tokenized and an upper bound elsewhere; when the
+bound passes the cap, the rest are tokenized too, so a 400 is never a guess.
+"""
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+
+import aiohttp
+import anyio
+import structlog
+from aiohttp import web
 
 from ollamad.api.common import ApiError, AppContext, runner_json
 from ollamad.models.catalog import Model
 from ollamad.models.options import Options
-from ollamad.runner.events import error_of
+from ollamad.runner.events import UpstreamError, error_of
 from ollamad.sched.scheduler import Lease
+
+log = structlog.get_logger("ollamad.api")
+BATCH = 64  # inputs per /v1/embeddings call: the slot is shared, the reply stays small
+TOKENIZE_AT_ONCE = 8  # /tokenize runs on llama-server's HTTP threads, not on the slot
 
 
 def shorten(vector: list[float], dimensions: int | None) -> list[float]:
@@ -22,27 +38,17 @@ def shorten(vector: list[float], dimensions: int | None) -> list[float]:
     return [x / norm for x in cut]
 
 
-async def embed_texts(ctx: AppContext, model: Model, name: str, texts: list[str], *, truncate: bool,
-                      options: Options, keep_alive: float | None) -> tuple[list[list[float]], int, float]:
-    """Embed ``texts`` on a runner for ``model``: (vectors, prompt tokens, seconds queued+loading)."""
-    if not ctx.catalog.facts(model).embedding:
-        raise ApiError(400, f'"{name}" does not support embeddings')
-    lease = await ctx.scheduler.acquire(model, num_ctx=options.num_ctx, load=options.load_options(),
-                                        keep_alive=keep_alive)
-    async with lease:
-        inputs: list[Any] = []
-        for text in texts:
-            tokens = await _tokenize(ctx, lease, text)
-            if len(tokens) > lease.runner.plan.ctx:
-                if not truncate:
-                    raise ApiError(400, "input exceeds maximum context length")
-                inputs.append(tokens[: lease.runner.plan.ctx])
-            else:
-                inputs.append(tokens)
-        body = await runner_json(ctx, lease, "/v1/embeddings", {"input": inputs})
-    data = sorted(body.get("data") or [], key=lambda d: d.get("index", 0))
-    vectors = [[float(x) for x in d["embedding"]] for d in data]
-    return vectors, int((body.get("usage") or {}).get("prompt_tokens", 0)), lease.queued_for
+def token_bound(text: str) -> int:
+    """Most tokens ``text`` can make (pure): every token covers a byte of the normalised text,
+    which SentencePiece and WordPiece grow at most 3-4 fold (" " -> "▁"), plus special tokens."""
+    return 4 * len(text.encode("utf-8", "surrogatepass")) + 8
+
+
+def check_count(ctx: AppContext, texts: list[str]) -> None:
+    """400 before anything is loaded when a request has too many inputs."""
+    most = ctx.settings.embed_max_inputs
+    if len(texts) > most:
+        raise ApiError(400, f"too many inputs: {len(texts)} (at most {most}, OLLAMAD_EMBED_MAX_INPUTS)")
 
 
 async def _tokenize(ctx: AppContext, lease: Lease, text: str) -> list[int]:
@@ -53,3 +59,112 @@ async def _tokenize(ctx: AppContext, lease: Lease, text: str) -> list[int]:
             raise await error_of(up)
         body = await up.json()
     return [int(t) for t in body.get("tokens", [])]
+
+
+async def _tokenize_some(ctx: AppContext, lease: Lease, texts: list[str], which: list[int]) -> dict[int, list[int]]:
+    out: dict[int, list[int]] = {}
+    limiter = anyio.CapacityLimiter(TOKENIZE_AT_ONCE)
+
+    async def one(i: int) -> None:
+        async with limiter:
+            out[i] = await _tokenize(ctx, lease, texts[i])
+
+    async with anyio.create_task_group() as tg:
+        for i in which:
+            tg.start_soon(one, i)
+    return out
+
+
+async def prepare(ctx: AppContext, lease: Lease, texts: list[str], truncate: bool) -> list[str | list[int]]:
+    """What to send for each text: the text, or its tokens cut to the context; 400s here."""
+    n_ctx, most = lease.runner.plan.ctx, ctx.settings.embed_max_tokens
+    bounds = [token_bound(t) for t in texts]
+    which = [i for i, b in enumerate(bounds) if b > n_ctx]
+    if sum(min(b, n_ctx) for b in bounds) > most:
+        which = list(range(len(texts)))  # the bound is not enough: count exactly
+    tokens = await _tokenize_some(ctx, lease, texts, which)
+    inputs: list[str | list[int]] = list(texts)
+    total = 0
+    for i, bound in enumerate(bounds):
+        toks = tokens.get(i)
+        if toks is None:
+            total += min(bound, n_ctx)
+            continue
+        if len(toks) > n_ctx:
+            if not truncate:
+                raise ApiError(400, "input exceeds maximum context length")
+            toks = toks[:n_ctx]
+        inputs[i] = toks
+        total += len(toks)
+    if total > most:
+        raise ApiError(400, f"too many tokens: {total} (at most {most}, OLLAMAD_EMBED_MAX_TOKENS)")
+    return inputs
+
+
+async def batches(ctx: AppContext, lease: Lease, inputs: list[str | list[int]],
+                  ) -> AsyncIterator[tuple[list[list[float]], int]]:
+    """(vectors, prompt tokens) for each batch of inputs, in order."""
+    for start in range(0, len(inputs), BATCH):
+        part = inputs[start : start + BATCH]
+        body = await runner_json(ctx, lease, "/v1/embeddings", {"input": part})
+        data = sorted(body.get("data") or [], key=lambda d: d.get("index", 0))
+        if len(data) != len(part):
+            raise UpstreamError(500, f"llama-server returned {len(data)} embeddings for {len(part)} inputs")
+        yield [[float(x) for x in d["embedding"]] for d in data], int((body.get("usage") or {}).get("prompt_tokens", 0))
+
+
+async def embed_texts(ctx: AppContext, model: Model, name: str, texts: list[str], *, truncate: bool,
+                      options: Options, keep_alive: float | None) -> tuple[list[list[float]], int, float]:
+    """Embed ``texts`` whole (for small requests): (vectors, prompt tokens, seconds queued+loading)."""
+    lease = await _acquire(ctx, model, name, options, keep_alive)
+    vectors: list[list[float]] = []
+    tokens = 0
+    async with lease:
+        async for part, n in batches(ctx, lease, await prepare(ctx, lease, texts, truncate)):
+            vectors += part
+            tokens += n
+    return vectors, tokens, lease.queued_for
+
+
+async def _acquire(ctx: AppContext, model: Model, name: str, options: Options, keep_alive: float | None) -> Lease:
+    if not ctx.catalog.facts(model).embedding:
+        raise ApiError(400, f'"{name}" does not support embeddings')
+    return await ctx.scheduler.acquire(model, num_ctx=options.num_ctx, load=options.load_options(),
+                                       keep_alive=keep_alive)
+
+
+Item = Callable[[int, list[float]], bytes]
+Tail = Callable[[int, float], bytes]
+
+
+async def stream_embeddings(request: web.Request, ctx: AppContext, model: Model, name: str, texts: list[str], *,
+                            truncate: bool, options: Options, keep_alive: float | None,
+                            head: bytes, item: Item, tail: Tail) -> web.StreamResponse:
+    """One JSON object written as it is made: ``head``, each vector as ``item``, ``tail``.
+
+    Every client mistake (a 400) and the first batch come before the reply starts, so they get
+    a status; a failure after that cuts the connection (a JSON body cannot carry an error).
+    """
+    lease = await _acquire(ctx, model, name, options, keep_alive)
+    async with lease:
+        parts = batches(ctx, lease, await prepare(ctx, lease, texts, truncate))
+        first = await anext(parts)
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await resp.prepare(request)
+        index, tokens = 0, 0
+        try:
+            await resp.write(head)
+            part: tuple[list[list[float]], int] | None = first
+            while part is not None:
+                vectors, n = part
+                tokens += n
+                for v in vectors:
+                    await resp.write((b"," if index else b"") + item(index, v))
+                    index += 1
+                part = await anext(parts, None)
+            await resp.write(tail(tokens, lease.queued_for))
+        except (UpstreamError, aiohttp.ClientError) as e:
+            log.warning("embedding cut after the reply began", model=name, error=str(e), done=index)
+            if request.transport is not None:
+                request.transport.close()
+        return resp

@@ -10,7 +10,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 
 from ollamad.api.common import CTX, ApiError, AppContext, check_capable, dumps, read_json, reply, resolve, validate
-from ollamad.api.embedding import embed_texts, shorten
+from ollamad.api.embedding import check_count, shorten, stream_embeddings
 from ollamad.models.catalog import Model
 from ollamad.models.options import Options
 from ollamad.runner.events import UpstreamError, error_of, sse_events
@@ -135,7 +135,7 @@ def encode_base64(vector: list[float]) -> str:
     return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
 
 
-async def embeddings(request: web.Request) -> web.Response:
+async def embeddings(request: web.Request) -> web.StreamResponse:
     ctx = request.app[CTX]
     req: EmbeddingRequest = validate(EmbeddingRequest, await read_json(request))
     if req.encoding_format not in ("float", "base64"):
@@ -143,16 +143,19 @@ async def embeddings(request: web.Request) -> web.Response:
     texts = [req.input] if isinstance(req.input, str) else list(req.input)
     if not texts or any(not t for t in texts):
         raise ApiError(400, "input must be a non-empty string or a list of non-empty strings")
+    check_count(ctx, texts)
     model = resolve(ctx, req.model)
-    vectors, tokens, _ = await embed_texts(ctx, model, req.model, texts, truncate=True, options=Options(),
-                                           keep_alive=None)
-    data = []
-    for i, v in enumerate(vectors):
+
+    def item(i: int, v: list[float]) -> bytes:
         v = shorten(v, req.dimensions)
-        data.append({"object": "embedding", "index": i,
-                     "embedding": encode_base64(v) if req.encoding_format == "base64" else v})
-    return reply({"object": "list", "data": data, "model": req.model,
-                  "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+        return dumps({"object": "embedding", "index": i,
+                      "embedding": encode_base64(v) if req.encoding_format == "base64" else v})[:-1]
+
+    def tail(tokens: int, _: float) -> bytes:
+        return b"]," + dumps({"model": req.model, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})[1:]
+
+    return await stream_embeddings(request, ctx, model, req.model, texts, truncate=True, options=Options(),
+                                   keep_alive=None, head=b'{"object":"list","data":[', item=item, tail=tail)
 
 
 def _model_entry(m: Model) -> dict[str, Any]:

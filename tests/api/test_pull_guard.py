@@ -127,6 +127,8 @@ def test_hostile_registry_answers(daemon_factory: Any, fake_server: Path, folder
     registry.serve("undersized", *_manifest(model, size=1000))
     registry.serve("notgguf", *_manifest(b"this is not a model file"))
     registry.serve("nested", *_manifest(nested(20_000)))
+    manifest, blobs = _manifest(b"a" * 100)
+    registry.serve("wrongbytes", manifest, {d: b"b" * 100 for d in blobs})
     bad_params = store.write_blob(folder.parent / "x", b'{"temperature": "hot"}')
     manifest, blobs = _manifest(model)
     manifest["layers"].append({"mediaType": store.PARAMS, "digest": bad_params.digest, "size": bad_params.size})
@@ -151,6 +153,7 @@ def test_hostile_registry_answers(daemon_factory: Any, fake_server: Path, folder
         "undersized": (502, "larger than the manifest declares"),
         "notgguf": (502, "invalid model file"),
         "nested": (502, "invalid model file"),
+        "wrongbytes": (502, "digest mismatch"),
         "badparams": (502, "invalid params"),
         "redirected": (403, "not allowed"),
         "silent": (504, "did not answer in time"),
