@@ -63,7 +63,7 @@ async def embed(request: web.Request) -> web.StreamResponse:
     return await stream_embeddings(
         request, ctx, model, req.model, texts, truncate=req.truncate, options=req.options, keep_alive=keep_alive,
         head=dumps({"model": req.model})[:-2] + b',"embeddings":[',
-        item=lambda _, v: json.dumps(shorten(v, req.dimensions)).encode(), tail=tail)
+        item=lambda _, v: json.dumps(shorten(v, req.dimensions), separators=(",", ":")).encode(), tail=tail)
 
 
 async def embeddings_legacy(request: web.Request) -> web.Response:

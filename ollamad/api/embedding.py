@@ -11,7 +11,7 @@ bound passes the cap, the rest are tokenized too, so a 400 is never a guess.
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 import aiohttp
 import anyio
@@ -22,7 +22,7 @@ from ollamad.api.common import ApiError, AppContext, runner_json
 from ollamad.models.catalog import Model
 from ollamad.models.options import Options
 from ollamad.runner.events import UpstreamError, error_of
-from ollamad.sched.scheduler import Lease
+from ollamad.sched.scheduler import Lease, SchedulerError
 
 log = structlog.get_logger("ollamad.api")
 BATCH = 64  # inputs per /v1/embeddings call: the slot is shared, the reply stays small
@@ -101,16 +101,13 @@ async def prepare(ctx: AppContext, lease: Lease, texts: list[str], truncate: boo
     return inputs
 
 
-async def batches(ctx: AppContext, lease: Lease, inputs: list[str | list[int]],
-                  ) -> AsyncIterator[tuple[list[list[float]], int]]:
-    """(vectors, prompt tokens) for each batch of inputs, in order."""
-    for start in range(0, len(inputs), BATCH):
-        part = inputs[start : start + BATCH]
-        body = await runner_json(ctx, lease, "/v1/embeddings", {"input": part})
-        data = sorted(body.get("data") or [], key=lambda d: d.get("index", 0))
-        if len(data) != len(part):
-            raise UpstreamError(500, f"llama-server returned {len(data)} embeddings for {len(part)} inputs")
-        yield [[float(x) for x in d["embedding"]] for d in data], int((body.get("usage") or {}).get("prompt_tokens", 0))
+async def embed_batch(ctx: AppContext, lease: Lease, part: list[str | list[int]]) -> tuple[list[list[float]], int]:
+    """(vectors, prompt tokens) for one batch of inputs, in order."""
+    body = await runner_json(ctx, lease, "/v1/embeddings", {"input": part})
+    data = sorted(body.get("data") or [], key=lambda d: d.get("index", 0))
+    if len(data) != len(part):
+        raise UpstreamError(500, f"llama-server returned {len(data)} embeddings for {len(part)} inputs")
+    return [[float(x) for x in d["embedding"]] for d in data], int((body.get("usage") or {}).get("prompt_tokens", 0))
 
 
 async def embed_texts(ctx: AppContext, model: Model, name: str, texts: list[str], *, truncate: bool,
@@ -120,7 +117,9 @@ async def embed_texts(ctx: AppContext, model: Model, name: str, texts: list[str]
     vectors: list[list[float]] = []
     tokens = 0
     async with lease:
-        async for part, n in batches(ctx, lease, await prepare(ctx, lease, texts, truncate)):
+        inputs = await prepare(ctx, lease, texts, truncate)
+        for start in range(0, len(inputs), BATCH):
+            part, n = await embed_batch(ctx, lease, inputs[start : start + BATCH])
             vectors += part
             tokens += n
     return vectors, tokens, lease.queued_for
@@ -142,29 +141,40 @@ async def stream_embeddings(request: web.Request, ctx: AppContext, model: Model,
                             head: bytes, item: Item, tail: Tail) -> web.StreamResponse:
     """One JSON object written as it is made: ``head``, each vector as ``item``, ``tail``.
 
-    Every client mistake (a 400) and the first batch come before the reply starts, so they get
-    a status; a failure after that cuts the connection (a JSON body cannot carry an error).
+    Between batches the slot is given back and taken again, so other requests for the model
+    (queued first) wait for one batch, not for the whole request; the request's keep_alive
+    applies with its last batch. Every client mistake (a 400) and the first batch come before
+    the reply starts, so they get a status; a failure after that cuts the connection (a JSON
+    body cannot carry an error).
     """
-    lease = await _acquire(ctx, model, name, options, keep_alive)
-    async with lease:
-        parts = batches(ctx, lease, await prepare(ctx, lease, texts, truncate))
-        first = await anext(parts)
+    starts = range(0, len(texts), BATCH)
+    lease = await _acquire(ctx, model, name, options, keep_alive if len(starts) == 1 else None)
+    queued = lease.queued_for
+    try:
+        inputs = await prepare(ctx, lease, texts, truncate)
+        first = await embed_batch(ctx, lease, inputs[:BATCH])
         resp = web.StreamResponse(headers={"Content-Type": "application/json"})
         await resp.prepare(request)
         index, tokens = 0, 0
         try:
             await resp.write(head)
-            part: tuple[list[list[float]], int] | None = first
-            while part is not None:
-                vectors, n = part
+            for start in starts:
+                if start:
+                    lease.release()
+                    last = start == starts[-1]
+                    lease = await _acquire(ctx, model, name, options, keep_alive if last else None)
+                    vectors, n = await embed_batch(ctx, lease, inputs[start : start + BATCH])
+                else:
+                    vectors, n = first
                 tokens += n
                 for v in vectors:
                     await resp.write((b"," if index else b"") + item(index, v))
                     index += 1
-                part = await anext(parts, None)
-            await resp.write(tail(tokens, lease.queued_for))
-        except (UpstreamError, aiohttp.ClientError) as e:
+            await resp.write(tail(tokens, queued))
+        except (UpstreamError, ApiError, SchedulerError, aiohttp.ClientError) as e:
             log.warning("embedding cut after the reply began", model=name, error=str(e), done=index)
             if request.transport is not None:
                 request.transport.close()
         return resp
+    finally:
+        lease.release()
