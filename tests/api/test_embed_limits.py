@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+import threading
+import time
 from typing import Any
 
 import pytest
@@ -25,7 +27,7 @@ def embed_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def daemon(daemon_factory: Any, llama_server: Path, embed_dir: Path) -> Daemon:
     return daemon_factory(llama_server, embed_dir, OLLAMA_CONTEXT_LENGTH="512",  # type: ignore[no-any-return]
-                          OLLAMAD_EMBED_MAX_INPUTS="200", OLLAMAD_EMBED_MAX_TOKENS="20000")
+                          OLLAMAD_EMBED_MAX_INPUTS="1000", OLLAMAD_EMBED_MAX_TOKENS="20000")
 
 
 def _close(a: list[float], b: list[float]) -> bool:
@@ -33,7 +35,7 @@ def _close(a: list[float], b: list[float]) -> bool:
 
 
 def test_too_many_inputs_or_tokens_are_400(daemon: Daemon) -> None:
-    many = [f"t{i}" for i in range(201)]
+    many = [f"t{i}" for i in range(1001)]
     status, body = daemon.post("/api/embed", {"model": "embed", "input": many})
     assert status == 400 and "OLLAMAD_EMBED_MAX_INPUTS" in body["error"], body
     status, body = daemon.post("/v1/embeddings", {"model": "embed", "input": many})
@@ -64,3 +66,24 @@ def test_batches_keep_order_and_match_single_inputs(daemon: Daemon) -> None:
     assert status == 200 and [d["index"] for d in body["data"]] == list(range(BATCH + 2))
     assert _close(body["data"][BATCH + 1]["embedding"], vectors[BATCH + 1])
     assert body["usage"]["prompt_tokens"] > 0 and body["model"] == "embed"
+
+
+def test_other_requests_wait_one_batch_not_the_whole_request(daemon: Daemon) -> None:
+    assert daemon.post("/api/embed", {"model": "embed", "input": "load"})[0] == 200
+    done: dict[str, float] = {}
+
+    def big() -> None:
+        status, _ = daemon.post("/api/embed", {"model": "embed", "input": [f"t{i}" for i in range(1000)]})
+        assert status == 200
+        done["big"] = time.monotonic()
+
+    t = threading.Thread(target=big)
+    t.start()
+    deadline = time.monotonic() + 30
+    while not any(m["busy_slots"] for m in daemon.get("/api/ps")[1]["models"]):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert daemon.post("/api/embed", {"model": "embed", "input": "small"})[0] == 200
+    done["small"] = time.monotonic()
+    t.join()
+    assert done["small"] < done["big"]  # served between two batches of the big request
