@@ -63,6 +63,9 @@ def serve_command() -> None:
     from ollamad.service.logs import configure
     from ollamad.settings import SettingsError, load_settings
 
+    import os
+
+    os.umask(0o027)  # models, records and state are the service's (and its group's) alone, as under the unit
     try:
         settings = load_settings()
     except SettingsError as e:

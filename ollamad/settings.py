@@ -188,7 +188,8 @@ class Settings(BaseSettings):
     health_interval: Seconds = Field(5.0, validation_alias="OLLAMAD_HEALTH_INTERVAL",
                                      description="How often a loaded runner's /health is checked")
     health_timeout: Seconds = Field(20.0, validation_alias="OLLAMAD_HEALTH_TIMEOUT",
-                                    description="A runner silent on /health this long is hung: killed and replaced")
+                                    description="A runner silent on /health this long is hung: killed and replaced. "
+                                                "A hang is found within interval + timeout (25 s by default)")
     state_dir: Path = Field(default_factory=_default_state_dir, validation_alias="OLLAMAD_STATE_DIR",
                             description="Where the pids of started runners are recorded (cleanup after a crash)")
     api_key: str = Field("", validation_alias="OLLAMAD_API_KEY",
@@ -199,6 +200,13 @@ class Settings(BaseSettings):
                                   description="Most inputs one embedding request may carry (more: 400)")
     embed_max_tokens: int = Field(300_000, ge=1, validation_alias="OLLAMAD_EMBED_MAX_TOKENS",
                                   description="Most tokens one embedding request may embed in all (more: 400)")
+    format_max_properties: int = Field(
+        256, ge=1, validation_alias="OLLAMAD_FORMAT_MAX_PROPERTIES",
+        description="Most properties in a request's JSON schemas (format, response_format, tools); more: 400")
+    format_max_bytes: ByteCount = Field(64 * 1024, validation_alias="OLLAMAD_FORMAT_MAX_BYTES",
+                                        description="Largest JSON schema (or grammar) a request may send; more: 400")
+    max_prompt: int = Field(16 * 1024**2, ge=1, validation_alias="OLLAMAD_MAX_PROMPT",
+                            description="Most characters of text (prompt, system, messages) in one request; more: 400")
     pull_allow: CsvList = Field(
         (), validation_alias="OLLAMAD_PULL_ALLOW",
         description="Private, loopback or link-local hosts /api/pull may reach (names, IPs, CIDRs; * = any)")
@@ -224,7 +232,7 @@ class Settings(BaseSettings):
         return v
 
     @field_validator("num_parallel", "context_length", "max_loaded_models", "max_queue", "threads", "api_key",
-                     "embed_max_inputs", "embed_max_tokens", mode="before")
+                     "embed_max_inputs", "embed_max_tokens", "format_max_properties", "max_prompt", mode="before")
     @classmethod
     def _int(cls, v: Any) -> Any:
         return _clean(v)

@@ -4,7 +4,9 @@ Route modules import this one, never each other."""
 
 from __future__ import annotations
 
+import errno
 import json
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -31,6 +33,7 @@ from ollamad.settings import Settings
 
 log = structlog.get_logger("ollamad.api")
 NDJSON = "application/x-ndjson"
+_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 _Req = TypeVar("_Req", GenerateRequest, ChatRequest)
 _Body = TypeVar("_Body", bound=BaseModel)
 
@@ -52,6 +55,16 @@ class ApiError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
+
+
+DISK_FULL = "not enough disk space for the models folder"
+
+
+def disk_full(e: OSError) -> bool:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        log.error("disk full", error=str(e))
+        return True
+    return False
 
 
 def dumps(obj: Any) -> bytes:
@@ -92,6 +105,10 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         raise
     except GGUFError as e:
         return shape(500, str(e))
+    except OSError as e:
+        if not disk_full(e):
+            raise
+        return shape(507, DISK_FULL)
     except Exception as e:  # a bug: answer in Ollama's shape, log it with its traceback
         log.exception("unhandled error", path=request.path)
         return shape(500, f"internal error: {type(e).__name__}: {e}")
@@ -109,6 +126,11 @@ async def read_json(request: web.Request) -> dict[str, Any]:
         raise ApiError(400, "invalid JSON: nested too deeply") from None
     if not isinstance(body, dict):
         raise ApiError(400, "request body must be a JSON object")
+    if _SURROGATE.search(raw):  # an escaped lone surrogate cannot be encoded again: a 500 later
+        try:
+            json.dumps(body, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            raise ApiError(400, "invalid JSON: a string holds a lone surrogate (\\ud800-\\udfff)") from None
     return body
 
 

@@ -93,7 +93,8 @@ def auth_middleware(api_key: str) -> Middleware:
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path in OPEN_PATHS or request.method == "OPTIONS":
             return await handler(request)
-        given = request.headers.get("Authorization", "").encode()
+        # aiohttp keeps bytes that are not UTF-8 as surrogates: compare them as bytes, not a 500
+        given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
         if not hmac.compare_digest(given, expected):
             return _refuse(401, "unauthorized: this server needs 'Authorization: Bearer <OLLAMAD_API_KEY>'")
         return await handler(request)

@@ -12,7 +12,19 @@ from typing import Any
 import anyio
 from aiohttp import web
 
-from ollamad.api.common import CTX, NDJSON, ApiError, AppContext, dumps, iso_time, read_json, reply, resolve
+from ollamad.api.common import (
+    CTX,
+    DISK_FULL,
+    NDJSON,
+    ApiError,
+    AppContext,
+    disk_full,
+    dumps,
+    iso_time,
+    read_json,
+    reply,
+    resolve,
+)
 from ollamad.api.registry import pull_steps
 from ollamad.models import store
 from ollamad.models.catalog import Model
@@ -209,6 +221,10 @@ async def progress_reply(request: web.Request, stream: bool, steps: Progress) ->
             await resp.write(dumps(step))
     except ApiError as e:
         await resp.write(dumps({"error": e.message}))
+    except OSError as e:
+        if not disk_full(e):
+            raise
+        await resp.write(dumps({"error": DISK_FULL}))
     return resp
 
 
@@ -292,6 +308,10 @@ async def _create_steps(ctx: AppContext, body: dict[str, Any], dest: store.Name)
         if _looks_like_path(source):
             path = _allowed(ctx, Path(source))
             yield {"status": "parsing GGUF"}
+            try:  # before it is linked into the store
+                await anyio.to_thread.run_sync(read_gguf, path)
+            except GGUFError as e:
+                raise ApiError(400, str(e)) from None
             digest = await anyio.to_thread.run_sync(store.sha256_file, path)
             await anyio.to_thread.run_sync(store.link_blob, root, path, digest)
             layers.append(store.Layer(store.MODEL, digest, path.stat().st_size))

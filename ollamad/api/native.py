@@ -24,6 +24,7 @@ from ollamad.api.common import (
     validate,
     with_defaults,
 )
+from ollamad.api.limits import check_prompt, check_schemas
 from ollamad.api.relay import ChatShape, GenerateShape, TemplatedChatShape, relay
 from ollamad.api.reqlog import record_of
 from ollamad.api.translate import (
@@ -141,6 +142,8 @@ async def generate(request: web.Request) -> web.StreamResponse:
     ctx = request.app[CTX]
     t0 = time.monotonic_ns()
     req = validate(GenerateRequest, await read_json(request))
+    check_schemas(ctx.settings, req.format)
+    check_prompt(ctx.settings, (req.prompt, req.system, req.suffix))
     model = resolve(ctx, req.model)
     record_of(request).model = model.name
     facts = ctx.catalog.facts(model)
@@ -193,6 +196,8 @@ async def chat(request: web.Request) -> web.StreamResponse:
     ctx = request.app[CTX]
     t0 = time.monotonic_ns()
     req = validate(ChatRequest, await read_json(request))
+    check_schemas(ctx.settings, req.format, req.tools)
+    check_prompt(ctx.settings, (m.content for m in req.messages))
     model = resolve(ctx, req.model)
     record_of(request).model = model.name
     facts = ctx.catalog.facts(model)

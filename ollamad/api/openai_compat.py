@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import base64
 import struct
-from typing import Any
+from collections.abc import Iterable
+from typing import Annotated, Any
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, ValidationError
 
 from ollamad.api.common import CTX, ApiError, AppContext, check_capable, dumps, read_json, reply, resolve, validate
 from ollamad.api.embedding import check_count, shorten, stream_embeddings
+from ollamad.api.limits import check_prompt, check_schemas, openai_texts
+from ollamad.api.translate import check_tools
 from ollamad.models.catalog import Model
 from ollamad.models.options import Options
 from ollamad.runner.events import UpstreamError, error_of, sse_events
@@ -37,7 +40,7 @@ class _OpenAIBase(BaseModel):
 
 class ChatCompletionRequest(_OpenAIBase):
     messages: list[dict[str, Any]] = Field(min_length=1)
-    tools: list[dict[str, Any]] | None = None
+    tools: Annotated[list[dict[str, Any]] | None, AfterValidator(check_tools)] = None
     response_format: dict[str, Any] | None = None
 
 
@@ -99,10 +102,17 @@ async def _forward(request: web.Request, ctx: AppContext, model: Model, name: st
         return resp
 
 
+def _check_costs(ctx: AppContext, body: dict[str, Any], texts: Iterable[str]) -> None:
+    """Schemas and grammars in any of the places llama-server reads them, and the prompt's size."""
+    check_schemas(ctx.settings, *(body.get(k) for k in ("response_format", "tools", "json_schema", "grammar")))
+    check_prompt(ctx.settings, texts)
+
+
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     ctx = request.app[CTX]
     body = await read_json(request)
     req: ChatCompletionRequest = validate(ChatCompletionRequest, body)
+    _check_costs(ctx, body, openai_texts(req.messages))
     model = resolve(ctx, req.model)
     facts = ctx.catalog.facts(model)
     check_capable(req.model, facts, "chat" if facts.embedding else "completion")
@@ -121,6 +131,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     ctx = request.app[CTX]
     body = await read_json(request)
     req: CompletionRequest = validate(CompletionRequest, body)
+    _check_costs(ctx, body, [req.prompt] if isinstance(req.prompt, str) else req.prompt)
     model = resolve(ctx, req.model)
     facts = ctx.catalog.facts(model)
     check_capable(req.model, facts, "generate" if facts.embedding else "completion")

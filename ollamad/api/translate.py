@@ -3,11 +3,64 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, ValidationError
 
 from ollamad.models.options import Options
+
+
+class _Function(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    name: str = Field(min_length=1)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class _Tool(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    type: Literal["function"] = "function"
+    function: _Function
+
+
+class _CallFunction(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    arguments: dict[str, Any] | str = Field(default_factory=dict)
+
+
+class _ToolCall(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    function: _CallFunction
+
+
+def _each(shape: type[BaseModel], value: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+    for i, item in enumerate(value or []):
+        try:
+            shape.model_validate(item)
+        except ValidationError as e:
+            first = e.errors()[0]
+            raise ValueError(f"item {i}: {'.'.join(str(x) for x in first['loc'])}: {first['msg']}") from None
+    return value
+
+
+def check_tools(value: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+    """Tools as Ollama and OpenAI define them; a malformed one is a 400 here, not a 500 upstream."""
+    return _each(_Tool, value)
+
+
+def _check_calls(value: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+    return _each(_ToolCall, value)
+
+
+def _check_format(value: Any) -> Any:
+    if value not in (None, "", "json") and not isinstance(value, dict):
+        raise ValueError(f'invalid format {value!r}: use "json" or a JSON schema')
+    return value
 
 
 class Message(BaseModel):
@@ -16,7 +69,7 @@ class Message(BaseModel):
     role: str
     content: str = ""
     images: list[str] | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: Annotated[list[dict[str, Any]] | None, AfterValidator(_check_calls)] = None
     tool_name: str | None = None
     thinking: str | None = None
 
@@ -26,7 +79,7 @@ class _Base(BaseModel):
 
     model: str = Field(min_length=1)
     stream: StrictBool = True
-    format: str | dict[str, Any] | None = None
+    format: Annotated[str | dict[str, Any] | None, AfterValidator(_check_format)] = None
     options: Options = Field(default_factory=lambda: Options())
     keep_alive: float | str | None = None
 
@@ -43,7 +96,7 @@ class GenerateRequest(_Base):
 
 class ChatRequest(_Base):
     messages: list[Message] = Field(default_factory=list)
-    tools: list[dict[str, Any]] | None = None
+    tools: Annotated[list[dict[str, Any]] | None, AfterValidator(check_tools)] = None
 
 
 def describe_validation(err: ValidationError) -> str:

@@ -184,8 +184,11 @@ def temp_beside(path: Path, what: str = "tmp") -> Path:
 def write_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_beside(path)
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:  # a full disk must not leave a partial file behind
+        tmp.unlink(missing_ok=True)
 
 
 def write_blob(root: Path, data: bytes) -> Layer:
@@ -205,12 +208,15 @@ def link_blob(root: Path, source: Path, digest: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_beside(path)
     try:
-        os.link(source, tmp)
-    except OSError:
-        import shutil
+        try:
+            os.link(source, tmp)
+        except OSError:
+            import shutil
 
-        shutil.copyfile(source, tmp)
-    os.replace(tmp, path)
+            shutil.copyfile(source, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
