@@ -55,6 +55,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def serve_command() -> None:
+    import os
+
     import anyio
 
     from ollamad.app import serve
@@ -62,8 +64,6 @@ def serve_command() -> None:
     from ollamad.runner.binary import BinaryNotFound
     from ollamad.service.logs import configure
     from ollamad.settings import SettingsError, load_settings
-
-    import os
 
     os.umask(0o027)  # models, records and state are the service's (and its group's) alone, as under the unit
     try:

@@ -175,6 +175,10 @@ class Settings(BaseSettings):
                                    description="On SIGTERM, how long in-flight and queued requests may finish")
     load_backoff: Seconds = Field(5.0, validation_alias="OLLAMAD_LOAD_BACKOFF",
                                   description="First wait before retrying a model that failed to load (doubles)")
+    reload_interval: Seconds = Field(
+        10.0, validation_alias="OLLAMAD_RELOAD_INTERVAL",
+        description="Least time between two loads of one model that request options force (num_ctx, num_batch, ...); "
+                    "such a request waits")
     runner_env_pass: CsvList = Field(
         ("GGML_*", "LLAMA_*"), validation_alias="OLLAMAD_RUNNER_ENV_PASS",
         description="Environment variables passed on to llama-server, comma-separated (NAME or PREFIX*)")

@@ -110,9 +110,15 @@ class RunnerPlan:
 
 
 def request_context(facts: ModelFacts, requested: int | None, defaults: ModelDefaults,
-                    settings: PlanSettings) -> int:
-    """Context per request: num_ctx, else the model default, else OLLAMA_CONTEXT_LENGTH."""
+                    settings: PlanSettings, grow: bool = False) -> int:
+    """Context per request: num_ctx, else the model default, else OLLAMA_CONTEXT_LENGTH.
+
+    ``grow``: the request needs more context than the model's runner has, so it reloads; the
+    new runner gets the next power of two, so clients asking for ever more reload rarely.
+    """
     ctx = requested or defaults.num_ctx or settings.context_length
+    if grow:
+        ctx = 1 << (ctx - 1).bit_length()
     if facts.train_ctx:
         ctx = min(ctx, facts.train_ctx)
     ctx = max(ctx, MIN_CTX)

@@ -90,6 +90,7 @@ class Runner:
     last_output: float = 0.0
     stopping: bool = False
     kill_sent: bool = False
+    signal_sent: bool = False
     lines: deque[str] = field(default_factory=lambda: deque(maxlen=200))
     _pump: asyncio.Task[None] | None = None
     _ready_hint: asyncio.Event = field(default_factory=asyncio.Event)
@@ -238,11 +239,16 @@ class Runner:
 
     def ended_on_request(self, code: int) -> bool:
         """False when the child died by itself: a crash, or a SIGKILL we did not send (OOM killer)."""
-        return self.stopping and (code != -signal.SIGKILL or self.kill_sent)
+        # a child that exited before any signal was sent ended by itself, even if a stop was under way
+        return self.stopping and self.signal_sent and (code != -signal.SIGKILL or self.kill_sent)
 
     def _signal_group(self, sig: int) -> None:
         if self.proc is None:
             return
+        with contextlib.suppress(psutil.Error):  # exited by itself, not yet reaped: no signal of ours
+            if psutil.Process(self.proc.pid).status() == psutil.STATUS_ZOMBIE:
+                return
+        self.signal_sent = True
         if sig == signal.SIGKILL:
             self.kill_sent = True
         with contextlib.suppress(ProcessLookupError, PermissionError):

@@ -124,6 +124,9 @@ class SchedState:
     unseen_free: float = 0.0  # bytes of runners that exited since the last snapshot
     backoff_base: float = 5.0
     backoff_max: float = 300.0
+    reload_interval: float = 0.0  # least time between two loads of one model forced by request options
+    loaded_at: dict[str, float] = field(default_factory=dict)  # when each model's last runner started
+    early_deaths: dict[str, int] = field(default_factory=dict)  # runners in a row that died right after loading
     queue: list[Request] = field(default_factory=list)
     runners: dict[int, RunnerState] = field(default_factory=dict)
     failures: dict[str, Failure] = field(default_factory=dict)
@@ -170,13 +173,27 @@ class SchedState:
         if r is None:
             return []
         model = r.plan.model
+        self._back_off(model, now, message)
+        rejects = [Reject(q.id, 500, message) for q in self.queue if q.model == model]
+        self.queue = [q for q in self.queue if q.model != model]
+        return rejects
+
+    def runner_died_early(self, runner_id: int, now: float, message: str) -> None:
+        """A runner died by itself moments after loading. Once, its queue gets a new one (a
+        crash can be bad luck); again in a row, it is a failed load: back off before the next."""
+        r = self.runners.get(runner_id)
+        if r is None:
+            return
+        model = r.plan.model
+        self.early_deaths[model] = self.early_deaths.get(model, 0) + 1
+        if self.early_deaths[model] >= 2:
+            self._back_off(model, now, message)
+
+    def _back_off(self, model: str, now: float, message: str) -> None:
         prev = self.failures.get(model)
         count = prev.count + 1 if prev else 1
         delay = min(self.backoff_base * 2 ** (count - 1), self.backoff_max)
         self.failures[model] = Failure(count, now + delay, message)
-        rejects = [Reject(q.id, 500, message) for q in self.queue if q.model == model]
-        self.queue = [q for q in self.queue if q.model != model]
-        return rejects
 
     def runner_exited(self, runner_id: int) -> None:
         r = self.runners.pop(runner_id, None)
@@ -221,7 +238,16 @@ class SchedState:
         if self.policy == "affinity":
             times += [q.arrived + self.max_passover for q in self.queue
                       if q.arrived + self.max_passover > now]
+        times += [now + w for q in self.queue if (w := self.reload_wait(q, now)) > 0]
         return min(times) if times else None
+
+    def reload_wait(self, req: Request, now: float) -> float:
+        """Seconds ``req`` must wait before it may reload its model (0: no reload, or not now)."""
+        live = [r for r in self.runners.values()
+                if r.plan.model == req.model and r.status != "stopping" and not r.draining]
+        if not live or any(r.serves(req) for r in live):
+            return 0.0
+        return max(self.loaded_at.get(req.model, -math.inf) + self.reload_interval - now, 0.0)
 
     def free_now(self) -> float:
         """Free memory now: the snapshot's, less what runners took since (estimated)."""
@@ -260,6 +286,8 @@ def decide(s: SchedState, now: float) -> list[Action]:
                     runner.expires_at = now + req.keep_alive
             actions.append(Dispatch(req.id, runner.id))
             continue
+        if s.reload_wait(req, now) > 0:
+            continue  # its model was loaded moments ago: wait; meanwhile its runner serves what it can
         blocked.add(req.model)
         if any(r.serves(req) and r.status != "stopping" and not r.draining for r in s.runners.values()):
             continue  # its runner is starting or busy: wait for a slot
@@ -317,6 +345,7 @@ def _make_room_and_start(s: SchedState, req: Request, now: float) -> list[Action
     plan = next((p for p in req.plans if _fits(s, live, [], p)), None)
     if plan is not None:
         rid = s.new_runner_id()
+        s.loaded_at[req.model] = now
         s.runners[rid] = RunnerState(
             id=rid, plan=plan, keep_alive=_keep_alive(s, req), memory=plan.estimate, last_used=now)
         actions.append(Start(rid, plan, req.id))

@@ -26,7 +26,6 @@ from ollamad.models.catalog import Catalog, Model
 from ollamad.models.plan import (
     LoadOptions,
     ModelDefaults,
-    PlanSettings,
     RunnerPlan,
     plan_candidates,
     request_context,
@@ -34,6 +33,7 @@ from ollamad.models.plan import (
 from ollamad.runner.child import Runner, RunnerError, describe_exit
 from ollamad.runner.leftovers import ChildRecords
 from ollamad.runner.upstream import runner_session
+from ollamad.sched.admission import auto_max_loaded, plan_settings
 from ollamad.sched.core import (
     QUEUE_FULL,
     Dispatch,
@@ -49,6 +49,7 @@ from ollamad.settings import Settings
 
 log = structlog.get_logger("ollamad.scheduler")
 NO_LOAD_OPTIONS = LoadOptions()
+EARLY_DEATH = 30.0  # seconds: a runner that dies by itself this soon after loading failed to load
 
 
 class SchedulerError(Exception):
@@ -107,22 +108,6 @@ class RunnerEvent:
     seconds: float = 0.0
 
 
-def plan_settings(settings: Settings) -> PlanSettings:
-    return PlanSettings(
-        num_parallel=settings.num_parallel,
-        context_length=settings.context_length,
-        kv_cache_type=settings.kv_cache_type,
-        flash_attention=settings.flash_attention,
-        single_slot_architectures=settings.single_slot_architectures,
-        threads=settings.threads,
-    )
-
-
-def auto_max_loaded(settings: Settings, gpus: int = 0) -> int:
-    """OLLAMA_MAX_LOADED_MODELS, with 0 meaning 3 per GPU (3 without a GPU)."""
-    return settings.max_loaded_models or 3 * max(gpus, 1)
-
-
 class Scheduler:
     def __init__(self, settings: Settings, catalog: Catalog, binary: str, *,
                  clock: Callable[[], float] = time.monotonic, gpus: int = 0,
@@ -144,6 +129,7 @@ class Scheduler:
             default_keep_alive=settings.keep_alive,
             capacity=settings.memory_budget or math.inf,
             backoff_base=settings.load_backoff,
+            reload_interval=settings.reload_interval,
             reserve=settings.memory_reserve if accountant else 0,
             low_water=settings.memory_low_water if accountant else 0,
         )
@@ -204,6 +190,9 @@ class Scheduler:
         facts = self.catalog.facts(model)
         defaults = defaults or model.defaults
         ctx = request_context(facts, num_ctx, defaults, self.plan_settings)
+        loaded = [r.ctx for r in self.state.runners.values() if r.plan.model == model.name and r.status != "stopping"]
+        if loaded and ctx > max(loaded):
+            ctx = request_context(facts, num_ctx, defaults, self.plan_settings, grow=True)
         plans = plan_candidates(model.name, model.path, facts, self.plan_settings, defaults, ctx,
                                 load, projector=model.projector)
         if self.accountant is not None:
@@ -224,6 +213,9 @@ class Scheduler:
         waiter = self._waiters[req.id] = _Waiter(request=req)
         try:
             self.state.submit(req)
+            if (wait := self.state.reload_wait(req, self.clock())) > 0:
+                log.info("reload waits: the model was loaded moments ago (OLLAMAD_RELOAD_INTERVAL)",
+                         model=model.name, request_id=req.id, wait=round(wait, 1))
             self._step()
             if not waiter.event.is_set() and self.state.waiting() > self.state.max_queue:
                 self.state.cancel(req.id)
@@ -328,7 +320,8 @@ class Scheduler:
             ctx = await self._slot_context(runner)
             if ctx != plan.ctx:
                 logger.info("llama-server rounded the context per slot", requested=plan.ctx, actual=ctx)
-            self.state.runner_ready(rid, self.clock(), ctx=ctx)
+            ready = self.clock()
+            self.state.runner_ready(rid, ready, ctx=ctx)
             self._emit(RunnerEvent("loaded", plan.model, seconds=runner.ready_at - runner.started_at))
             self._step()
             if self.accountant is not None:
@@ -345,6 +338,11 @@ class Scheduler:
                 self._emit(RunnerEvent("died", plan.model, describe_exit(code)))
                 logger.error("runner died", pid=runner.pid, how=describe_exit(code),
                              last_output=runner.tail())
+                if self.clock() - ready < EARLY_DEATH:  # twice in a row: back off as from a failed load
+                    self.state.runner_died_early(rid, self.clock(), f"llama-server {describe_exit(code)} "
+                                                 "right after loading the model")
+            else:
+                self.state.early_deaths.pop(plan.model, None)
         finally:
             with anyio.CancelScope(shield=True):
                 if runner.proc is not None and runner.proc.returncode is None:
@@ -401,6 +399,9 @@ class Scheduler:
             return
         log.info("unloading model", model=runner.plan.model, runner_id=rid, reason=reason)
         self._emit(RunnerEvent("stopped", runner.plan.model, reason))
+        if reason.startswith("runner failed") and runner.proc is not None:  # likely dying: let it, so
+            with anyio.move_on_after(0.5):  # its exit is seen as its own (a crash), not our SIGTERM
+                await runner.proc.wait()
         await runner.stop()
 
     # --- memory ------------------------------------------------------------------------

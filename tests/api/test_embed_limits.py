@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest

@@ -5,7 +5,6 @@ With the fake llama-server: these are checks on ollamad's own handling, before a
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -76,12 +75,13 @@ def test_costly_or_malformed_requests_are_400_before_loading(daemon: Daemon) -> 
         ("/v1/completions", {"model": "tiny", "prompt": "x", "grammar": "root ::= " + '"a" ' * 2000},
          "OLLAMAD_FORMAT_MAX_BYTES"),
         ("/api/generate", {"model": "tiny", "prompt": "x" * 1001}, "OLLAMAD_MAX_PROMPT"),
-        ("/api/chat", {"model": "tiny", "messages": [{"role": "user", "content": "x" * 600}] * 2}, "OLLAMAD_MAX_PROMPT"),
+        ("/api/chat", {"model": "tiny", "messages": [{"role": "user", "content": "x" * 600}] * 2},
+         "OLLAMAD_MAX_PROMPT"),
         ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x" * 1001}]},
          "OLLAMAD_MAX_PROMPT"),
         ("/v1/completions", {"model": "tiny", "prompt": ["x" * 600, "y" * 600]}, "OLLAMAD_MAX_PROMPT"),
-        ("/api/chat", {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
-         "function"),
+        ("/api/chat", {"model": "tiny", "messages": [{"role": "user", "content": "x"}],
+                       "tools": [{"type": "function"}]}, "function"),
         ("/api/chat", {"model": "tiny", "messages": [{"role": "assistant", "tool_calls": [{"function": 5}]}]},
          "tool_calls"),
         ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}],

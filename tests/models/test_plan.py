@@ -91,3 +91,11 @@ def test_embedding_argv_has_embeddings_flag() -> None:
 def test_estimate_grows_with_slots() -> None:
     four, one = plans(facts())
     assert four.estimate > one.estimate > 0
+
+
+@pytest.mark.parametrize(("requested", "train", "expected"), [
+    (3000, 32768, 4096), (4096, 32768, 4096), (4097, 32768, 8192), (5000, 6000, 6000), (1, 32768, 4),
+])
+def test_a_reload_for_more_context_takes_the_next_power_of_two(requested: int, train: int, expected: int) -> None:
+    got = request_context(facts(train_ctx=train), requested, ModelDefaults(), PlanSettings(), grow=True)
+    assert got == expected

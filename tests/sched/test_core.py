@@ -522,3 +522,40 @@ def test_load_only_with_keep_alive_zero_loads_then_unloads() -> None:
     r = w.req(keep_alive=0.0, load_only=True)
     w.ready_all(w.step())
     assert w.step() == [Dispatch(r.id, 1), Stop(1, "keep-alive expired")]
+
+
+def test_a_reload_waits_out_the_reload_interval_while_the_runner_serves_others() -> None:
+    w = World(reload_interval=10.0)
+    rid = w.loaded()
+    w.now = 1
+    other = w.req(load=LoadOptions(num_batch=64))
+    same = w.req()
+    assert w.step() == [Dispatch(same.id, rid)]  # the runner serves what it can; no drain yet
+    assert not w.s.runners[rid].draining and w.s.reload_wait(other, w.now) == 9.0
+    assert w.s.next_wakeup(w.now) == 10.0
+    w.s.release(rid, w.now)
+    w.now = 10
+    assert w.step() == [Stop(rid, "reload with a new plan")]
+
+
+def test_runners_dying_right_after_load_twice_back_off_like_a_failed_load() -> None:
+    w = World(backoff_base=5.0)
+    for _ in range(2):
+        rid = w.loaded()
+        w.s.runner_died_early(rid, w.now, "llama-server exited with code 134 right after loading the model")
+        w.s.runner_exited(rid)
+    r = w.req()
+    (reject,) = w.step()
+    assert isinstance(reject, Reject) and reject.request_id == r.id and "next attempt in 5s" in reject.message
+    w.now = 5
+    w.req()
+    assert kinds(w.step()) == ["Start"]
+
+
+def test_one_runner_dying_right_after_load_is_replaced_at_once() -> None:
+    w = World()
+    rid = w.loaded()
+    w.s.runner_died_early(rid, w.now, "killed by signal SIGKILL")
+    w.s.runner_exited(rid)
+    w.req()
+    assert kinds(w.step()) == ["Start"]
