@@ -17,6 +17,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from ollamad.durations import FOREVER, keep_alive_from_env, parse_go_duration
 
 DEFAULT_PORT = 11434
+LOAD_OPTIONS = ("num_ctx", "num_batch", "num_gpu", "main_gpu", "use_mmap", "num_thread")  # need a (re)load
 SINGLE_SLOT_ARCHITECTURES = ("mllama", "qwen3vl", "qwen3vlmoe", "qwen3next", "lfm2", "lfm2moe")
 
 
@@ -175,6 +176,10 @@ class Settings(BaseSettings):
                                    description="On SIGTERM, how long in-flight and queued requests may finish")
     load_backoff: Seconds = Field(5.0, validation_alias="OLLAMAD_LOAD_BACKOFF",
                                   description="First wait before retrying a model that failed to load (doubles)")
+    request_load_options: CsvList = Field(
+        LOAD_OPTIONS, validation_alias="OLLAMAD_REQUEST_LOAD_OPTIONS",
+        description="Load-time options a request may set, comma-separated (others are ignored); "
+                    "on a shared machine e.g. num_ctx alone")
     reload_interval: Seconds = Field(
         10.0, validation_alias="OLLAMAD_RELOAD_INTERVAL",
         description="Least time between two loads of one model that request options force (num_ctx, num_batch, ...); "
@@ -240,6 +245,14 @@ class Settings(BaseSettings):
     @classmethod
     def _int(cls, v: Any) -> Any:
         return _clean(v)
+
+    @field_validator("request_load_options")
+    @classmethod
+    def _load_options(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = [x for x in v if x not in LOAD_OPTIONS]
+        if unknown:
+            raise ValueError(f"unknown {', '.join(unknown)}; choose from {', '.join(LOAD_OPTIONS)}")
+        return v
 
     @property
     def bind(self) -> tuple[str, int]:

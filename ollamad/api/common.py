@@ -29,7 +29,7 @@ from ollamad.models.ggufmeta import GGUFError
 from ollamad.models.options import Options
 from ollamad.runner.events import UpstreamError, error_of
 from ollamad.sched.scheduler import Lease, Scheduler, SchedulerError
-from ollamad.settings import Settings
+from ollamad.settings import LOAD_OPTIONS, Settings
 
 log = structlog.get_logger("ollamad.api")
 NDJSON = "application/x-ndjson"
@@ -151,6 +151,15 @@ def parse_keep_alive(value: object) -> float | None:
         return keep_alive_from_request(value)
     except ValueError as e:
         raise ApiError(400, f"invalid keep_alive: {e}") from None
+
+
+def own_options(ctx: AppContext, options: Options) -> Options:
+    """A request's options less the load-time ones it may not set (OLLAMAD_REQUEST_LOAD_OPTIONS)."""
+    drop = {k: None for k in LOAD_OPTIONS
+            if k not in ctx.settings.request_load_options and getattr(options, k) is not None}
+    if drop:
+        log.debug("load options from the request ignored (OLLAMAD_REQUEST_LOAD_OPTIONS)", options=sorted(drop))
+    return options.model_copy(update=drop) if drop else options
 
 
 def with_defaults(req: _Req, model: Model) -> _Req:

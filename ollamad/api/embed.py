@@ -12,6 +12,7 @@ from ollamad.api.common import (
     CTX,
     ApiError,
     dumps,
+    own_options,
     parse_keep_alive,
     read_json,
     reply,
@@ -61,7 +62,8 @@ async def embed(request: web.Request) -> web.StreamResponse:
                               "prompt_eval_count": tokens})[1:]
 
     return await stream_embeddings(
-        request, ctx, model, req.model, texts, truncate=req.truncate, options=req.options, keep_alive=keep_alive,
+        request, ctx, model, req.model, texts, truncate=req.truncate, options=own_options(ctx, req.options),
+        keep_alive=keep_alive,
         head=dumps({"model": req.model})[:-2] + b',"embeddings":[',
         item=lambda _, v: json.dumps(shorten(v, req.dimensions), separators=(",", ":")).encode(), tail=tail)
 
@@ -74,7 +76,7 @@ async def embeddings_legacy(request: web.Request) -> web.Response:
     if not req.prompt:
         return reply({"embedding": []})
     vectors, _, _ = await embed_texts(ctx, model, req.model, [req.prompt], truncate=True,
-                                      options=req.options, keep_alive=keep_alive)
+                                      options=own_options(ctx, req.options), keep_alive=keep_alive)
     return reply({"embedding": vectors[0]})
 
 

@@ -17,6 +17,7 @@ from ollamad.api.common import (
     apply_template,
     check_capable,
     iso_time,
+    own_options,
     parse_keep_alive,
     read_json,
     reply,
@@ -142,6 +143,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
     ctx = request.app[CTX]
     t0 = time.monotonic_ns()
     req = validate(GenerateRequest, await read_json(request))
+    req = req.model_copy(update={"options": own_options(ctx, req.options)})
     check_schemas(ctx.settings, req.format)
     check_prompt(ctx.settings, (req.prompt, req.system, req.suffix))
     model = resolve(ctx, req.model)
@@ -196,6 +198,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
     ctx = request.app[CTX]
     t0 = time.monotonic_ns()
     req = validate(ChatRequest, await read_json(request))
+    req = req.model_copy(update={"options": own_options(ctx, req.options)})
     check_schemas(ctx.settings, req.format, req.tools)
     check_prompt(ctx.settings, (m.content for m in req.messages))
     model = resolve(ctx, req.model)

@@ -7,6 +7,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from ollamad.settings import SettingsError, load_settings
 from tests.conftest import Daemon, fake_with
 
 
@@ -62,3 +65,20 @@ def test_a_runner_dying_right_after_load_backs_off(daemon_factory: Any, models_d
         status, body = _gen(d)
         assert status == 500 and "right after loading" in body["error"] and "next attempt in" in body["error"], body
     assert _starts(d) == 2  # not a new child per request
+
+
+def test_load_options_a_request_may_not_set_are_ignored(daemon_factory: Any, fake_server: Path,
+                                                        models_dir: Path) -> None:
+    d = daemon_factory(fake_server, models_dir, OLLAMAD_REQUEST_LOAD_OPTIONS="num_ctx", OLLAMAD_RELOAD_INTERVAL="0")
+    for n in (1, 2, 1, 2, 1, 2):
+        assert _gen(d, num_batch=n, num_thread=n, use_mmap=n == 1)[0] == 200
+    assert _starts(d) == 1
+    assert "--batch-size" not in d.log() and "--no-mmap" not in d.log()
+    assert _gen(d, num_ctx=8192)[0] == 200 and _starts(d) == 2  # the one it may set still reloads
+
+
+def test_request_load_options_setting_is_checked() -> None:
+    assert load_settings({"OLLAMAD_REQUEST_LOAD_OPTIONS": "num_ctx, num_batch"}).request_load_options == (
+        "num_ctx", "num_batch")
+    with pytest.raises(SettingsError, match="OLLAMAD_REQUEST_LOAD_OPTIONS"):
+        load_settings({"OLLAMAD_REQUEST_LOAD_OPTIONS": "temperature"})
