@@ -45,8 +45,11 @@ common: dict[str, Any] = {"stream": st.one_of(st.booleans(), junk), "keep_alive"
 generate_body = st.fixed_dictionaries({"model": model}, optional={
     "prompt": st.one_of(st.text(max_size=40), junk), "system": junk, "raw": junk, "images": junk,
     "suffix": junk, "template": junk, "context": junk, **common})
+tool = st.fixed_dictionaries({}, optional={"type": st.one_of(st.just("function"), junk), "function": st.one_of(
+    junk, st.fixed_dictionaries({}, optional={"name": st.one_of(st.text(max_size=8), junk), "parameters": junk}))})
 chat_body = st.fixed_dictionaries({"model": model}, optional={
-    "messages": st.one_of(st.lists(message, max_size=3), junk), "tools": junk, **common})
+    "messages": st.one_of(st.lists(message, max_size=3), junk), "tools": st.one_of(junk, st.lists(tool, max_size=2)),
+    **common})
 
 
 def _nested(depth: int) -> bytes:
@@ -57,6 +60,7 @@ raw_bodies = st.one_of(
     st.binary(max_size=200),  # mostly invalid UTF-8 / not JSON
     st.builds(lambda b: b'{"model": "tiny", "prompt": "' + b + b'"}', st.binary(max_size=50)),
     st.builds(_nested, st.sampled_from([50, 1000, 100_000])),
+    st.builds(lambda cp: b'{"model": "tiny", "prompt": "\\u%04x"}' % cp, st.integers(0xD800, 0xDFFF)),  # lone
     st.builds(lambda n: b"[" * n + b"]" * n, st.sampled_from([10, 5000, 200_000])),
     st.builds(lambda n: b'{"model": "tiny", "prompt": "' + b"x" * n + b'"}',
               st.sampled_from([MAX_BODY - 100, MAX_BODY + 1, 4 * MAX_BODY])),
