@@ -32,6 +32,7 @@ class ModelFacts:
     vocab: int = 0
     layer_weight_bytes: int = 0  # tensors of the repeating blocks (blk.N.*): what -ngl moves
     fim: bool = False  # fill-in-the-middle tokens: generate with a suffix (llama-server /infill)
+    context_clamped: bool = False  # the file's context_length was absurd: llama-server must be told train_ctx
 
     @property
     def kv_width(self) -> int:
@@ -57,7 +58,8 @@ def facts_from_gguf(info: GGUFInfo, projector: GGUFInfo | None = None) -> ModelF
     head_dim = embd // heads if heads else 0
     key_length = _int(info.arch("attention.key_length"), head_dim) or head_dim
     value_length = _int(info.arch("attention.value_length"), head_dim) or head_dim
-    train_ctx = min(_int(info.arch("context_length")), MAX_TRAIN_CTX) or None
+    file_ctx = _int(info.arch("context_length"))
+    train_ctx = min(file_ctx, MAX_TRAIN_CTX) or None
     template = info.metadata.get("tokenizer.chat_template")
     recurrent = 0
     ssm_state = _int(info.arch("ssm.state_size"))
@@ -90,6 +92,7 @@ def facts_from_gguf(info: GGUFInfo, projector: GGUFInfo | None = None) -> ModelF
         vocab=vocab_size(info),
         layer_weight_bytes=sum(t.n_bytes for t in info.tensors if t.name.startswith("blk.")),
         fim=all(f"tokenizer.ggml.fim_{k}_token_id" in info.metadata for k in ("pre", "suf", "mid")),
+        context_clamped=file_ctx > MAX_TRAIN_CTX,
     )
 
 

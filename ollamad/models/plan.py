@@ -66,6 +66,7 @@ class RunnerPlan:
     estimate: int = 0
     detail: Estimate | None = field(default=None, compare=False, repr=False)
     gpus: tuple[int, ...] = ()  # GPU indexes it is pinned to (CUDA_VISIBLE_DEVICES); () = all/none
+    kv_overrides: tuple[str, ...] = ()  # --override-kv KEY=TYPE:VALUE (an absurd context_length clamped)
     notes: tuple[str, ...] = ()
 
     @property
@@ -104,6 +105,8 @@ class RunnerPlan:
         if threads:
             args += ["--threads", str(threads)]
         args += ["--flash-attn", "on" if self.flash_attention else "off"]
+        for kv in self.kv_overrides:
+            args += ["--override-kv", kv]
         if self.flash_attention and self.kv_cache_type != "f16":
             args += ["--cache-type-k", self.kv_cache_type, "--cache-type-v", self.kv_cache_type]
         return args
@@ -154,6 +157,8 @@ def plan_candidates(model: str, path: Path, facts: ModelFacts, settings: PlanSet
         choices = [configured]
     else:
         choices = [AUTO_PARALLEL, 1]
+    # a context_length of 2^32-1 makes llama-server's slots -1 tokens long: it aborts on every request
+    overrides = (f"{facts.architecture}.context_length=int:{facts.train_ctx}",) if facts.context_clamped else ()
     plans = []
     for n in choices:
         est = estimate_memory(facts, n, ctx, _effective_kv(settings),
@@ -162,7 +167,7 @@ def plan_candidates(model: str, path: Path, facts: ModelFacts, settings: PlanSet
             model=model, path=path, num_parallel=n, ctx=ctx, load=load, projector=projector,
             embedding=facts.embedding, kv_cache_type=_effective_kv(settings),
             flash_attention=settings.flash_attention, threads=settings.threads,
-            estimate=est.total, detail=est, notes=notes,
+            estimate=est.total, detail=est, notes=notes, kv_overrides=overrides,
         ))
     return tuple(plans)
 

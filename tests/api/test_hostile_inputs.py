@@ -165,3 +165,19 @@ def test_full_disk_is_507_and_leaves_no_partial_files(daemon_factory: Any, fake_
         d.stop()
     finally:
         subprocess.run(["umount", "-l", str(small)])
+
+
+@pytest.mark.real
+def test_absurd_context_length_is_clamped_for_llama_server(daemon_factory: Any, llama_server: Path,
+                                                           tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from ollamad.models.testmodels import TINY, write_llama
+
+    write_llama(tmp_path / "m" / "huge.gguf", replace(TINY, ctx=(1 << 32) - 1), name="huge")
+    d = daemon_factory(llama_server, tmp_path / "m")
+    for _ in range(2):  # it used to abort on every request: "exceeds the available context size (-1 tokens)"
+        status, body = d.post("/api/generate", {"model": "huge", "prompt": "hi", "stream": False,
+                                                "options": {"num_predict": 2}})
+        assert status == 200 and body["done"], body
+    assert d.log().count('"runner starting"') == 1
