@@ -134,12 +134,12 @@ async def read_json(request: web.Request) -> dict[str, Any]:
     return body
 
 
-def resolve(ctx: AppContext, name: str) -> Model:
+def resolve(ctx: AppContext, name: str, need_file: bool = True) -> Model:
     try:
         model = ctx.catalog.resolve(name)
     except InvalidName as e:
         raise ApiError(400, str(e)) from None
-    if model is None or not model.path.is_file():  # deleted since the last scan: gone
+    if model is None or (need_file and not model.path.is_file()):  # deleted since the last scan: gone
         raise ApiError(404, f"model '{name}' not found")
     return model
 

@@ -151,7 +151,7 @@ async def delete(request: web.Request) -> web.Response:
     ctx = request.app[CTX]
     body = await read_json(request)
     name = _name_field(body, "model", "name")
-    model = resolve(ctx, name)
+    model = resolve(ctx, name, need_file=False)  # a model whose file vanished can still be deleted
     ctx.scheduler.unload(model)
     if model.store_name is not None:
         await anyio.to_thread.run_sync(store.remove_manifest, ctx.catalog.folder, model.store_name)

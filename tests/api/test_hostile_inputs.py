@@ -111,6 +111,7 @@ def test_deleted_model_file_is_404_not_500(daemon: Daemon, folder: Path) -> None
     assert status == 404 and "not found" in body["error"]
     assert daemon.post("/api/show", {"model": "tiny"})[0] == 404
     assert daemon.get("/api/tags")[0] == 200
+    assert daemon.request("DELETE", "/api/delete", {"model": "tiny"})[0] == 200  # still deletable
 
 
 def test_non_utf8_authorization_is_401(daemon_factory: Any, fake_server: Path, folder: Path) -> None:
