@@ -105,11 +105,9 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         raise
     except GGUFError as e:
         return shape(500, str(e))
-    except OSError as e:
-        if not disk_full(e):
-            raise
-        return shape(507, DISK_FULL)
     except Exception as e:  # a bug: answer in Ollama's shape, log it with its traceback
+        if isinstance(e, OSError) and disk_full(e):
+            return shape(507, DISK_FULL)
         log.exception("unhandled error", path=request.path)
         return shape(500, f"internal error: {type(e).__name__}: {e}")
 

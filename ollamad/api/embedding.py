@@ -63,15 +63,23 @@ async def _tokenize(ctx: AppContext, lease: Lease, text: str) -> list[int]:
 
 async def _tokenize_some(ctx: AppContext, lease: Lease, texts: list[str], which: list[int]) -> dict[int, list[int]]:
     out: dict[int, list[int]] = {}
+    errors: list[Exception] = []
     limiter = anyio.CapacityLimiter(TOKENIZE_AT_ONCE)
 
     async def one(i: int) -> None:
         async with limiter:
-            out[i] = await _tokenize(ctx, lease, texts[i])
+            if errors:
+                return
+            try:
+                out[i] = await _tokenize(ctx, lease, texts[i])
+            except (UpstreamError, aiohttp.ClientError, ValueError) as e:  # the caller's, not a group's
+                errors.append(e)
 
     async with anyio.create_task_group() as tg:
         for i in which:
             tg.start_soon(one, i)
+    if errors:
+        raise errors[0]
     return out
 
 
