@@ -180,6 +180,10 @@ class Settings(BaseSettings):
         LOAD_OPTIONS, validation_alias="OLLAMAD_REQUEST_LOAD_OPTIONS",
         description="Load-time options a request may set, comma-separated (others are ignored); "
                     "on a shared machine e.g. num_ctx alone")
+    accept_timeout: Seconds = Field(
+        60.0, validation_alias="OLLAMAD_ACCEPT_TIMEOUT",
+        description="Longest a runner may take to accept a streamed request (it compiles a format's grammar "
+                    "first); past it the request fails and the runner is replaced")
     reload_interval: Seconds = Field(
         10.0, validation_alias="OLLAMAD_RELOAD_INTERVAL",
         description="Least time between two loads of one model that request options force (num_ctx, num_batch, ...); "

@@ -5,7 +5,8 @@ path contains FAKE_START_DELAY_FOR, when set), FAKE_TOKEN_DELAY (s per
 token), FAKE_TOKENS (default n_predict), FAKE_CRASH_AFTER_TOKENS (exit mid-stream),
 FAKE_EXIT_AT_START (exit code at start-up), FAKE_HANG_AFTER_TOKENS (stop answering),
 FAKE_DROP_REUSED (close a kept-alive connection, unread, when a second completion comes on
-it: what llama-server's unannounced closes look like to a client; counted as "dropped").
+it: what llama-server's unannounced closes look like to a client; counted as "dropped"),
+FAKE_SCHEMA_DELAY (s before answering a request with a JSON schema: grammar compilation).
 It counts requests in flight; GET /fake/stats reports the peak, so tests can check that the
 supervisor never sends more than --parallel at once.
 """
@@ -101,6 +102,8 @@ async def stream_tokens(request: web.Request, chat: bool) -> web.StreamResponse:
     served_on.add(conn)
     check_key(request)
     body = await request.json()
+    if body.get("json_schema") is not None or body.get("response_format"):
+        await asyncio.sleep(env_float("FAKE_SCHEMA_DELAY", 0.0))
     n = int(body.get("n_predict", body.get("max_tokens", os.environ.get("FAKE_TOKENS", 8))))
     if n < 0:
         n = int(os.environ.get("FAKE_TOKENS", 8))

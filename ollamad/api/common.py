@@ -4,14 +4,17 @@ Route modules import this one, never each other."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
+import math
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import aiohttp
+import anyio
 import structlog
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
@@ -194,6 +197,25 @@ def iso_time(ts: float) -> str:
     import datetime as dt
 
     return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+@contextlib.asynccontextmanager
+async def upstream(ctx: AppContext, lease: Lease, path: str, payload: dict[str, Any],
+                   ) -> AsyncIterator[aiohttp.ClientResponse]:
+    """POST ``payload`` to the lease's runner. A streamed request must be accepted (answered with
+    headers) within OLLAMAD_ACCEPT_TIMEOUT: llama-server compiles a format's grammar before it
+    answers, and a runner stuck there (while /health says ok) is replaced."""
+    assert ctx.session is not None
+    limit = ctx.settings.accept_timeout if payload.get("stream") else math.inf
+    try:
+        with anyio.fail_after(limit):
+            resp = await ctx.session.post(f"{lease.runner.url}{path}", json=payload, headers=lease.runner.headers)
+    except TimeoutError:
+        lease.lost(f"did not accept a request within {limit:g}s")
+        raise UpstreamError(500, f"llama-server did not accept the request within {limit:g}s "
+                                 "(OLLAMAD_ACCEPT_TIMEOUT); the runner is replaced") from None
+    async with resp:
+        yield resp
 
 
 async def runner_json(ctx: AppContext, lease: Lease, path: str, payload: dict[str, Any]) -> Any:

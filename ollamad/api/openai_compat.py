@@ -10,7 +10,18 @@ from typing import Annotated, Any
 from aiohttp import web
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, ValidationError
 
-from ollamad.api.common import CTX, ApiError, AppContext, check_capable, dumps, read_json, reply, resolve, validate
+from ollamad.api.common import (
+    CTX,
+    ApiError,
+    AppContext,
+    check_capable,
+    dumps,
+    read_json,
+    reply,
+    resolve,
+    upstream,
+    validate,
+)
 from ollamad.api.embedding import check_count, shorten, stream_embeddings
 from ollamad.api.limits import check_prompt, check_schemas, openai_texts
 from ollamad.api.translate import check_tools
@@ -79,8 +90,7 @@ async def _forward(request: web.Request, ctx: AppContext, model: Model, name: st
                    payload: dict[str, Any]) -> web.StreamResponse:
     lease = await ctx.scheduler.acquire(model)
     assert ctx.session is not None
-    async with lease, ctx.session.post(f"{lease.runner.url}{path}", json=payload,
-                                       headers=lease.runner.headers) as up:
+    async with lease, upstream(ctx, lease, path, payload) as up:
         if up.status != 200:
             raise await error_of(up)
         if not payload.get("stream"):

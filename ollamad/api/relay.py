@@ -10,7 +10,7 @@ import aiohttp
 import structlog
 from aiohttp import web
 
-from ollamad.api.common import NDJSON, AppContext, dumps, reply
+from ollamad.api.common import NDJSON, AppContext, dumps, reply, upstream
 from ollamad.api.reqlog import record_of
 from ollamad.api.translate import (
     done_reason,
@@ -148,7 +148,7 @@ async def _relay(request: web.Request, ctx: AppContext, lease: Lease, path: str,
                  stream: bool, t0: int, shape: GenerateShape | ChatShape) -> web.StreamResponse:
     assert ctx.session is not None
     load_ns = int(lease.queued_for * 1e9)
-    async with ctx.session.post(f"{lease.runner.url}{path}", json=payload, headers=lease.runner.headers) as up:
+    async with upstream(ctx, lease, path, payload) as up:
         if up.status != 200:
             raise await error_of(up)
         rec = record_of(request)

@@ -8,13 +8,14 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import Daemon
+from tests.conftest import Daemon, fake_with
 from tests.models.test_gguf_hostile import nested
 
 
@@ -182,3 +183,27 @@ def test_absurd_context_length_is_clamped_for_llama_server(daemon_factory: Any, 
                                                 "options": {"num_predict": 2}})
         assert status == 200 and body["done"], body
     assert d.log().count('"runner starting"') == 1
+
+
+def test_a_runner_stuck_compiling_a_grammar_is_replaced(daemon_factory: Any, folder: Path, tmp_path: Path) -> None:
+    d = daemon_factory(fake_with(tmp_path, FAKE_SCHEMA_DELAY="3600"), folder, OLLAMAD_ACCEPT_TIMEOUT="1s")
+    schema = {"type": "object", "properties": {"a": {"type": "string"}}}
+    status, body = d.post("/api/generate", {"model": "tiny", "prompt": "x", "format": schema, "stream": False})
+    assert status == 500 and "OLLAMAD_ACCEPT_TIMEOUT" in body["error"], body
+    status, body = d.post("/api/generate", {"model": "tiny", "prompt": "x", "stream": False})
+    assert status == 200, body
+    assert d.log().count('"runner starting"') == 2  # the stuck one was replaced
+
+
+@pytest.mark.real
+def test_real_runner_stuck_on_a_grammar_is_replaced(daemon_factory: Any, llama_server: Path, folder: Path) -> None:
+    d = daemon_factory(llama_server, folder, OLLAMAD_FORMAT_MAX_PROPERTIES="100000", OLLAMAD_ACCEPT_TIMEOUT="1s")
+    schema = {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(2000)}}  # ~16 s to compile
+    t0 = time.monotonic()
+    status, body = d.post("/api/generate", {"model": "tiny", "prompt": "x", "format": schema, "stream": False})
+    assert status == 500 and "OLLAMAD_ACCEPT_TIMEOUT" in body["error"], body
+    assert time.monotonic() - t0 < 10
+    status, body = d.post("/api/generate", {"model": "tiny", "prompt": "x", "stream": False,
+                                            "options": {"num_predict": 2}})
+    assert status == 200, body
+    assert d.log().count('"runner starting"') == 2
