@@ -75,6 +75,7 @@ async def embeddings_legacy(request: web.Request) -> web.Response:
     keep_alive = parse_keep_alive(req.keep_alive)
     if not req.prompt:
         return reply({"embedding": []})
+    check_count(ctx, [req.prompt])
     vectors, _, _ = await embed_texts(ctx, model, req.model, [req.prompt], truncate=True,
                                       options=own_options(ctx, req.options), keep_alive=keep_alive)
     return reply({"embedding": vectors[0]})

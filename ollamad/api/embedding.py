@@ -19,6 +19,7 @@ import structlog
 from aiohttp import web
 
 from ollamad.api.common import ApiError, AppContext, runner_json
+from ollamad.api.limits import check_prompt
 from ollamad.models.catalog import Model
 from ollamad.models.options import Options
 from ollamad.runner.events import UpstreamError, error_of
@@ -45,10 +46,11 @@ def token_bound(text: str) -> int:
 
 
 def check_count(ctx: AppContext, texts: list[str]) -> None:
-    """400 before anything is loaded when a request has too many inputs."""
+    """400 before anything is loaded when a request has too many inputs, or too much text."""
     most = ctx.settings.embed_max_inputs
     if len(texts) > most:
         raise ApiError(400, f"too many inputs: {len(texts)} (at most {most}, OLLAMAD_EMBED_MAX_INPUTS)")
+    check_prompt(ctx.settings, texts)
 
 
 async def _tokenize(ctx: AppContext, lease: Lease, text: str) -> list[int]:
