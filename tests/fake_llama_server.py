@@ -12,11 +12,16 @@ supervisor never sends more than --parallel at once.
 
 from __future__ import annotations
 
+import sys
+
+if "--version" in sys.argv[1:]:  # before the imports: ollamad runs this at start-up
+    print("version: 0 (fake)\nbuilt with python for testing", file=sys.stderr)
+    sys.exit(0)
+
 import argparse
 import asyncio
 import json
 import os
-import sys
 import time
 from typing import Any
 
