@@ -19,7 +19,8 @@ from ollamad.memory.probe import MemoryProbe, load_nvml
 from ollamad.models.catalog import Catalog
 from ollamad.models.config import ModelConfigError
 from ollamad.models.testmodels import write_llama
-from ollamad.runner.binary import find_llama_server
+from ollamad.runner.binary import check_runs, find_llama_server
+from ollamad.runner.child import child_environment
 from ollamad.runner.leftovers import ChildRecords
 from ollamad.runner.upstream import runner_session
 from ollamad.sched.core import SchedState
@@ -50,6 +51,7 @@ async def serve(settings: Settings, *, on_ready: Callable[[AppContext], None] | 
     """Run the daemon until SIGTERM or SIGINT (drain, then stop); SIGHUP reloads the catalog."""
     notifier = notifier or Notifier.from_env()
     binary = find_llama_server(settings.llama_server, settings.runners_dir)
+    binary_version = await anyio.to_thread.run_sync(check_runs, binary, child_environment(settings.runner_env_pass))
     ensure_demo_model(settings)
     catalog = Catalog(settings.models, settings.model_settings)
     catalog.scan()  # a bad per-model settings file stops start-up with its message
@@ -73,6 +75,7 @@ async def serve(settings: Settings, *, on_ready: Callable[[AppContext], None] | 
             with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
                 await site.start()
                 log.info("listening", host=host, port=port, version=__version__, llama_server=str(binary),
+                         llama_server_version=binary_version,
                          models=str(settings.models), count=len(catalog.list()))
                 notifier.ready(status_line(scheduler))
                 tg.start_soon(report_status, notifier, scheduler)
@@ -94,8 +97,13 @@ async def serve(settings: Settings, *, on_ready: Callable[[AppContext], None] | 
                     break
                 notifier.stopping()
                 await drain(scheduler, settings.drain_timeout, signals)
+                if scheduler.busy():  # streams end with an error line, not a silent close
+                    cut = ctx.cut_streams()
+                    notifier.status(f"stopping: the drain timeout cut {scheduler.busy()} requests")
+                    log.warning("drain timed out; cutting remaining requests", busy=scheduler.busy(), streams=cut)
             await runner.cleanup()
         tg.cancel_scope.cancel()
+    notifier.status("stopped")  # else systemctl status keeps showing the last "draining (...)"
     notifier.close()
     log.info("stopped")
 
@@ -148,8 +156,6 @@ async def drain(scheduler: Scheduler, grace: float, signals: AsyncIterator[int] 
                 tg.start_soon(_cut_short_on_signal, signals, scope)
             await scheduler.wait_idle()
             tg.cancel_scope.cancel()
-    if scheduler.busy():
-        log.warning("drain timed out; cutting remaining requests", busy=scheduler.busy())
 
 
 async def _cut_short_on_signal(signals: AsyncIterator[int], scope: anyio.CancelScope) -> None:

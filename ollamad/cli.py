@@ -73,15 +73,19 @@ def serve_command() -> None:
     except (BinaryNotFound, ModelConfigError) as e:
         _config_error(str(e))
     except OSError as e:
-        sys.exit(f"ollamad: cannot listen on {settings.host}: {e.strerror or e}")
+        from ollamad.service.logs import priority_prefix
+
+        sys.exit(f"{priority_prefix('error')}ollamad: cannot listen on {settings.host}: {e.strerror or e}")
 
 
 EX_CONFIG = 78  # sysexits.h; the unit's RestartPreventExitStatus= stops restarting on it
 
 
 def _config_error(message: str) -> NoReturn:
-    """A start-up error that a restart cannot fix: say so and exit with EX_CONFIG."""
-    print(f"ollamad: {message}", file=sys.stderr)
+    """A start-up error that a restart cannot fix: say so (at priority err under journald), exit EX_CONFIG."""
+    from ollamad.service.logs import priority_prefix
+
+    print(f"{priority_prefix('error')}ollamad: {message}", file=sys.stderr)
     sys.exit(EX_CONFIG)
 
 

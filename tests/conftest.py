@@ -189,10 +189,18 @@ def runner_children(d: Daemon) -> list[dict[str, Any]]:
         except psutil.Error:
             continue
         if "--port" in argv and "--model" in argv:
-            key = argv[argv.index("--api-key") + 1] if "--api-key" in argv else None
+            key = runner_key(argv)
             out.append({"pid": p.pid, "port": int(argv[argv.index("--port") + 1]), "key": key, "argv": argv,
                         "model": argv[argv.index("--model") + 1]})
     return out
+
+
+def runner_key(argv: list[str]) -> str | None:
+    """A runner's API key, read (as the daemon's user) from the file named by --api-key-file."""
+    assert "--api-key" not in argv, "the key must not be on the command line"
+    if "--api-key-file" not in argv:
+        return None
+    return Path(argv[argv.index("--api-key-file") + 1]).read_text().strip()
 
 
 def child_get(child: dict[str, Any], path: str) -> Any:

@@ -44,6 +44,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--parallel", "-np", type=int, default=1)
     p.add_argument("--ctx-size", "-c", type=int, default=4096)
     p.add_argument("--api-key")
+    p.add_argument("--api-key-file")
     p.add_argument("--embeddings", action="store_true")
     # llama-server takes the word after a flag as its value even when it starts with "-"
     # (a random API key can); argparse would not, so glue values on with "=".
@@ -54,6 +55,9 @@ def parse() -> argparse.Namespace:
             word = f"{word}={rest.pop(0)}"
         argv.append(word)
     args, _ = p.parse_known_args(argv)
+    if args.api_key_file:  # one key per line, as llama-server reads it
+        with open(args.api_key_file) as f:
+            args.api_key = next(ln.strip() for ln in f if ln.strip() and not ln.startswith("#"))
     return args
 
 

@@ -4,12 +4,14 @@ Route modules import this one, never each other."""
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import aiohttp
+import anyio
 import structlog
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
@@ -42,6 +44,32 @@ class AppContext:
     scheduler: Scheduler
     session: aiohttp.ClientSession | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    cutting: bool = False  # the drain timeout ran out: streams still running are being cut
+    streams: set[anyio.CancelScope] = field(default_factory=set)
+
+    def cut_streams(self) -> int:
+        """The drain timed out: end every stream still running (each writes an error line); how many."""
+        self.cutting = True
+        for scope in list(self.streams):
+            scope.cancel()
+        return len(self.streams)
+
+
+CUT_BY_SHUTDOWN = ("ollamad is stopping and the drain timeout (OLLAMAD_DRAIN_TIMEOUT) ran out "
+                   "before this request finished")
+
+
+@contextlib.contextmanager
+def cuttable(ctx: AppContext) -> Iterator[anyio.CancelScope]:
+    """A stream's body: cancelled when the drain timeout runs out (see ``scope.cancelled_caught``)."""
+    with anyio.CancelScope() as scope:
+        if ctx.cutting:
+            scope.cancel()
+        ctx.streams.add(scope)
+        try:
+            yield scope
+        finally:
+            ctx.streams.discard(scope)
 
 
 CTX = web.AppKey("ctx", AppContext)

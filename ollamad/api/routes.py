@@ -24,7 +24,7 @@ def make_app(ctx: AppContext) -> web.Application:
     s = ctx.settings
     observed = Metrics(ctx.scheduler)
     # CORS outermost (preflights), then one log line and metrics for every request, auth included
-    middlewares: list[Middleware] = [cors_middleware(s.origins), request_log(observed)]
+    middlewares: list[Middleware] = [cors_middleware(s.origins), request_log(observed, lambda: ctx.cutting)]
     if s.api_key:
         middlewares.append(auth_middleware(s.api_key))
     middlewares += [errors_middleware, request_log_middleware(s.log_requests)]

@@ -158,17 +158,25 @@ def test_sigterm_drains_streaming_request_then_exits_zero(daemon_factory: Any, t
     assert "drain timed out" not in d.log()
 
 
-def test_drain_timeout_cuts_requests_and_still_exits_zero(daemon_factory: Any, tmp_path: Path,
-                                                          models_dir: Path) -> None:
-    d: Daemon = daemon_factory(slow_fake(tmp_path, 1), models_dir, OLLAMAD_DRAIN_TIMEOUT="0.5s")
+def test_drain_timeout_cuts_requests_and_still_exits_zero(daemon_factory: Any, tmp_path: Path, models_dir: Path,
+                                                          notify_socket: NotifySocket) -> None:
+    d: Daemon = daemon_factory(slow_fake(tmp_path, 1), models_dir, OLLAMAD_DRAIN_TIMEOUT="0.5s",
+                               NOTIFY_SOCKET=notify_socket.path)
     conn, resp = _stream(d.port, {"model": "tiny", "prompt": "hi", "options": {"num_predict": 100}})
     assert json.loads(resp.readline())["done"] is False
     kids = d.children()
     assert d.stop(signal.SIGTERM, timeout=30) == 0
+    # the client learns why its stream ended: an error line, not a bare close (issue 16)
+    rest = [json.loads(ln) for ln in resp.read().splitlines() if ln.strip()]
     conn.close()
+    assert rest and "drain timeout" in rest[-1]["error"] and not any(ln.get("done") for ln in rest)
     _, alive = psutil.wait_procs(kids, timeout=5)
     assert not alive
-    assert "drain timed out" in d.log()
+    log = d.log()
+    assert "drain timed out" in log
+    (line,) = [json.loads(ln) for ln in log.splitlines() if '"route": "/api/generate"' in ln]
+    assert line["status"] == 503 and line["cut"] == "drain timeout" and line["level"] == "warning"  # not 499
+    notify_socket.wait_for(lambda m: m == "STATUS=stopped", timeout=5)  # not "draining (1 requests left)"
 
 
 def test_sighup_lists_a_new_model_file(daemon_factory: Any, tmp_path: Path) -> None:
