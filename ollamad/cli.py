@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import urllib.error
 import urllib.request
@@ -51,7 +52,14 @@ def main(argv: list[str] | None = None) -> None:
         "pull": pull_command, "cp": cp_command, "rm": rm_command,
         "config": lambda a: config_command(a.env_file, a.env_template),
     }
-    commands[args.command](args)
+    try:
+        commands[args.command](args)
+    except BrokenPipeError:
+        # the reader went away (`ollamad run chat | head -c 300`): stop quietly, as cat does; stdout
+        # goes to /dev/null so that the flush at exit does not raise again
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        sys.exit(141)  # 128 + SIGPIPE, what a shell reports for a command SIGPIPE killed
 
 
 def serve_command() -> None:
@@ -90,8 +98,6 @@ def _config_error(message: str) -> NoReturn:
 
 
 def config_command(env_file: Path | None, template: bool) -> None:
-    import os
-
     from ollamad.service.envfile import (
         DEFAULT_ENV_FILE,
         effective,
