@@ -195,7 +195,7 @@ class Container:
                 *(f"{k}={v}" for k, v in (env or {}).items())]
         setpriv = [] if user == "root" else ["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups"]
         argv = ["nsenter", "-t", str(self.pid1), "-a", "--", *setpriv, "env", "-i", *envs, *cmd]
-        return subprocess.Popen(argv, text=True, start_new_session=True, **kw)  # type: ignore[call-overload]
+        return subprocess.Popen(argv, text=True, errors="replace", start_new_session=True, **kw)  # type: ignore[call-overload]
 
     def run(self, cmd: Sequence[str] | str, user: str = "root", check: bool = True, timeout: float = 120,
             input: str | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
