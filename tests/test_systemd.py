@@ -3,7 +3,7 @@
 One container (tests/sysd.py: systemd 252 as PID 1 of systemd-nspawn, on a cached Debian
 root filesystem) is booted for the module; the tests run in order on it: install with sudo
 from a read-only checkout, status and requests, the secret out of `ps`, hardening, a
-drop-in, the env file winning, reload while streaming, SIGKILL and the restart, stop while
+drop-in, the env file winning, SIGKILL and the restart, reload while streaming, stop while
 streaming (drain, then cut), exit 78 without a restart loop, journal priorities, uninstall
 and purge. Skipped, with the reason, where it cannot run (not root, no systemd-nspawn).
 """
@@ -30,6 +30,7 @@ URL = "http://127.0.0.1:11434"
 ADMIN = sysd.ADMIN
 RUNNERS_INSIDE = f"/home/{ADMIN}/.cache/ollamad/runners"  # where `sudo install.sh` must find the build
 FAKE = "/usr/local/lib/ollamad-test/llama-server"  # the fake llama-server, slowed down, for drain tests
+FAKE_DROP_IN = "/etc/systemd/system/ollamad.service.d/test-fake.conf"
 T = TypeVar("T")
 
 
@@ -121,6 +122,17 @@ def journal(c: sysd.Container, since: str, *args: str) -> str:
 
 def now(c: sysd.Container) -> str:
     return sh(c, "date +%s").strip()
+
+
+def use_slow_fake(c: sysd.Container) -> None:
+    """The fake llama-server at 0.1 s a token, and a 2 s drain timeout, through a drop-in (kept if there)."""
+    if c.run(f"test -e {FAKE_DROP_IN}", check=False).returncode == 0:
+        return
+    c.run(f"mkdir -p {Path(FAKE).parent} && cat > {FAKE} && chmod 755 {FAKE}", input=(
+        "#!/bin/sh\nexport FAKE_TOKEN_DELAY=0.1\n"
+        "exec /opt/ollamad/venv/bin/python /project/tests/fake_llama_server.py \"$@\"\n"))
+    c.run(f"cat > {FAKE_DROP_IN} && systemctl daemon-reload && systemctl restart ollamad", input=(
+        f"[Service]\nEnvironment=OLLAMAD_LLAMA_SERVER={FAKE}\nEnvironment=OLLAMAD_DRAIN_TIMEOUT=2s\n"))
 
 
 def edit_unit(c: sysd.Container, text: str) -> None:
@@ -226,23 +238,6 @@ def test_the_env_file_wins_over_the_drop_in(box: sysd.Container) -> None:
 
 # --- signals ------------------------------------------------------------------------------
 
-def test_reload_while_streaming(box: sysd.Container) -> None:
-    c = box
-    generate(c)  # loaded, so the stream starts at once
-    pid, since = show(c, "MainPID"), now(c)
-    s = Stream(c, 1500)
-    assert s.line()["done"] is False
-    sh(c, "install -o ollamad -g ollamad -m 0640 /srv/models/tiny.gguf /var/lib/ollamad/models/second.gguf"
-          " && systemctl reload ollamad")
-    wait_until(lambda: "reloaded" in journal(c, since), what="the reload in the journal")
-    middle = s.line()  # still streaming after the reload
-    assert middle["done"] is False
-    rest = s.rest()
-    assert rest[-1]["done"] is True and rest[-1]["eval_count"] > len(rest)  # to the end (or the context's)
-    assert show(c, "MainPID") == pid and show(c, "ActiveState") == "active"
-    assert "second:latest" in sh(c, "ollamad list")
-
-
 def test_sigkill_restarts_with_no_orphans(box: sysd.Container) -> None:
     c = box
     generate(c)
@@ -259,16 +254,28 @@ def test_sigkill_restarts_with_no_orphans(box: sysd.Container) -> None:
     assert sh(c, f"ps -o ppid= -p {runner}").strip() == show(c, "MainPID")
 
 
+def test_reload_while_streaming(box: sysd.Container) -> None:
+    c = box
+    use_slow_fake(c)  # 0.1 s a token: the stream surely outlasts the reload
+    generate(c)  # loaded, so the stream starts at once
+    pid, since = show(c, "MainPID"), now(c)
+    s = Stream(c, 30)
+    assert s.line()["done"] is False
+    sh(c, "install -o ollamad -g ollamad -m 0640 /srv/models/tiny.gguf /var/lib/ollamad/models/second.gguf"
+          " && systemctl reload ollamad")
+    wait_until(lambda: "reloaded" in journal(c, since), what="the reload in the journal")
+    middle = s.line()  # still streaming after the reload
+    assert middle["done"] is False
+    rest = s.rest()
+    assert rest[-1]["done"] is True and rest[-1]["eval_count"] == 30
+    assert show(c, "MainPID") == pid and show(c, "ActiveState") == "active"
+    assert "second:latest" in sh(c, "ollamad list")
+
+
 def test_stop_while_streaming_drains_then_cuts(box: sysd.Container) -> None:
     """One stream ends within OLLAMAD_DRAIN_TIMEOUT, one does not: it gets an error line, logged as cut."""
     c = box
-    c.run(f"mkdir -p {Path(FAKE).parent} && cat > {FAKE} && chmod 755 {FAKE}", input=(
-        "#!/bin/sh\nexport FAKE_TOKEN_DELAY=0.1\n"
-        "exec /opt/ollamad/venv/bin/python /project/tests/fake_llama_server.py \"$@\"\n"))
-    sh(c, "mkdir -p /etc/systemd/system/ollamad.service.d && printf '[Service]\\n"
-          f"Environment=OLLAMAD_LLAMA_SERVER={FAKE}\\nEnvironment=OLLAMAD_DRAIN_TIMEOUT=2s\\n' "
-          "> /etc/systemd/system/ollamad.service.d/test-drain.conf && systemctl daemon-reload "
-          "&& systemctl restart ollamad")
+    use_slow_fake(c)
     try:
         generate(c)
         time.sleep(1)  # journalctl --since has whole seconds
@@ -291,8 +298,7 @@ def test_stop_while_streaming_drains_then_cuts(box: sysd.Container) -> None:
         warnings = journal(c, since, "-p", "warning")
         assert "drain timed out" in warnings and '"listening"' not in warnings and '"status": 200' not in warnings
     finally:
-        sh(c, "rm -f /etc/systemd/system/ollamad.service.d/test-drain.conf && systemctl daemon-reload"
-              " && systemctl start ollamad")
+        sh(c, f"rm -f {FAKE_DROP_IN} && systemctl daemon-reload && systemctl start ollamad")
 
 
 def test_a_bad_setting_exits_78_without_a_restart_loop(box: sysd.Container) -> None:
