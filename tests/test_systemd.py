@@ -5,7 +5,8 @@ root filesystem) is booted for the module; the tests run in order on it: install
 from a read-only checkout, status and requests, the secret out of `ps`, hardening, a
 drop-in, the env file winning, SIGKILL and the restart, reload while streaming, stop while
 streaming (drain, then cut), exit 78 without a restart loop, journal priorities, uninstall
-and purge. Skipped, with the reason, where it cannot run (not root, no systemd-nspawn).
+and purge, then a failed install leaving nothing behind. Skipped, with the reason, where it
+cannot run (not root, no systemd-nspawn, OLLAMAD_TEST_SYSTEMD=0).
 """
 
 from __future__ import annotations
@@ -357,3 +358,15 @@ def test_uninstall_keeps_settings_and_purge_removes_everything(box: sysd.Contain
         assert c.run(f"test -e {gone}", check=False).returncode != 0, gone
     assert c.run("id ollamad", check=False).returncode != 0
     assert "ollamad" not in sh(c, "systemctl list-unit-files --no-pager")
+
+
+def test_a_failed_install_leaves_nothing_behind(box: sysd.Container) -> None:
+    """On a clean system, an install whose package build fails creates no user, venv, unit or link."""
+    c = box
+    sh(c, "mkdir -p /tmp/no-wheels")
+    r = c.run(["sudo", "env", "PIP_FIND_LINKS=/tmp/no-wheels", "/project/scripts/install.sh"], user=ADMIN,
+              check=False, timeout=240)
+    assert r.returncode != 0 and "removing the /opt/ollamad" in r.stderr, r.stderr
+    for gone in ("/opt/ollamad", "/etc/systemd/system/ollamad.service", "/usr/local/bin/ollamad", "/etc/ollamad"):
+        assert c.run(f"test -e {gone}", check=False).returncode != 0, gone
+    assert c.run("id ollamad", check=False).returncode != 0
