@@ -26,7 +26,7 @@ dry=0
 for arg in "$@"; do
   case "$arg" in
     --dry-run|-n) dry=1 ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
     *) echo "install: unknown argument $arg (try --help)" >&2; exit 2 ;;
   esac
 done
@@ -67,7 +67,7 @@ else
   caches+=("${XDG_CACHE_HOME:-$HOME/.cache}/ollamad/runners")
   if [ -n "${SUDO_USER:-}" ] && [ "$SUDO_USER" != root ]; then
     sudo_home=$(getent passwd "$SUDO_USER" | cut -d: -f6 || true)
-    [ -n "$sudo_home" ] && caches+=("$sudo_home/.cache/ollamad/runners")
+    if [ -n "$sudo_home" ]; then caches+=("$sudo_home/.cache/ollamad/runners"); fi
   fi
 fi
 cache=""
