@@ -7,7 +7,13 @@ from aiohttp.typedefs import Middleware
 
 from ollamad.api import embed, manage, native, openai_compat
 from ollamad.api.common import CTX, AppContext, errors_middleware
-from ollamad.api.guard import add_cors_headers, auth_middleware, cors_middleware, request_log_middleware
+from ollamad.api.guard import (
+    add_cors_headers,
+    auth_middleware,
+    cors_middleware,
+    host_middleware,
+    request_log_middleware,
+)
 from ollamad.api.reqlog import request_log
 from ollamad.service.metrics import CONTENT_TYPE, Metrics
 
@@ -23,8 +29,9 @@ METRICS = web.AppKey("metrics", Metrics)
 def make_app(ctx: AppContext) -> web.Application:
     s = ctx.settings
     observed = Metrics(ctx.scheduler)
-    # CORS outermost (preflights), then one log line and metrics for every request, auth included
-    middlewares: list[Middleware] = [cors_middleware(s.origins), request_log(observed, lambda: ctx.cutting)]
+    # CORS outermost (preflights), then one log line and metrics for every request, Host and auth included
+    middlewares: list[Middleware] = [cors_middleware(s.origins), request_log(observed, lambda: ctx.cutting),
+                                     host_middleware(s.allowed_hosts)]
     if s.api_key:
         middlewares.append(auth_middleware(s.api_key))
     middlewares += [errors_middleware, request_log_middleware(s.log_requests)]
