@@ -13,6 +13,7 @@ from aiohttp import web
 
 from ollamad import __version__
 from ollamad.api.common import AppContext
+from ollamad.api.listener import CappedSite, auto_max_connections, raise_fd_limit, watch_stalled_writers
 from ollamad.api.routes import make_app
 from ollamad.memory.accountant import Accountant
 from ollamad.memory.probe import MemoryProbe, load_nvml
@@ -50,6 +51,7 @@ async def serve(settings: Settings, *, on_ready: Callable[[AppContext], None] | 
                 notifier: Notifier | None = None) -> None:
     """Run the daemon until SIGTERM or SIGINT (drain, then stop); SIGHUP reloads the catalog."""
     notifier = notifier or Notifier.from_env()
+    fd_limit = raise_fd_limit()
     binary = find_llama_server(settings.llama_server, settings.runners_dir)
     binary_version = await anyio.to_thread.run_sync(check_runs, binary, child_environment(settings.runner_env_pass))
     ensure_demo_model(settings)
@@ -68,15 +70,20 @@ async def serve(settings: Settings, *, on_ready: Callable[[AppContext], None] | 
         async with runner_session(timeout=aiohttp.ClientTimeout(total=None)) as session:
             ctx = AppContext(settings, catalog, scheduler, session)
             # drain() already waited for requests; what is left when cleanup runs gets cut
+            # keepalive_timeout also bounds how long a request's head may take (listener.py)
             runner = web.AppRunner(make_app(ctx), handler_cancellation=True, access_log=None,
-                                   shutdown_timeout=CUT_AFTER_DRAIN)
+                                   shutdown_timeout=CUT_AFTER_DRAIN, keepalive_timeout=settings.header_timeout)
             await runner.setup()
-            site = web.TCPSite(runner, host, port, reuse_address=True)
+            assert runner.server is not None
+            max_connections = settings.max_connections or auto_max_connections(fd_limit)
+            site = CappedSite(runner, host, port, max_connections)
             with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
                 await site.start()
                 log.info("listening", host=host, port=port, version=__version__, llama_server=str(binary),
                          llama_server_version=binary_version,
-                         models=str(settings.models), count=len(catalog.list()))
+                         models=str(settings.models), count=len(catalog.list()), open_files=fd_limit,
+                         max_connections=max_connections)
+                tg.start_soon(watch_stalled_writers, runner.server, settings.write_timeout)
                 notifier.ready(status_line(scheduler))
                 tg.start_soon(report_status, notifier, scheduler)
                 if notifier.watchdog_interval:
@@ -135,12 +142,18 @@ def status_line(scheduler: Scheduler) -> str:
 async def report_status(notifier: Notifier, scheduler: Scheduler) -> None:
     while True:
         await anyio.sleep(STATUS_EVERY)
-        notifier.status(status_line(scheduler))
+        try:
+            notifier.status(status_line(scheduler))
+        except Exception:  # a background loop logs its errors and goes on
+            log.exception("status update failed")
 
 
 async def keep_watchdog(notifier: Notifier, every: float) -> None:
     while True:
-        notifier.watchdog()
+        try:
+            notifier.watchdog()
+        except Exception:
+            log.exception("watchdog ping failed")
         await anyio.sleep(every)
 
 

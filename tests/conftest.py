@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -89,13 +90,16 @@ class Daemon:
         self.env.update(env or {})
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path: Path | None = None
+        self.nofile: int | None = None  # an open-file limit (soft and hard) for the daemon, as `ulimit -n`
 
     def start(self, log_path: Path) -> Daemon:
         self.log_path = log_path
         self.env.setdefault("OLLAMAD_STATE_DIR", str(log_path.parent / "state"))
         self.log_file = open(log_path, "wb")  # noqa: SIM115 (held for the daemon's life)
+        nofile = self.nofile
+        limit = None if nofile is None else lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
         self.proc = subprocess.Popen([sys.executable, "-m", "ollamad.cli", "serve"], env=self.env,
-                                     stdout=self.log_file, stderr=subprocess.STDOUT)
+                                     stdout=self.log_file, stderr=subprocess.STDOUT, preexec_fn=limit)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -3,15 +3,20 @@ stream began, clients that never read. Daemons run over the fake llama-server.""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
+import resource
+import socket
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from ollamad.api.guard import host_allowed, host_name
-from tests.conftest import Daemon
+from tests.conftest import Daemon, fake_with
+from tests.streams import runners
 
 
 def _raw(d: Daemon, method: str, path: str, headers: dict[str, str], body: Any = None) -> tuple[int, bytes]:
@@ -65,3 +70,78 @@ def test_allowed_hosts_setting(daemon_factory: Any, fake_server: Path, models_di
     d = daemon_factory(fake_server, models_dir, OLLAMAD_ALLOWED_HOSTS="llm.example.com")
     assert _raw(d, "GET", "/api/tags", {"Host": f"llm.example.com:{d.port}"})[0] == 200
     assert _raw(d, "GET", "/api/tags", {"Host": f"evil.example:{d.port}"})[0] == 403
+
+
+# --- 2. file-descriptor exhaustion and slow senders ---------------------------------------
+def _half_headers(port: int, n: int) -> list[socket.socket]:
+    """``n`` connections that each send half a request head and then nothing."""
+    socks = []
+    for _ in range(n):
+        s = socket.socket()
+        s.settimeout(5)
+        try:
+            s.connect(("127.0.0.1", port))
+            s.sendall(b"POST /api/generate HTTP/1.1\r\nHost: localhost\r\nContent-Type: app")
+        except OSError:
+            s.close()
+            continue
+        socks.append(s)
+    return socks
+
+
+def _raise_own_fd_limit(need: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < need:
+        if hard != resource.RLIM_INFINITY and hard < need:
+            pytest.skip(f"this test needs {need} open files; the hard limit is {hard}")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+
+
+HEADER_DEADLINE = 10.0
+
+
+@pytest.mark.parametrize("cap", ["auto", "none"])
+def test_socket_flood_under_a_low_fd_limit(tmp_path: Path, models_dir: Path, cap: str) -> None:
+    """More half-sent headers than the daemon has file descriptors: it stays up, its runner
+    lives, and once the header deadline closes them it answers again. With the cap (auto)
+    the extra connections get 503 at once; without it (a cap above the limit) every
+    background loop must survive the EMFILE errors."""
+    _raise_own_fd_limit(2048)
+    env = {"OLLAMAD_HEADER_TIMEOUT": f"{HEADER_DEADLINE}s", "OLLAMAD_MEMORY_POLL": "0.2s",
+           "OLLAMAD_HEALTH_INTERVAL": "0.3s", "OLLAMAD_HEALTH_TIMEOUT": "2s", "OLLAMA_KEEP_ALIVE": "10m"}
+    if cap == "none":
+        env["OLLAMAD_MAX_CONNECTIONS"] = "100000"
+    d = Daemon(fake_with(tmp_path), models_dir, env)
+    d.nofile = 320  # auto cap: 64 connections
+    d.start(tmp_path / "daemon.log")
+    socks: list[socket.socket] = []
+    try:
+        assert d.post("/api/generate", {"model": "tiny", "prompt": "hi", "stream": False})[0] == 200
+        (child,) = runners(d)
+        t0 = time.monotonic()
+        socks = _half_headers(d.port, 400)
+        time.sleep(1.5)  # several memory polls and health checks while the descriptors are gone
+        assert d.proc is not None and d.proc.poll() is None, d.log()[-3000:]
+        assert child.is_running()
+        if cap == "auto":  # refused at once, not left to pile up
+            assert time.monotonic() - t0 < HEADER_DEADLINE - 1, "the flood took too long to test the cap"
+            status, body = _raw(d, "GET", "/api/version", {})
+            assert status == 503 and b"too many connections" in body
+        time.sleep(max(0.0, t0 + HEADER_DEADLINE + 1.5 - time.monotonic()))  # the header deadline closes them
+        if cap == "auto":  # each was answered 503 or closed by the daemon: none is left waiting
+            for s in socks:  # (without the cap some wait in the listen queue and are accepted later)
+                with contextlib.suppress(ConnectionResetError):
+                    s.recv(100, socket.MSG_PEEK)
+        for s in socks:
+            s.close()
+        socks = []
+        assert d.proc.poll() is None, d.log()[-3000:]
+        status, body = d.post("/api/generate", {"model": "tiny", "prompt": "hi", "stream": False})
+        assert status == 200, body
+        assert [c.pid for c in runners(d)] == [child.pid], "the runner was replaced"
+        if cap == "none":
+            assert "Too many open files" in d.log() or "EMFILE" in d.log()
+    finally:
+        for s in socks:
+            s.close()
+        d.stop()

@@ -4,9 +4,10 @@ Route modules import this one, never each other."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -125,8 +126,20 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return shape(500, f"internal error: {type(e).__name__}: {e}")
 
 
+def _body_deadline(request: web.Request) -> float | None:
+    return request.app[CTX].settings.body_timeout or None
+
+
+def _too_slow(request: web.Request) -> ApiError:
+    return ApiError(408, f"request body not received within {_body_deadline(request)} s (OLLAMAD_BODY_TIMEOUT)")
+
+
 async def read_json(request: web.Request) -> dict[str, Any]:
-    raw = await request.read()
+    try:
+        async with asyncio.timeout(_body_deadline(request)):
+            raw = await request.read()
+    except TimeoutError:
+        raise _too_slow(request) from None
     if not raw.strip():
         raise ApiError(400, "missing request body")
     try:
@@ -138,6 +151,19 @@ async def read_json(request: web.Request) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise ApiError(400, "request body must be a JSON object")
     return body
+
+
+async def read_chunks(request: web.Request, size: int = 1 << 20) -> AsyncIterator[bytes]:
+    """An upload's body in chunks; 408 if it pauses longer than OLLAMAD_BODY_TIMEOUT."""
+    while True:
+        try:
+            async with asyncio.timeout(_body_deadline(request)):
+                chunk = await request.content.read(size)
+        except TimeoutError:
+            raise _too_slow(request) from None
+        if not chunk:
+            return
+        yield chunk
 
 
 def resolve(ctx: AppContext, name: str) -> Model:

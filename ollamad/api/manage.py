@@ -13,6 +13,7 @@ import aiohttp
 import anyio
 from aiohttp import web
 
+from ollamad.api import common
 from ollamad.api.common import CTX, NDJSON, ApiError, AppContext, dumps, iso_time, read_json, reply, resolve
 from ollamad.models import store
 from ollamad.models.catalog import Model
@@ -174,7 +175,7 @@ async def push_blob(request: web.Request) -> web.Response:
     h = hashlib.sha256()
     try:
         async with await anyio.open_file(tmp, "wb") as f:
-            async for chunk in request.content.iter_chunked(1 << 20):
+            async for chunk in common.read_chunks(request):
                 h.update(chunk)
                 await f.write(chunk)
         got = "sha256:" + h.hexdigest()

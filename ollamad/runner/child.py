@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import errno
 import os
 import secrets
 import signal
@@ -189,14 +190,23 @@ class Runner:
     async def _pump_output(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None
         logger = self._log()
-        async for raw in self.proc.stdout:
+        while True:
+            try:
+                raw = await self.proc.stdout.readline()
+            except ValueError:  # a line over the pipe reader's limit: dropped, the rest still read
+                continue
+            if not raw:
+                return
             line = raw.decode("utf-8", errors="replace").rstrip()
             if not line:
                 continue
             self.last_output = time.monotonic()
             self.lines.append(line)
             if self.on_line is not None:
-                self.on_line(line)
+                try:  # the pipe must keep being read, or llama-server blocks writing to it
+                    self.on_line(line)
+                except Exception:
+                    logger.exception("reading a llama-server line failed", line=line)
             if not self.ready_at and any(m in line for m in READY_LINES):
                 self._ready_hint.set()
             low = line.lower()
@@ -257,11 +267,20 @@ class Runner:
                 child.kill()
 
     async def responds(self, session: aiohttp.ClientSession, timeout: float) -> bool:  # noqa: ASYNC109
-        """True if /health answers at all within ``timeout`` (any status: the process is alive)."""
+        """True if /health answers at all within ``timeout`` (any status: the process is alive).
+
+        Also True when this daemon cannot open a socket (out of file descriptors): that says
+        nothing about the runner, which must not be killed for it.
+        """
         try:
             async with session.get(f"{self.url}/health", timeout=aiohttp.ClientTimeout(total=timeout)) as r:
                 await r.read()
                 return True
+        except aiohttp.ClientConnectorError as e:
+            if e.os_error.errno in (errno.EMFILE, errno.ENFILE):
+                self._log().warning("cannot check the runner's health: out of file descriptors")
+                return True
+            return False
         except (TimeoutError, aiohttp.ClientError):
             return False
 
