@@ -126,6 +126,40 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return shape(500, f"internal error: {type(e).__name__}: {e}")
 
 
+STARTED = "ollamad.started"  # request key: the first answer that began to be sent
+
+
+async def mark_started(request: web.Request, resp: web.StreamResponse) -> None:
+    """on_response_prepare hook: remember the answer whose head went out first."""
+    request.setdefault(STARTED, resp)
+
+
+@web.middleware
+async def started_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Once an answer has begun (a stream), an error answer made after it cannot be sent as a
+    second HTTP response: its error object ends the stream as a last NDJSON line (an SSE
+    ``data:`` event and ``[DONE]`` for event streams). Wraps errors_middleware."""
+    resp = await handler(request)
+    started: web.StreamResponse | None = request.get(STARTED)
+    if started is None or started is resp or not started.prepared or not isinstance(resp, web.Response):
+        return resp
+    body = resp.body if isinstance(resp.body, bytes) else b""
+    try:
+        message = json.loads(body)["error"]
+    except (ValueError, KeyError, TypeError):
+        message = resp.reason or "internal error"
+        body = dumps({"error": message})
+    log.warning("error after the answer began; ending the stream with it", path=request.path, status=resp.status,
+                error=message.get("message") if isinstance(message, dict) else message)
+    if started.content_type == "text/event-stream":
+        line = b"data: " + body.strip() + b"\n\ndata: [DONE]\n\n"
+    else:
+        line = body.strip() + b"\n"
+    with contextlib.suppress(ConnectionError):  # the client may be gone already
+        await started.write(line)
+    return started
+
+
 def _body_deadline(request: web.Request) -> float | None:
     return request.app[CTX].settings.body_timeout or None
 
