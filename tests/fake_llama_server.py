@@ -4,6 +4,8 @@ Knobs (environment): FAKE_START_DELAY (s before /health is 200; only for models 
 path contains FAKE_START_DELAY_FOR, when set), FAKE_TOKEN_DELAY (s per
 token), FAKE_TOKENS (default n_predict), FAKE_CRASH_AFTER_TOKENS (exit mid-stream),
 FAKE_EXIT_AT_START (exit code at start-up), FAKE_HANG_AFTER_TOKENS (stop answering),
+FAKE_FINAL_PAD (a "prompt" of that many bytes in the final /completion event),
+FAKE_TOKEN_BYTES (each token that many bytes long),
 FAKE_DROP_REUSED (close a kept-alive connection, unread, when a second completion comes on
 it: what llama-server's unannounced closes look like to a client; counted as "dropped").
 It counts requests in flight; GET /fake/stats reports the peak, so tests can check that the
@@ -137,7 +139,7 @@ async def stream_tokens(request: web.Request, chat: bool) -> web.StreamResponse:
                 await asyncio.sleep(3600)
             if delay:
                 await asyncio.sleep(delay)
-            tok = f"t{i} "
+            tok = f"t{i} ".ljust(int(os.environ.get("FAKE_TOKEN_BYTES", 0)), "x")
             text.append(tok)
             if stream:
                 ev = ({"choices": [{"index": 0, "delta": {"content": tok}, "finish_reason": None}]}
@@ -152,6 +154,8 @@ async def stream_tokens(request: web.Request, chat: bool) -> web.StreamResponse:
         else:
             events = [{"content": "" if stream else "".join(text), "stop": True, "stop_type": "limit",
                        "timings": timings, "tokens_evaluated": 3, "tokens_predicted": n}]
+            if os.environ.get("FAKE_FINAL_PAD"):  # llama-server's final event echoes the prompt
+                events[0]["prompt"] = "p" * int(os.environ["FAKE_FINAL_PAD"])
         if not stream:
             return web.json_response(events[0])
         for ev in events:

@@ -145,3 +145,43 @@ def test_socket_flood_under_a_low_fd_limit(tmp_path: Path, models_dir: Path, cap
         for s in socks:
             s.close()
         d.stop()
+
+
+def _slow_body(port: int, path: str, declared: int, sent: bytes) -> tuple[float, bytes]:
+    """Send a request head promising ``declared`` bytes, then only ``sent``; what comes back, and when."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        t0 = time.monotonic()
+        s.sendall(f"POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                  f"Content-Length: {declared}\r\n\r\n".encode() + sent)
+        answer = s.recv(4096)
+        return time.monotonic() - t0, answer
+
+
+def test_slow_bodies_get_408(daemon_factory: Any, fake_server: Path, models_dir: Path) -> None:
+    d = daemon_factory(fake_server, models_dir, OLLAMAD_BODY_TIMEOUT="1s")
+    took, answer = _slow_body(d.port, "/api/generate", 1000, b'{"model": "tiny", ')
+    assert answer.startswith(b"HTTP/1.1 408") and b"OLLAMAD_BODY_TIMEOUT" in answer, answer
+    assert 0.9 < took < 10
+    digest = "sha256:" + "0" * 64  # an upload may pause up to the same deadline between chunks
+    took, answer = _slow_body(d.port, f"/api/blobs/{digest}", 1 << 20, b"x" * 1000)
+    assert answer.startswith(b"HTTP/1.1 408"), answer
+    assert d.request("GET", "/")[0] == 200
+
+
+def test_fd_limit_is_raised_to_the_hard_limit(daemon_factory: Any, fake_server: Path, models_dir: Path) -> None:
+    d = daemon_factory(fake_server, models_dir)
+    assert d.proc is not None
+    soft, hard = resource.prlimit(d.proc.pid, resource.RLIMIT_NOFILE)
+    assert soft == hard or (hard == resource.RLIM_INFINITY and soft >= 1 << 20)
+    assert f'"open_files": {soft}' in d.log()
+
+
+# --- 4. an error after a stream began ------------------------------------------------------
+def test_huge_final_event_is_read(daemon_factory: Any, tmp_path: Path, models_dir: Path) -> None:
+    """llama-server's final event echoes the prompt: 3 MB on one line is still a good answer."""
+    d = daemon_factory(fake_with(tmp_path, FAKE_FINAL_PAD=str(3 << 20)), models_dir)
+    status, chunks = d.post("/api/generate", {"model": "tiny", "prompt": "hi", "options": {"num_predict": 3}})
+    assert status == 200 and isinstance(chunks, list), chunks
+    assert chunks[-1]["done"] is True and "error" not in chunks[-1]
+    status, body = d.post("/api/generate", {"model": "tiny", "prompt": "hi", "stream": False})
+    assert status == 200 and body["done"] is True
