@@ -16,7 +16,7 @@ import pytest
 
 from ollamad.api.guard import host_allowed, host_name
 from tests.conftest import Daemon, fake_with
-from tests.streams import runners
+from tests.streams import child_get, runners, wait_for
 
 
 def _raw(d: Daemon, method: str, path: str, headers: dict[str, str], body: Any = None) -> tuple[int, bytes]:
@@ -185,3 +185,44 @@ def test_huge_final_event_is_read(daemon_factory: Any, tmp_path: Path, models_di
     assert chunks[-1]["done"] is True and "error" not in chunks[-1]
     status, body = d.post("/api/generate", {"model": "tiny", "prompt": "hi", "stream": False})
     assert status == 200 and body["done"] is True
+
+
+# --- 5. a client that never reads ----------------------------------------------------------
+def _stalled_client(port: int, path: str, body: dict[str, Any]) -> socket.socket:
+    """A client that sends a streaming request and then reads nothing."""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect(("127.0.0.1", port))
+    data = json.dumps(body).encode()
+    s.sendall(b"POST %s HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+              b"Content-Length: %d\r\n\r\n%s" % (path.encode(), len(data), data))
+    return s
+
+
+@pytest.mark.parametrize(("path", "body"), [
+    ("/api/generate", {"model": "tiny", "prompt": "long", "options": {"num_predict": 4000}}),
+    ("/v1/chat/completions", {"model": "tiny", "stream": True, "max_tokens": 4000,
+                              "messages": [{"role": "user", "content": "long"}]}),
+])
+def test_client_that_never_reads_loses_its_slot(daemon_factory: Any, tmp_path: Path, models_dir: Path,
+                                                 path: str, body: dict[str, Any]) -> None:
+    """One slot, a client that stops reading a long answer: after OLLAMAD_WRITE_TIMEOUT its
+    connection is cut, the runner's request is cancelled and the next client is served."""
+    d = daemon_factory(fake_with(tmp_path, FAKE_TOKEN_BYTES="16384", FAKE_TOKEN_DELAY="0.001"), models_dir,
+                       OLLAMA_NUM_PARALLEL="1", OLLAMAD_WRITE_TIMEOUT="2s")
+    assert d.post("/api/generate", {"model": "tiny", "prompt": "hi", "stream": False})[0] == 200
+    (child,) = runners(d)
+    stalled = _stalled_client(d.port, path, body)
+    try:
+        wait_for(lambda: child_get(child, "/fake/stats")[1]["in_flight"] == 1, timeout=10)
+        t0 = time.monotonic()
+        status, body = d.post("/api/generate", {"model": "tiny", "prompt": "next", "stream": False,
+                                                "options": {"num_predict": 2}}, timeout=30)
+        waited = time.monotonic() - t0
+        assert status == 200, body
+        assert 1.5 < waited < 15, waited  # it waited for the slot until the stalled client was cut
+        assert "client stopped reading its answer" in d.log()
+        wait_for(lambda: child_get(child, "/fake/stats")[1]["in_flight"] == 0, timeout=5)
+        assert [c.pid for c in runners(d)] == [child.pid]  # the runner is fine and kept
+    finally:
+        stalled.close()
