@@ -226,3 +226,15 @@ def test_client_that_never_reads_loses_its_slot(daemon_factory: Any, tmp_path: P
         assert [c.pid for c in runners(d)] == [child.pid]  # the runner is fine and kept
     finally:
         stalled.close()
+
+
+def test_header_deadline_spares_requests_in_progress(daemon_factory: Any, tmp_path: Path, models_dir: Path) -> None:
+    """The header deadline applies while a request head is awaited, not while it is served."""
+    d = daemon_factory(fake_with(tmp_path, FAKE_TOKEN_DELAY="0.1"), models_dir, OLLAMAD_HEADER_TIMEOUT="1s")
+    status, body = d.post("/api/generate", {"model": "tiny", "prompt": "hi", "stream": False,
+                                            "options": {"num_predict": 25}})
+    assert status == 200 and body["done"] is True  # loading and 2.5 s of tokens, all past the deadline
+    with socket.create_connection(("127.0.0.1", d.port), timeout=10) as s:  # an idle connection is closed
+        t0 = time.monotonic()
+        assert s.recv(10) == b""
+        assert 0.5 < time.monotonic() - t0 < 5
