@@ -4,6 +4,7 @@ stream began, clients that never read. Daemons run over the fake llama-server.""
 from __future__ import annotations
 
 import contextlib
+import errno
 import http.client
 import json
 import resource
@@ -12,9 +13,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
 from ollamad.api.guard import host_allowed, host_name
+from ollamad.memory.accountant import Accountant
+from ollamad.memory.probe import MemoryProbe
 from tests.conftest import Daemon, fake_with
 from tests.streams import child_get, runners, wait_for
 
@@ -238,3 +242,26 @@ def test_header_deadline_spares_requests_in_progress(daemon_factory: Any, tmp_pa
         t0 = time.monotonic()
         assert s.recv(10) == b""
         assert 0.5 < time.monotonic() - t0 < 5
+
+
+async def test_memory_poller_survives_failed_measurements() -> None:
+    """The poller that died on EMFILE reading /proc: errors are logged, polling goes on."""
+    probe = MemoryProbe(None, cgroup=False)
+    real = probe.snapshot
+    calls = {"n": 0}
+
+    def flaky(pids: Any = ()) -> Any:
+        calls["n"] += 1
+        if calls["n"] <= 3:
+            raise OSError(errno.EMFILE, "Too many open files")
+        return real(pids)
+
+    probe.snapshot = flaky  # type: ignore[method-assign]
+    acct = Accountant(probe, interval=0.01)
+    measured = anyio.Event()
+    with anyio.move_on_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(acct.run, dict, lambda snap: measured.set())
+            await measured.wait()
+            tg.cancel_scope.cancel()
+    assert calls["n"] >= 4 and measured.is_set() and acct.snapshot is not None
