@@ -13,13 +13,15 @@ from aiohttp import web
 
 from ollamad import __version__
 from ollamad.api.common import AppContext
+from ollamad.api.listener import CappedSite, auto_max_connections, raise_fd_limit, watch_stalled_writers
 from ollamad.api.routes import make_app
 from ollamad.memory.accountant import Accountant
 from ollamad.memory.probe import MemoryProbe, load_nvml
 from ollamad.models.catalog import Catalog
 from ollamad.models.config import ModelConfigError
 from ollamad.models.testmodels import write_llama
-from ollamad.runner.binary import find_llama_server
+from ollamad.runner.binary import check_runs, find_llama_server
+from ollamad.runner.child import child_environment
 from ollamad.runner.leftovers import ChildRecords
 from ollamad.runner.upstream import runner_session
 from ollamad.sched.core import SchedState
@@ -49,7 +51,9 @@ async def serve(settings: Settings, *, on_ready: Callable[[AppContext], None] | 
                 notifier: Notifier | None = None) -> None:
     """Run the daemon until SIGTERM or SIGINT (drain, then stop); SIGHUP reloads the catalog."""
     notifier = notifier or Notifier.from_env()
+    fd_limit = raise_fd_limit()
     binary = find_llama_server(settings.llama_server, settings.runners_dir)
+    binary_version = await anyio.to_thread.run_sync(check_runs, binary, child_environment(settings.runner_env_pass))
     ensure_demo_model(settings)
     catalog = Catalog(settings.models, settings.model_settings)
     catalog.scan()  # a bad per-model settings file stops start-up with its message
@@ -66,14 +70,20 @@ async def serve(settings: Settings, *, on_ready: Callable[[AppContext], None] | 
         async with runner_session(timeout=aiohttp.ClientTimeout(total=None)) as session:
             ctx = AppContext(settings, catalog, scheduler, session)
             # drain() already waited for requests; what is left when cleanup runs gets cut
+            # keepalive_timeout also bounds how long a request's head may take (listener.py)
             runner = web.AppRunner(make_app(ctx), handler_cancellation=True, access_log=None,
-                                   shutdown_timeout=CUT_AFTER_DRAIN)
+                                   shutdown_timeout=CUT_AFTER_DRAIN, keepalive_timeout=settings.header_timeout)
             await runner.setup()
-            site = web.TCPSite(runner, host, port, reuse_address=True)
+            assert runner.server is not None
+            max_connections = settings.max_connections or auto_max_connections(fd_limit)
+            site = CappedSite(runner, host, port, max_connections)
             with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
                 await site.start()
                 log.info("listening", host=host, port=port, version=__version__, llama_server=str(binary),
-                         models=str(settings.models), count=len(catalog.list()))
+                         llama_server_version=binary_version,
+                         models=str(settings.models), count=len(catalog.list()), open_files=fd_limit,
+                         max_connections=max_connections)
+                tg.start_soon(watch_stalled_writers, runner.server, settings.write_timeout)
                 notifier.ready(status_line(scheduler))
                 tg.start_soon(report_status, notifier, scheduler)
                 if notifier.watchdog_interval:
@@ -94,8 +104,13 @@ async def serve(settings: Settings, *, on_ready: Callable[[AppContext], None] | 
                     break
                 notifier.stopping()
                 await drain(scheduler, settings.drain_timeout, signals)
+                if scheduler.busy():  # streams end with an error line, not a silent close
+                    cut = ctx.cut_streams()
+                    notifier.status(f"stopping: the drain timeout cut {scheduler.busy()} requests")
+                    log.warning("drain timed out; cutting remaining requests", busy=scheduler.busy(), streams=cut)
             await runner.cleanup()
         tg.cancel_scope.cancel()
+    notifier.status("stopped")  # else systemctl status keeps showing the last "draining (...)"
     notifier.close()
     log.info("stopped")
 
@@ -127,12 +142,18 @@ def status_line(scheduler: Scheduler) -> str:
 async def report_status(notifier: Notifier, scheduler: Scheduler) -> None:
     while True:
         await anyio.sleep(STATUS_EVERY)
-        notifier.status(status_line(scheduler))
+        try:
+            notifier.status(status_line(scheduler))
+        except Exception:  # a background loop logs its errors and goes on
+            log.exception("status update failed")
 
 
 async def keep_watchdog(notifier: Notifier, every: float) -> None:
     while True:
-        notifier.watchdog()
+        try:
+            notifier.watchdog()
+        except Exception:
+            log.exception("watchdog ping failed")
         await anyio.sleep(every)
 
 
@@ -148,8 +169,6 @@ async def drain(scheduler: Scheduler, grace: float, signals: AsyncIterator[int] 
                 tg.start_soon(_cut_short_on_signal, signals, scope)
             await scheduler.wait_idle()
             tg.cancel_scope.cancel()
-    if scheduler.busy():
-        log.warning("drain timed out; cutting remaining requests", busy=scheduler.busy())
 
 
 async def _cut_short_on_signal(signals: AsyncIterator[int], scope: anyio.CancelScope) -> None:

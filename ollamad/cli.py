@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import urllib.error
 import urllib.request
@@ -51,7 +52,14 @@ def main(argv: list[str] | None = None) -> None:
         "pull": pull_command, "cp": cp_command, "rm": rm_command,
         "config": lambda a: config_command(a.env_file, a.env_template),
     }
-    commands[args.command](args)
+    try:
+        commands[args.command](args)
+    except BrokenPipeError:
+        # the reader went away (`ollamad run chat | head -c 300`): stop quietly, as cat does; stdout
+        # goes to /dev/null so that the flush at exit does not raise again
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        sys.exit(141)  # 128 + SIGPIPE, what a shell reports for a command SIGPIPE killed
 
 
 def serve_command() -> None:
@@ -76,21 +84,23 @@ def serve_command() -> None:
     except (BinaryNotFound, ModelConfigError) as e:
         _config_error(str(e))
     except OSError as e:
-        sys.exit(f"ollamad: cannot listen on {settings.host}: {e.strerror or e}")
+        from ollamad.service.logs import priority_prefix
+
+        sys.exit(f"{priority_prefix('error')}ollamad: cannot listen on {settings.host}: {e.strerror or e}")
 
 
 EX_CONFIG = 78  # sysexits.h; the unit's RestartPreventExitStatus= stops restarting on it
 
 
 def _config_error(message: str) -> NoReturn:
-    """A start-up error that a restart cannot fix: say so and exit with EX_CONFIG."""
-    print(f"ollamad: {message}", file=sys.stderr)
+    """A start-up error that a restart cannot fix: say so (at priority err under journald), exit EX_CONFIG."""
+    from ollamad.service.logs import priority_prefix
+
+    print(f"{priority_prefix('error')}ollamad: {message}", file=sys.stderr)
     sys.exit(EX_CONFIG)
 
 
 def config_command(env_file: Path | None, template: bool) -> None:
-    import os
-
     from ollamad.service.envfile import (
         DEFAULT_ENV_FILE,
         effective,

@@ -227,6 +227,21 @@ class Settings(BaseSettings):
                                   description="/api/pull: longest wait to connect to a registry, and between reads")
     log_requests: Flag = Field(False, validation_alias="OLLAMAD_LOG_REQUESTS",
                                description="Log request bodies (prompts) and replies; off by default")
+    allowed_hosts: CsvList = Field(
+        (), validation_alias="OLLAMAD_ALLOWED_HOSTS",
+        description="Extra Host names accepted on loopback connections, comma-separated (*.example.com, * = all)")
+    header_timeout: Seconds = Field(30.0, gt=0, validation_alias="OLLAMAD_HEADER_TIMEOUT",
+                                    description="A connection must send a request's headers within this long "
+                                                "(of opening, or of its last answer); idle ones close then too")
+    body_timeout: Seconds = Field(60.0, validation_alias="OLLAMAD_BODY_TIMEOUT",
+                                  description="A JSON request body must arrive within this long (408 after); "
+                                              "an upload may pause this long; 0 = no limit")
+    write_timeout: Seconds = Field(60.0, validation_alias="OLLAMAD_WRITE_TIMEOUT",
+                                   description="A client that reads none of its answer this long is cut off "
+                                               "(its request cancelled, its slot freed); 0 = no limit")
+    max_connections: int = Field(0, ge=0, validation_alias="OLLAMAD_MAX_CONNECTIONS",
+                                 description="Most open client connections; more get 503; 0 = auto "
+                                             "(3/4 of the open-file limit)")
 
     @field_validator("host", mode="before")
     @classmethod
@@ -245,7 +260,8 @@ class Settings(BaseSettings):
         return v
 
     @field_validator("num_parallel", "context_length", "max_loaded_models", "max_queue", "threads", "api_key",
-                     "embed_max_inputs", "embed_max_tokens", "format_max_properties", "max_prompt", mode="before")
+                     "max_connections", "embed_max_inputs", "embed_max_tokens", "format_max_properties", "max_prompt",
+                     mode="before")
     @classmethod
     def _int(cls, v: Any) -> Any:
         return _clean(v)

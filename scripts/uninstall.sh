@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Remove the ollamad service that scripts/install.sh installed. Run as root:
 #
-#   sudo scripts/uninstall.sh            stop it; remove the unit and /opt/ollamad
-#   sudo scripts/uninstall.sh --purge    also remove /etc/ollamad, /var/lib/ollamad (models!)
-#                                        and the ollamad user
+#   sudo scripts/uninstall.sh            stop it; remove the unit, /opt/ollamad and the
+#                                        /usr/local/bin/ollamad link (settings are kept)
+#   sudo scripts/uninstall.sh --purge    also remove /etc/ollamad, the unit's drop-ins
+#                                        (systemctl edit), /var/lib/ollamad (models!) and the user
 #   scripts/uninstall.sh --dry-run       print every step instead of doing it
 set -euo pipefail
 PREFIX=/opt/ollamad
@@ -36,12 +37,15 @@ else
   say "systemd is not running here; on a systemd host this runs: systemctl disable --now ollamad.service"
 fi
 run rm -f "$UNIT"
-run rm -rf "$UNIT.d"
-[ "$systemd" = 1 ] && run systemctl daemon-reload
+link=/usr/local/bin/ollamad
+if [ "$(readlink "$link" 2>/dev/null || true)" = "$PREFIX/venv/bin/ollamad" ]; then run rm -f "$link"; fi
 run rm -rf "$PREFIX"
 if [ "$purge" = 1 ]; then
-  run rm -rf "$CONF_DIR" "$STATE_DIR"
+  run rm -rf "$CONF_DIR" "$STATE_DIR" "$UNIT.d"
   if getent passwd "$SVC_USER" >/dev/null; then run userdel "$SVC_USER"; fi
 else
-  say "kept $CONF_DIR (settings), $STATE_DIR (models) and the $SVC_USER user; --purge removes them"
+  kept="$CONF_DIR (settings)"
+  [ -d "$UNIT.d" ] && kept="$kept, $UNIT.d (drop-ins)"
+  say "kept $kept, $STATE_DIR (models) and the $SVC_USER user; --purge removes them"
 fi
+if [ "$systemd" = 1 ]; then run systemctl daemon-reload; fi

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -89,13 +90,16 @@ class Daemon:
         self.env.update(env or {})
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path: Path | None = None
+        self.nofile: int | None = None  # an open-file limit (soft and hard) for the daemon, as `ulimit -n`
 
     def start(self, log_path: Path) -> Daemon:
         self.log_path = log_path
         self.env.setdefault("OLLAMAD_STATE_DIR", str(log_path.parent / "state"))
         self.log_file = open(log_path, "wb")  # noqa: SIM115 (held for the daemon's life)
+        nofile = self.nofile
+        limit = None if nofile is None else lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
         self.proc = subprocess.Popen([sys.executable, "-m", "ollamad.cli", "serve"], env=self.env,
-                                     stdout=self.log_file, stderr=subprocess.STDOUT)
+                                     stdout=self.log_file, stderr=subprocess.STDOUT, preexec_fn=limit)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -189,10 +193,18 @@ def runner_children(d: Daemon) -> list[dict[str, Any]]:
         except psutil.Error:
             continue
         if "--port" in argv and "--model" in argv:
-            key = argv[argv.index("--api-key") + 1] if "--api-key" in argv else None
+            key = runner_key(argv)
             out.append({"pid": p.pid, "port": int(argv[argv.index("--port") + 1]), "key": key, "argv": argv,
                         "model": argv[argv.index("--model") + 1]})
     return out
+
+
+def runner_key(argv: list[str]) -> str | None:
+    """A runner's API key, read (as the daemon's user) from the file named by --api-key-file."""
+    assert "--api-key" not in argv, "the key must not be on the command line"
+    if "--api-key-file" not in argv:
+        return None
+    return Path(argv[argv.index("--api-key-file") + 1]).read_text().strip()
 
 
 def child_get(child: dict[str, Any], path: str) -> Any:

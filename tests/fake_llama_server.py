@@ -4,6 +4,8 @@ Knobs (environment): FAKE_START_DELAY (s before /health is 200; only for models 
 path contains FAKE_START_DELAY_FOR, when set), FAKE_TOKEN_DELAY (s per
 token), FAKE_TOKENS (default n_predict), FAKE_CRASH_AFTER_TOKENS (exit mid-stream),
 FAKE_EXIT_AT_START (exit code at start-up), FAKE_HANG_AFTER_TOKENS (stop answering),
+FAKE_FINAL_PAD (a "prompt" of that many bytes in the final /completion event),
+FAKE_TOKEN_BYTES (each token that many bytes long),
 FAKE_DROP_REUSED (close a kept-alive connection, unread, when a second completion comes on
 it: what llama-server's unannounced closes look like to a client; counted as "dropped"),
 FAKE_SCHEMA_DELAY (s before answering a request with a JSON schema: grammar compilation).
@@ -13,11 +15,16 @@ supervisor never sends more than --parallel at once.
 
 from __future__ import annotations
 
+import sys
+
+if "--version" in sys.argv[1:]:  # before the imports: ollamad runs this at start-up
+    print("version: 0 (fake)\nbuilt with python for testing", file=sys.stderr)
+    sys.exit(0)
+
 import argparse
 import asyncio
 import json
 import os
-import sys
 import time
 from typing import Any
 
@@ -40,6 +47,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--parallel", "-np", type=int, default=1)
     p.add_argument("--ctx-size", "-c", type=int, default=4096)
     p.add_argument("--api-key")
+    p.add_argument("--api-key-file")
     p.add_argument("--embeddings", action="store_true")
     # llama-server takes the word after a flag as its value even when it starts with "-"
     # (a random API key can); argparse would not, so glue values on with "=".
@@ -50,6 +58,9 @@ def parse() -> argparse.Namespace:
             word = f"{word}={rest.pop(0)}"
         argv.append(word)
     args, _ = p.parse_known_args(argv)
+    if args.api_key_file:  # one key per line, as llama-server reads it
+        with open(args.api_key_file) as f:
+            args.api_key = next(ln.strip() for ln in f if ln.strip() and not ln.startswith("#"))
     return args
 
 
@@ -131,7 +142,7 @@ async def stream_tokens(request: web.Request, chat: bool) -> web.StreamResponse:
                 await asyncio.sleep(3600)
             if delay:
                 await asyncio.sleep(delay)
-            tok = f"t{i} "
+            tok = f"t{i} ".ljust(int(os.environ.get("FAKE_TOKEN_BYTES", 0)), "x")
             text.append(tok)
             if stream:
                 ev = ({"choices": [{"index": 0, "delta": {"content": tok}, "finish_reason": None}]}
@@ -146,6 +157,8 @@ async def stream_tokens(request: web.Request, chat: bool) -> web.StreamResponse:
         else:
             events = [{"content": "" if stream else "".join(text), "stop": True, "stop_type": "limit",
                        "timings": timings, "tokens_evaluated": 3, "tokens_predicted": n}]
+            if os.environ.get("FAKE_FINAL_PAD"):  # llama-server's final event echoes the prompt
+                events[0]["prompt"] = "p" * int(os.environ["FAKE_FINAL_PAD"])
         if not stream:
             return web.json_response(events[0])
         for ev in events:

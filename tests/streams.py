@@ -10,7 +10,7 @@ from typing import Any
 
 import psutil
 
-from tests.conftest import Daemon
+from tests.conftest import Daemon, runner_key
 
 
 class Stream:
@@ -50,7 +50,7 @@ def flag(proc: psutil.Process, name: str) -> str:
 def child_get(proc: psutil.Process, path: str, key: str | None = "") -> tuple[int, Any]:
     """GET from the runner itself, with its --api-key unless ``key`` is given (None: no key)."""
     port = flag(proc, "--port")
-    use = flag(proc, "--api-key") if key == "" else key
+    use = runner_key(proc.cmdline()) if key == "" else key
     req = urllib.request.Request(f"http://127.0.0.1:{port}{path}")
     if use is not None:
         req.add_header("Authorization", f"Bearer {use}")

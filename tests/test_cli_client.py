@@ -66,3 +66,14 @@ def test_cli_run_without_prompt_chats_on_a_terminal(daemon_factory: Any, llama_s
     assert out.count(">>> ") == 3  # two turns, then /bye
     _, ps = d.get("/api/ps")
     assert [m["name"] for m in ps["models"]] == ["chat:latest"]
+
+
+def test_cli_run_into_a_closed_pipe_exits_quietly(daemon_factory: Any, fake_server: Path, models_dir: Path) -> None:
+    """`ollamad run tiny hi | head -c 3`: no BrokenPipeError traceback when the reader is gone (issue 16)."""
+    d = daemon_factory(fake_server, models_dir)
+    proc = subprocess.Popen([sys.executable, "-m", "ollamad.cli", "run", "tiny", "hi"], env=d.env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    proc.stdout.close()  # the reader is gone before the first word: every write fails with EPIPE
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 141 and err == "", err

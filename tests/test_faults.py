@@ -205,7 +205,7 @@ def test_client_disconnect_while_queued_leaves_the_queue(daemon_factory: Any, ll
     (child,) = runners(d)
     body = json.dumps({"model": "endless", "prompt": "queued", "options": LONG}).encode()
     with socket.create_connection(("127.0.0.1", d.port)) as b:
-        b.sendall(b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b.sendall(b"POST /api/generate HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                   b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
         wait_for(lambda: queued(d) == 1)
     wait_for(lambda: queued(d) == 0, timeout=2, step=0.005)

@@ -8,6 +8,8 @@ import shlex
 import subprocess
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 INSTALL = ROOT / "scripts" / "install.sh"
 UNINSTALL = ROOT / "scripts" / "uninstall.sh"
@@ -46,7 +48,16 @@ def test_install_dry_run_with_a_given_llama_server(tmp_path: Path, fake_server: 
     venv = next(c for c in cmds if c[1:3] == ["-m", "venv"])
     assert venv[3] == "/opt/ollamad/venv"
     assert not venv[0].startswith(("/root/", "/home/"))  # the service cannot see those (ProtectHome)
-    assert f"/opt/ollamad/venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade {ROOT}" in flat
+    # the package is built from a copy (the checkout may be read-only), before the user is created
+    copy = next(c for c in cmds if c[:2] == ["cp", "-r"])
+    assert copy[2:5] == [f"{ROOT}/pyproject.toml", f"{ROOT}/README.md", f"{ROOT}/ollamad"]
+    stage = copy[5].rstrip("/")
+    assert not stage.startswith(str(ROOT)) and not os.path.exists(stage)  # a temporary folder, removed
+    pip = f"/opt/ollamad/venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade {stage}"
+    assert pip in flat
+    if not _user_exists():
+        assert flat.index(pip) < next(i for i, c in enumerate(cmds) if c[0] == "useradd")
+    assert "ln -sfn /opt/ollamad/venv/bin/ollamad /usr/local/bin/ollamad" in flat
     assert f"install -D -m 0755 {fake_server} /opt/ollamad/runners/local/bin/llama-server" in flat
     assert "ln -sfn local /opt/ollamad/runners/current" in flat
     assert f"install -D -m 0644 {ROOT}/systemd/ollamad.service /etc/systemd/system/ollamad.service" in flat
@@ -94,6 +105,33 @@ def test_install_uses_the_cached_build(tmp_path: Path) -> None:
     assert "ln -sfn src-cpu-abc /opt/ollamad/runners/current" in flat
 
 
+def test_install_finds_the_sudo_users_cached_build(tmp_path: Path) -> None:
+    """Under sudo HOME is root's; the build in the invoking user's cache is used (no 7-minute rebuild)."""
+    user = subprocess.run(["getent", "passwd", "1000"], capture_output=True, text=True)
+    if user.returncode != 0:  # the systemd tier checks the same with a real sudo
+        pytest.skip("no user with uid 1000 here")
+    name, home = user.stdout.split(":")[0], Path(user.stdout.split(":")[5])
+    build = home / ".cache" / "ollamad" / "runners" / "current"
+    r = _run(INSTALL, "--dry-run", home=tmp_path, SUDO_USER=name)
+    assert r.returncode == 0, r.stderr
+    if build.exists():
+        assert f"the cached build {build.resolve()}" in r.stderr
+    else:
+        assert str(build.parent) in r.stderr and "OLLAMAD_RUNNERS_DIR=" in r.stderr
+
+
+def test_install_refuses_a_llama_server_that_cannot_run(tmp_path: Path) -> None:
+    broken = tmp_path / "llama-server"
+    broken.write_text("#!/bin/sh\necho 'llama-server: error while loading shared libraries: libgomp.so.1' >&2\n"
+                      "exit 127\n")
+    broken.chmod(0o755)
+    before = _before()
+    r = _run(INSTALL, "--dry-run", home=tmp_path, OLLAMAD_LLAMA_SERVER=str(broken))
+    assert r.returncode == 1 and "libgomp.so.1" in r.stderr and "cannot run" in r.stderr
+    assert _commands(r.stdout) == []  # refused before the first step
+    assert _before() == before
+
+
 def test_install_rejects_unknown_arguments(tmp_path: Path) -> None:
     r = _run(INSTALL, "--bogus", home=tmp_path)
     assert r.returncode == 2 and "unknown argument" in r.stderr
@@ -105,8 +143,10 @@ def test_uninstall_dry_run_keeps_data_unless_purged(tmp_path: Path) -> None:
     assert keep.returncode == 0, keep.stderr
     flat = [" ".join(c) for c in _commands(keep.stdout)]
     assert "rm -f /etc/systemd/system/ollamad.service" in flat and "rm -rf /opt/ollamad" in flat
+    assert not any("ollamad.service.d" in c for c in flat)  # the admin's `systemctl edit` drop-ins stay
     assert not any("/var/lib/ollamad" in c for c in flat) and "kept /etc/ollamad" in keep.stderr
     purge = _run(UNINSTALL, "--dry-run", "--purge", home=tmp_path)
     assert purge.returncode == 0
-    assert "rm -rf /etc/ollamad /var/lib/ollamad" in [" ".join(c) for c in _commands(purge.stdout)]
+    assert "rm -rf /etc/ollamad /var/lib/ollamad /etc/systemd/system/ollamad.service.d" in [
+        " ".join(c) for c in _commands(purge.stdout)]
     assert _before() == before

@@ -12,7 +12,7 @@ import pytest
 from ollamad.api.guard import allowed_origins, origin_allowed
 from ollamad.models.catalog import InvalidName, normalize
 from tests.conftest import Daemon
-from tests.streams import child_get, runners
+from tests.streams import child_get, runners, wait_for
 
 
 def _load(d: Daemon) -> psutil.Process:
@@ -42,6 +42,21 @@ def test_child_listens_on_loopback_and_needs_its_key(real_daemon: Daemon) -> Non
     assert child_get(child, "/slots")[0] == 200
     status, _ = _post_child(child, "/completion", None)
     assert status == 401
+
+
+@pytest.mark.real
+def test_the_key_is_in_a_private_file_not_on_the_command_line(real_daemon: Daemon) -> None:
+    """`ps` shows argv to every local user: the key travels in a 0600 file instead (issue 16)."""
+    child = _load(real_daemon)
+    argv = child.cmdline()
+    key_file = Path(argv[argv.index("--api-key-file") + 1])
+    key = key_file.read_text().strip()
+    assert len(key) >= 24 and key not in " ".join(argv) and "--api-key" not in argv
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    assert key not in real_daemon.log()
+    assert real_daemon.post("/api/generate", {"model": "tiny", "keep_alive": 0})[0] == 200  # unload
+    wait_for(lambda: not runners(real_daemon))
+    assert not key_file.exists()  # the file goes with the runner
 
 
 def _post_child(child: psutil.Process, path: str, key: str | None) -> tuple[int, bytes]:

@@ -4,12 +4,13 @@ Route modules import this one, never each other."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import json
 import math
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -48,6 +49,32 @@ class AppContext:
     scheduler: Scheduler
     session: aiohttp.ClientSession | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    cutting: bool = False  # the drain timeout ran out: streams still running are being cut
+    streams: set[anyio.CancelScope] = field(default_factory=set)
+
+    def cut_streams(self) -> int:
+        """The drain timed out: end every stream still running (each writes an error line); how many."""
+        self.cutting = True
+        for scope in list(self.streams):
+            scope.cancel()
+        return len(self.streams)
+
+
+CUT_BY_SHUTDOWN = ("ollamad is stopping and the drain timeout (OLLAMAD_DRAIN_TIMEOUT) ran out "
+                   "before this request finished")
+
+
+@contextlib.contextmanager
+def cuttable(ctx: AppContext) -> Iterator[anyio.CancelScope]:
+    """A stream's body: cancelled when the drain timeout runs out (see ``scope.cancelled_caught``)."""
+    with anyio.CancelScope() as scope:
+        if ctx.cutting:
+            scope.cancel()
+        ctx.streams.add(scope)
+        try:
+            yield scope
+        finally:
+            ctx.streams.discard(scope)
 
 
 CTX = web.AppKey("ctx", AppContext)
@@ -115,8 +142,54 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return shape(500, f"internal error: {type(e).__name__}: {e}")
 
 
+STARTED = "ollamad.started"  # request key: the first answer that began to be sent
+
+
+async def mark_started(request: web.Request, resp: web.StreamResponse) -> None:
+    """on_response_prepare hook: remember the answer whose head went out first."""
+    request.setdefault(STARTED, resp)
+
+
+@web.middleware
+async def started_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Once an answer has begun (a stream), an error answer made after it cannot be sent as a
+    second HTTP response: its error object ends the stream as a last NDJSON line (an SSE
+    ``data:`` event and ``[DONE]`` for event streams). Wraps errors_middleware."""
+    resp = await handler(request)
+    started: web.StreamResponse | None = request.get(STARTED)
+    if started is None or started is resp or not started.prepared or not isinstance(resp, web.Response):
+        return resp
+    body = resp.body if isinstance(resp.body, bytes) else b""
+    try:
+        message = json.loads(body)["error"]
+    except (ValueError, KeyError, TypeError):
+        message = resp.reason or "internal error"
+        body = dumps({"error": message})
+    log.warning("error after the answer began; ending the stream with it", path=request.path, status=resp.status,
+                error=message.get("message") if isinstance(message, dict) else message)
+    if started.content_type == "text/event-stream":
+        line = b"data: " + body.strip() + b"\n\ndata: [DONE]\n\n"
+    else:
+        line = body.strip() + b"\n"
+    with contextlib.suppress(ConnectionError):  # the client may be gone already
+        await started.write(line)
+    return started
+
+
+def _body_deadline(request: web.Request) -> float | None:
+    return request.app[CTX].settings.body_timeout or None
+
+
+def _too_slow(request: web.Request) -> ApiError:
+    return ApiError(408, f"request body not received within {_body_deadline(request)} s (OLLAMAD_BODY_TIMEOUT)")
+
+
 async def read_json(request: web.Request) -> dict[str, Any]:
-    raw = await request.read()
+    try:
+        async with asyncio.timeout(_body_deadline(request)):
+            raw = await request.read()
+    except TimeoutError:
+        raise _too_slow(request) from None
     if not raw.strip():
         raise ApiError(400, "missing request body")
     try:
@@ -133,6 +206,19 @@ async def read_json(request: web.Request) -> dict[str, Any]:
         except UnicodeEncodeError:
             raise ApiError(400, "invalid JSON: a string holds a lone surrogate (\\ud800-\\udfff)") from None
     return body
+
+
+async def read_chunks(request: web.Request, size: int = 1 << 20) -> AsyncIterator[bytes]:
+    """An upload's body in chunks; 408 if it pauses longer than OLLAMAD_BODY_TIMEOUT."""
+    while True:
+        try:
+            async with asyncio.timeout(_body_deadline(request)):
+                chunk = await request.content.read(size)
+        except TimeoutError:
+            raise _too_slow(request) from None
+        if not chunk:
+            return
+        yield chunk
 
 
 def resolve(ctx: AppContext, name: str, need_file: bool = True) -> Model:

@@ -1,4 +1,12 @@
-"""Who may talk to the API: CORS as Ollama does it, optional bearer auth, request logging.
+"""Who may talk to the API: Host names on loopback, CORS as Ollama does it, optional bearer
+auth, request logging.
+
+DNS rebinding: a web page can point its own name at 127.0.0.1 and then talk to the daemon as
+a same-origin page. On a loopback connection only local Host names are accepted, with
+Ollama's rules (allowedHostsMiddleware): no Host, IP literals that are loopback, private,
+unspecified or this machine's, ``localhost``, this machine's hostname, and names under
+.localhost, .local and .internal; plus each entry of OLLAMAD_ALLOWED_HOSTS (``*.example.com``
+wildcards, ``*`` for any). Any other Host gets 403.
 
 CORS follows Ollama (gin-contrib/cors with wildcards and browser extensions): origins on
 localhost, 127.0.0.1 and 0.0.0.0 (any port, http or https), app://, file://, tauri://,
@@ -9,10 +17,13 @@ allows all). A request from any other origin is refused with 403.
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import json
+import socket
 import time
 from collections.abc import Awaitable, Callable, Iterable
 
+import psutil
 import structlog
 from aiohttp import web
 from aiohttp.typedefs import Middleware
@@ -29,6 +40,70 @@ ALLOW_HEADERS = ("Authorization,Content-Type,User-Agent,Accept,X-Requested-With,
                  "x-stainless-os,x-stainless-package-version,x-stainless-poll-helper,x-stainless-retry-count,"
                  "x-stainless-runtime,x-stainless-runtime-version,x-stainless-timeout")
 OPEN_PATHS = frozenset({"/", "/api/version"})  # health-style routes need no token
+LOCAL_SUFFIXES = (".localhost", ".local", ".internal")
+
+
+def host_name(header: str) -> str:
+    """The name part of a Host header: no port, no brackets, lower case, no final dot."""
+    h = header.strip().lower()
+    if h.startswith("["):
+        h = h[1:h.find("]")] if "]" in h else h[1:]
+    elif h.count(":") == 1:
+        h = h.split(":")[0]
+    return h.removesuffix(".")
+
+
+def _local_address(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip.is_loopback or ip.is_private or ip.is_unspecified:
+        return True
+    mine = {a.address.split("%")[0] for addrs in psutil.net_if_addrs().values() for a in addrs}
+    return str(ip) in mine
+
+
+def host_allowed(header: str, extra: Iterable[str] = ()) -> bool:
+    """True if a loopback connection may use this Host header (see the module's text)."""
+    name = host_name(header)
+    for pattern in extra:
+        p = pattern.strip().lower()
+        if p == "*" or p == name or (p.startswith("*.") and name.endswith(p[1:])):
+            return True
+    if name in ("", "localhost") or name == socket.gethostname().lower():
+        return True
+    try:
+        return _local_address(ipaddress.ip_address(name))
+    except ValueError:
+        return name.endswith(LOCAL_SUFFIXES)
+
+
+def _on_loopback(request: web.Request) -> bool:
+    """The connection came in on a loopback address (always so when bound to one)."""
+    sock = request.transport.get_extra_info("sockname") if request.transport is not None else None
+    if not isinstance(sock, tuple) or not sock:
+        return False
+    try:
+        ip = ipaddress.ip_address(str(sock[0]).split("%")[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
+
+
+def host_middleware(extra: Iterable[str]) -> Middleware:
+    """403 for a loopback connection whose Host is not a local name (DNS rebinding)."""
+    allowed = tuple(extra)
+
+    @web.middleware
+    async def check_host(request: web.Request, handler: Handler) -> web.StreamResponse:
+        header = request.headers.get("Host", "")
+        if _on_loopback(request) and not host_allowed(header, allowed):
+            log.warning("refused a request for another host name", host=header[:100], path=request.path)
+            return _refuse(403, f"host {header[:100]!r} is not allowed on this address (see OLLAMAD_ALLOWED_HOSTS)")
+        return await handler(request)
+
+    return check_host
 
 
 def allowed_origins(extra: Iterable[str]) -> tuple[str, ...]:

@@ -12,6 +12,7 @@ from typing import Any
 import anyio
 from aiohttp import web
 
+from ollamad.api import common
 from ollamad.api.common import (
     CTX,
     DISK_FULL,
@@ -187,7 +188,7 @@ async def push_blob(request: web.Request) -> web.Response:
     h = hashlib.sha256()
     try:
         async with await anyio.open_file(tmp, "wb") as f:
-            async for chunk in request.content.iter_chunked(1 << 20):
+            async for chunk in common.read_chunks(request):
                 h.update(chunk)
                 await f.write(chunk)
         got = "sha256:" + h.hexdigest()

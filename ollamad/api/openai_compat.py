@@ -12,9 +12,11 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, V
 
 from ollamad.api.common import (
     CTX,
+    CUT_BY_SHUTDOWN,
     ApiError,
     AppContext,
     check_capable,
+    cuttable,
     dumps,
     read_json,
     reply,
@@ -24,6 +26,7 @@ from ollamad.api.common import (
 )
 from ollamad.api.embedding import check_count, shorten, stream_embeddings
 from ollamad.api.limits import check_prompt, check_schemas, openai_texts
+from ollamad.api.reqlog import record_of
 from ollamad.api.translate import check_tools
 from ollamad.models.catalog import Model
 from ollamad.models.options import Options
@@ -100,13 +103,20 @@ async def _forward(request: web.Request, ctx: AppContext, model: Model, name: st
             return reply(body)
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
-        try:
-            async for event in sse_events(up):
-                event["model"] = name
-                event["system_fingerprint"] = "fp_ollama"
-                await resp.write(b"data: " + dumps(event) + b"\n")
-        except UpstreamError as e:
-            err = {"error": {"message": e.message, "type": "api_error", "param": None, "code": None}}
+        message = None
+        with cuttable(ctx) as scope:
+            try:
+                async for event in sse_events(up):
+                    event["model"] = name
+                    event["system_fingerprint"] = "fp_ollama"
+                    await resp.write(b"data: " + dumps(event) + b"\n")
+            except UpstreamError as e:
+                message = e.message
+        if scope.cancelled_caught:  # the drain timeout ran out
+            record_of(request).cut = "drain timeout"
+            message = CUT_BY_SHUTDOWN
+        if message is not None:
+            err = {"error": {"message": message, "type": "api_error", "param": None, "code": None}}
             await resp.write(b"data: " + dumps(err) + b"\n")
         await resp.write(b"data: [DONE]\n\n")
         return resp

@@ -10,7 +10,7 @@ import aiohttp
 import structlog
 from aiohttp import web
 
-from ollamad.api.common import NDJSON, AppContext, dumps, reply, upstream
+from ollamad.api.common import CUT_BY_SHUTDOWN, NDJSON, AppContext, cuttable, dumps, reply, upstream
 from ollamad.api.reqlog import record_of
 from ollamad.api.translate import (
     done_reason,
@@ -164,20 +164,25 @@ async def _relay(request: web.Request, ctx: AppContext, lease: Lease, path: str,
         resp = web.StreamResponse(headers={"Content-Type": NDJSON})
         await resp.prepare(request)
         last = {}
-        try:
-            async for event in sse_events(up):
-                last = event
-                chunk = shape.piece(event)
-                if chunk is not None:
-                    rec.first_token()
-                    await resp.write(dumps(chunk))
-                if shape.is_final(event):
-                    break
-        except UpstreamError as e:
-            log.warning("stream cut", model=shape.model, error=e.message)
-            if e.lost:
-                lease.lost(e.message)
-            await resp.write(dumps({"error": e.message}))
+        with cuttable(ctx) as scope:
+            try:
+                async for event in sse_events(up):
+                    last = event
+                    chunk = shape.piece(event)
+                    if chunk is not None:
+                        rec.first_token()
+                        await resp.write(dumps(chunk))
+                    if shape.is_final(event):
+                        break
+            except UpstreamError as e:
+                log.warning("stream cut", model=shape.model, error=e.message)
+                if e.lost:
+                    lease.lost(e.message)
+                await resp.write(dumps({"error": e.message}))
+                return resp
+        if scope.cancelled_caught:  # the drain timeout ran out: say so instead of just closing
+            rec.cut = "drain timeout"
+            await resp.write(dumps({"error": CUT_BY_SHUTDOWN}))
             return resp
         final = shape.final(last, time.monotonic_ns() - t0, load_ns, whole=False)
         rec.finished(final)

@@ -23,6 +23,7 @@ from ollamad.service.metrics import Metrics, RequestOutcome
 log = structlog.get_logger("ollamad.request")
 RECORD = "ollamad.record"
 CLIENT_GONE = 499  # nginx's code for "the client closed the connection"
+SERVER_CUT = 503  # logged for a request the drain timeout cut (its stream got an error line)
 QUIET = {"/", "/metrics", "/api/version", "/api/ps"}  # polled by monitors: logged at debug
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -38,6 +39,7 @@ class RequestRecord:
     ttft: float | None = None
     prompt_tokens: int | None = None
     tokens: int | None = None
+    cut: str | None = None  # why the server ended it early ("drain timeout")
 
     def dispatched(self, model: str, queued_for: float, ready_at: float, started_at: float) -> None:
         """Split the lease's wait into queue and load time (runner start/ready are monotonic)."""
@@ -70,7 +72,9 @@ def route_of(request: web.Request) -> str:
     return resource.canonical if resource is not None else "unmatched"
 
 
-def request_log(metrics: Metrics) -> Middleware:
+def request_log(metrics: Metrics, cutting: Callable[[], bool] = lambda: False) -> Middleware:
+    """``cutting()`` is True once the drain timed out: a handler cancelled then was cut by us, not the client."""
+
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         rec = RequestRecord(secrets.token_hex(8), time.monotonic())
@@ -79,10 +83,12 @@ def request_log(metrics: Metrics) -> Middleware:
         with structlog.contextvars.bound_contextvars(request_id=rec.request_id):
             try:
                 resp = await handler(request)
-                status = resp.status
+                status = SERVER_CUT if rec.cut else resp.status
                 return resp
             except asyncio.CancelledError:
-                status = CLIENT_GONE
+                if cutting():
+                    rec.cut = rec.cut or "drain timeout"
+                status = SERVER_CUT if rec.cut else CLIENT_GONE
                 raise
             except web.HTTPException as e:
                 status = e.status
@@ -100,11 +106,13 @@ def _done(metrics: Metrics, request: web.Request, rec: RequestRecord, status: in
                                         rec.prompt_tokens))
     fields: dict[str, Any] = {"method": request.method, "route": route, "status": status,
                               "seconds": round(seconds, 4)}
+    if rec.cut:
+        fields["cut"] = rec.cut
     if rec.model is not None:
         fields.update(model=rec.model, queue_wait=_r(rec.queue_wait), load_time=_r(rec.load_time),
                       ttft=_r(rec.ttft), prompt_tokens=rec.prompt_tokens, tokens=rec.tokens)
     quiet = request.path in QUIET and status < 400
-    (log.debug if quiet else log.info)("request", **fields)
+    (log.warning if rec.cut else log.debug if quiet else log.info)("request", **fields)
 
 
 def _r(x: float | None) -> float | None:

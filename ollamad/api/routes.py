@@ -6,8 +6,14 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from ollamad.api import embed, manage, native, openai_compat
-from ollamad.api.common import CTX, AppContext, errors_middleware
-from ollamad.api.guard import add_cors_headers, auth_middleware, cors_middleware, request_log_middleware
+from ollamad.api.common import CTX, AppContext, errors_middleware, mark_started, started_middleware
+from ollamad.api.guard import (
+    add_cors_headers,
+    auth_middleware,
+    cors_middleware,
+    host_middleware,
+    request_log_middleware,
+)
 from ollamad.api.reqlog import request_log
 from ollamad.service.metrics import CONTENT_TYPE, Metrics
 
@@ -23,13 +29,15 @@ METRICS = web.AppKey("metrics", Metrics)
 def make_app(ctx: AppContext) -> web.Application:
     s = ctx.settings
     observed = Metrics(ctx.scheduler)
-    # CORS outermost (preflights), then one log line and metrics for every request, auth included
-    middlewares: list[Middleware] = [cors_middleware(s.origins), request_log(observed)]
+    # CORS outermost (preflights), then one log line and metrics for every request, Host and auth included
+    middlewares: list[Middleware] = [cors_middleware(s.origins), request_log(observed, lambda: ctx.cutting),
+                                     host_middleware(s.allowed_hosts)]
     if s.api_key:
         middlewares.append(auth_middleware(s.api_key))
-    middlewares += [errors_middleware, request_log_middleware(s.log_requests)]
+    middlewares += [started_middleware, errors_middleware, request_log_middleware(s.log_requests)]
     app = web.Application(middlewares=middlewares, client_max_size=s.max_body)
     app.on_response_prepare.append(add_cors_headers)
+    app.on_response_prepare.append(mark_started)
     app[CTX] = ctx
     app[METRICS] = observed
     app.router.add_get("/metrics", metrics)

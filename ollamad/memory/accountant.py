@@ -79,12 +79,25 @@ class Accountant:
     # --- polling -----------------------------------------------------------------------
     async def run(self, pids: Callable[[], Mapping[int, int]],
                   on_snapshot: Callable[[MemorySnapshot], None]) -> None:
-        """Measure every ``interval`` seconds, or at once when poked; NVML runs in a thread."""
+        """Measure every ``interval`` seconds, or at once when poked; NVML runs in a thread.
+
+        A failed measurement (out of file descriptors, /proc unreadable) is logged and the
+        last snapshot kept: this loop never ends the daemon.
+        """
+        failing = ""
         while True:
             self._poke = anyio.Event()
-            snap = await anyio.to_thread.run_sync(self.probe.snapshot, list(pids().values()))
-            self.snapshot = snap
-            on_snapshot(snap)
+            try:
+                snap = await anyio.to_thread.run_sync(self.probe.snapshot, list(pids().values()))
+                self.snapshot = snap
+                on_snapshot(snap)
+                if failing:
+                    log.info("memory measurement works again")
+                failing = ""
+            except Exception as e:
+                if repr(e) != failing:  # once per kind of error, not once per poll
+                    log.exception("memory measurement failed; keeping the last one", error=repr(e))
+                failing = repr(e)
             with anyio.move_on_after(self.interval):
                 await self._poke.wait()
 

@@ -77,15 +77,15 @@ class RunnerPlan:
         """Can a runner with this plan take a request needing ``ctx`` with ``load``?"""
         return self.model == model and ctx <= self.ctx and load == self.load
 
-    def argv(self, binary: str, port: int, api_key: str | None = None) -> list[str]:
+    def argv(self, binary: str, port: int, api_key_file: str | None = None) -> list[str]:
         args = [
             binary, "--model", str(self.path), "--host", "127.0.0.1", "--port", str(port),
             "--parallel", str(self.num_parallel), "--ctx-size", str(self.total_ctx),
             "--no-webui", "--slots", "--metrics", "--fit", "off",
             "--verbosity", "4",  # trace level: the "... buffer size = X MiB" lines memory reads
         ]  # fmt: skip
-        if api_key:
-            args += ["--api-key", api_key]
+        if api_key_file:  # a file, not the key: `ps` shows argv to every local user
+            args += ["--api-key-file", api_key_file]
         if self.embedding:  # a whole input must fit in one physical batch
             args += ["--embeddings", "--ubatch-size", str(self.load.num_batch or self.ctx)]
             if self.load.num_batch is None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+from collections.abc import Mapping
 from pathlib import Path
 
 HOW_TO_GET = (
@@ -14,6 +16,33 @@ HOW_TO_GET = (
 
 class BinaryNotFound(Exception):
     pass
+
+
+class BinaryBroken(BinaryNotFound):
+    """The binary is there but cannot run (a missing shared library, the wrong architecture)."""
+
+
+VERSION_TIMEOUT = 30.0
+
+
+def check_runs(binary: Path, env: Mapping[str, str], timeout: float = VERSION_TIMEOUT) -> str:
+    """Run ``binary --version`` (with the runners' environment); its version line, or BinaryBroken.
+
+    A copied llama-server without its libraries would otherwise fail every load with
+    "exited with code 127"; this says why once, at start-up, in the loader's words.
+    """
+    try:
+        done = subprocess.run([str(binary), "--version"], env=dict(env), stdin=subprocess.DEVNULL,
+                              capture_output=True, text=True, errors="replace", timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        raise BinaryBroken(f"{binary} --version did not answer in {timeout:g} s") from None
+    except OSError as e:
+        raise BinaryBroken(f"{binary} cannot run: {e.strerror or e}") from None
+    lines = [ln.strip() for ln in (done.stderr + "\n" + done.stdout).splitlines() if ln.strip()]
+    if done.returncode != 0:
+        said = " | ".join(lines[-3:]) or "no output"
+        raise BinaryBroken(f"{binary} cannot run (--version exited with code {done.returncode}): {said}")
+    return next((ln for ln in lines if ln.startswith("version")), lines[0] if lines else "unknown")
 
 
 def built_binary(runners_dir: Path) -> Path:

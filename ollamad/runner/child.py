@@ -2,7 +2,9 @@
 
 Knows nothing about other runners or the queue. The child gets a parent-death signal so it
 never outlives the daemon, runs in its own process group, listens on loopback only, and
-gets a random API key so other local users cannot talk to it directly.
+gets a random API key so other local users cannot talk to it directly. The key travels in a
+0600 file (--api-key-file), never on the command line, where `ps` would show it to anyone;
+the file lives as long as the child does.
 """
 
 from __future__ import annotations
@@ -10,10 +12,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import errno
 import os
 import secrets
 import signal
 import socket
+import tempfile
 import time
 from collections import deque
 from collections.abc import Callable
@@ -50,6 +54,13 @@ def _child_setup() -> None:  # runs in the child between fork and exec
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+def child_environment(env_pass: tuple[str, ...] = (), extra: dict[str, str] | None = None) -> dict[str, str]:
+    """What a llama-server child sees: ENV_PASS, the names or NAME* patterns in ``env_pass``, ``extra``."""
+    env = {k: v for k, v in os.environ.items() if k in ENV_PASS or _matches(k, env_pass)}
+    env.update(extra or {})
+    return env
+
+
 def _matches(name: str, patterns: tuple[str, ...]) -> bool:
     return any(name == p or (p.endswith("*") and name.startswith(p[:-1])) for p in patterns)
 
@@ -84,6 +95,7 @@ class Runner:
     on_spawn: Callable[[Runner], None] | None = None  # e.g. record the pid for crash cleanup
     port: int = field(default_factory=free_port)
     api_key: str = field(default_factory=lambda: secrets.token_urlsafe(24))
+    key_file: str | None = None  # the 0600 file llama-server reads the key from, while it runs
     proc: asyncio.subprocess.Process | None = None
     started_at: float = 0.0
     ready_at: float = 0.0
@@ -108,15 +120,30 @@ class Runner:
         return {"Authorization": f"Bearer {self.api_key}"}
 
     def argv(self) -> list[str]:
-        return self.plan.argv(self.binary, self.port, self.api_key)
+        return self.plan.argv(self.binary, self.port, self.key_file)
+
+    def _write_key(self) -> None:
+        """The key in a new file only this user can read (mkstemp makes it 0600)."""
+        fd, path = tempfile.mkstemp(prefix="ollamad-runner-", suffix=".key")
+        with os.fdopen(fd, "w") as f:
+            f.write(self.api_key + "\n")
+        self.key_file = path
+
+    def _forget_key(self) -> None:
+        if self.key_file is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.key_file)
+            self.key_file = None
 
     def child_env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if k in ENV_PASS or _matches(k, self.env_pass)}
-        env.update(self.env or {})
-        return env
+        return child_environment(self.env_pass, self.env)
 
     async def start(self, session: aiohttp.ClientSession) -> None:
         """Spawn llama-server and return once /health answers 200; RunnerError otherwise."""
+        try:
+            self._write_key()
+        except OSError as e:
+            raise RunnerError(f"cannot write the runner's key file in {tempfile.gettempdir()}: {e}") from None
         argv = self.argv()
         self.started_at = self.last_output = time.monotonic()
         try:
@@ -130,10 +157,11 @@ class Runner:
                 preexec_fn=_child_setup,
             )
         except OSError as e:
+            self._forget_key()
             raise RunnerError(f"cannot start {argv[0]}: {e.strerror or e}") from None
         if self.on_spawn is not None:
             self.on_spawn(self)
-        self._log().info("runner starting", argv=" ".join(a if a != self.api_key else "***" for a in argv))
+        self._log().info("runner starting", argv=" ".join(argv))
         self._pump = asyncio.create_task(self._pump_output())
         try:
             await self._wait_healthy(session)
@@ -163,14 +191,23 @@ class Runner:
     async def _pump_output(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None
         logger = self._log()
-        async for raw in self.proc.stdout:
+        while True:
+            try:
+                raw = await self.proc.stdout.readline()
+            except ValueError:  # a line over the pipe reader's limit: dropped, the rest still read
+                continue
+            if not raw:
+                return
             line = raw.decode("utf-8", errors="replace").rstrip()
             if not line:
                 continue
             self.last_output = time.monotonic()
             self.lines.append(line)
             if self.on_line is not None:
-                self.on_line(line)
+                try:  # the pipe must keep being read, or llama-server blocks writing to it
+                    self.on_line(line)
+                except Exception:
+                    logger.exception("reading a llama-server line failed", line=line)
             if not self.ready_at and any(m in line for m in READY_LINES):
                 self._ready_hint.set()
             low = line.lower()
@@ -193,6 +230,7 @@ class Runner:
     async def wait(self) -> int:
         assert self.proc is not None
         code = await self.proc.wait()
+        self._forget_key()
         await self._drain_pump()
         return code
 
@@ -215,6 +253,7 @@ class Runner:
             for child in descendants:
                 with contextlib.suppress(psutil.Error):
                     child.kill()
+        self._forget_key()
         await self._drain_pump()
 
     def kill(self) -> None:
@@ -229,11 +268,20 @@ class Runner:
                 child.kill()
 
     async def responds(self, session: aiohttp.ClientSession, timeout: float) -> bool:  # noqa: ASYNC109
-        """True if /health answers at all within ``timeout`` (any status: the process is alive)."""
+        """True if /health answers at all within ``timeout`` (any status: the process is alive).
+
+        Also True when this daemon cannot open a socket (out of file descriptors): that says
+        nothing about the runner, which must not be killed for it.
+        """
         try:
             async with session.get(f"{self.url}/health", timeout=aiohttp.ClientTimeout(total=timeout)) as r:
                 await r.read()
                 return True
+        except aiohttp.ClientConnectorError as e:
+            if e.os_error.errno in (errno.EMFILE, errno.ENFILE):
+                self._log().warning("cannot check the runner's health: out of file descriptors")
+                return True
+            return False
         except (TimeoutError, aiohttp.ClientError):
             return False
 

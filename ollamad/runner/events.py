@@ -8,6 +8,8 @@ from typing import Any
 
 import aiohttp
 
+from ollamad.runner.lines import read_lines
+
 
 class UpstreamError(Exception):
     """llama-server answered with an error or went away mid-request."""
@@ -36,7 +38,7 @@ async def error_of(resp: aiohttp.ClientResponse) -> UpstreamError:
 async def sse_events(resp: aiohttp.ClientResponse) -> AsyncIterator[dict[str, Any]]:
     """Yield each ``data:`` JSON event; stop at ``[DONE]``; raise UpstreamError on a cut stream."""
     try:
-        async for raw in resp.content:
+        async for raw in read_lines(resp.content):  # no line limit: a final event echoes the prompt
             if not raw.startswith(b"data: "):
                 if raw.startswith(b"error: "):
                     raise UpstreamError(500, raw[7:].decode(errors="replace").strip())

@@ -182,7 +182,10 @@ class Scheduler:
             with anyio.move_on_after(delay) as scope:
                 await wake.wait()
             if scope.cancelled_caught:
-                self._step(from_timer=True)
+                try:  # keep-alive and backoff timers: a bug here is logged, never the daemon's end
+                    self._step(from_timer=True)
+                except Exception:
+                    log.exception("scheduler step failed")
 
     # --- requests ----------------------------------------------------------------------
     def plans_for(self, model: Model, num_ctx: int | None, load: LoadOptions,

@@ -76,11 +76,11 @@ def test_request_context(requested: int | None, model_default: int | None, setti
 
 def test_argv_has_parallel_and_total_context() -> None:
     p = plans(facts(), PlanSettings(num_parallel=4), ctx=2048)[0]
-    argv = p.argv("llama-server", 1234, "key")
+    argv = p.argv("llama-server", 1234, "/tmp/key-file")
     assert argv[argv.index("--parallel") + 1] == "4"
     assert argv[argv.index("--ctx-size") + 1] == "8192"
     assert argv[argv.index("--host") + 1] == "127.0.0.1"
-    assert argv[argv.index("--api-key") + 1] == "key"
+    assert argv[argv.index("--api-key-file") + 1] == "/tmp/key-file" and "--api-key" not in argv
 
 
 def test_embedding_argv_has_embeddings_flag() -> None:

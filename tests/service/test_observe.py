@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ollamad.service.metrics import reason_label
 from tests.conftest import Daemon
-from tests.test_service import slow_fake
+from tests.service.test_service import slow_fake
 
 SECRET = "SECRET-PROMPT-7f3a"
 

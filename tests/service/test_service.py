@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -16,8 +18,10 @@ from typing import Any
 
 import psutil
 import pytest
+import structlog
 
 from ollamad.models.testmodels import write_llama
+from ollamad.service.logs import configure
 from ollamad.service.notify import Notifier
 from tests.conftest import HERE, Daemon
 
@@ -158,17 +162,25 @@ def test_sigterm_drains_streaming_request_then_exits_zero(daemon_factory: Any, t
     assert "drain timed out" not in d.log()
 
 
-def test_drain_timeout_cuts_requests_and_still_exits_zero(daemon_factory: Any, tmp_path: Path,
-                                                          models_dir: Path) -> None:
-    d: Daemon = daemon_factory(slow_fake(tmp_path, 1), models_dir, OLLAMAD_DRAIN_TIMEOUT="0.5s")
+def test_drain_timeout_cuts_requests_and_still_exits_zero(daemon_factory: Any, tmp_path: Path, models_dir: Path,
+                                                          notify_socket: NotifySocket) -> None:
+    d: Daemon = daemon_factory(slow_fake(tmp_path, 1), models_dir, OLLAMAD_DRAIN_TIMEOUT="0.5s",
+                               NOTIFY_SOCKET=notify_socket.path)
     conn, resp = _stream(d.port, {"model": "tiny", "prompt": "hi", "options": {"num_predict": 100}})
     assert json.loads(resp.readline())["done"] is False
     kids = d.children()
     assert d.stop(signal.SIGTERM, timeout=30) == 0
+    # the client learns why its stream ended: an error line, not a bare close (issue 16)
+    rest = [json.loads(ln) for ln in resp.read().splitlines() if ln.strip()]
     conn.close()
+    assert rest and "drain timeout" in rest[-1]["error"] and not any(ln.get("done") for ln in rest)
     _, alive = psutil.wait_procs(kids, timeout=5)
     assert not alive
-    assert "drain timed out" in d.log()
+    log = d.log()
+    assert "drain timed out" in log
+    (line,) = [json.loads(ln) for ln in log.splitlines() if '"route": "/api/generate"' in ln]
+    assert line["status"] == 503 and line["cut"] == "drain timeout" and line["level"] == "warning"  # not 499
+    notify_socket.wait_for(lambda m: m == "STATUS=stopped", timeout=5)  # not "draining (1 requests left)"
 
 
 def test_sighup_lists_a_new_model_file(daemon_factory: Any, tmp_path: Path) -> None:
@@ -217,3 +229,59 @@ def test_second_sigterm_cuts_the_drain_short(daemon_factory: Any, tmp_path: Path
     _, alive = psutil.wait_procs(kids, timeout=5)
     assert not alive
     assert "second signal" in d.log()
+
+
+def _journal_stream(path: Path) -> tuple[Any, str]:
+    """A file standing in for journald's stream, and the JOURNAL_STREAM value naming it."""
+    f = path.open("w")
+    st = os.fstat(f.fileno())
+    return f, f"{st.st_dev}:{st.st_ino}"
+
+
+def test_log_lines_carry_their_syslog_priority_under_journald(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    f, stream = _journal_stream(tmp_path / "journal")
+    monkeypatch.setenv("JOURNAL_STREAM", stream)
+    try:
+        configure(stream=f)
+        logger = structlog.get_logger("t")
+        logger.warning("careful", n=1)
+        logger.info("fine")
+        logger.error("bad")
+        f.flush()
+        lines = (tmp_path / "journal").read_text().splitlines()
+        assert [ln[:3] for ln in lines] == ["<4>", "<6>", "<3>"]
+        assert json.loads(lines[0][3:])["event"] == "careful"  # JSON after the prefix, as before
+        monkeypatch.setenv("JOURNAL_STREAM", "1:2")  # another stream: journald is not ours
+        configure(stream=f)
+        structlog.get_logger("t").warning("plain")
+        f.flush()
+        assert (tmp_path / "journal").read_text().splitlines()[-1].startswith("{")
+    finally:
+        structlog.reset_defaults()
+        f.close()
+
+
+def _serve_into_journal(tmp_path: Path, **env: str) -> tuple[int, str]:
+    f, stream = _journal_stream(tmp_path / "journal")
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("OLLAMA", "NOTIFY_", "JOURNAL_"))}
+    with f:
+        r = subprocess.run([sys.executable, "-m", "ollamad.cli", "serve"], stdout=f, stderr=f, timeout=60,
+                           env={**base, "JOURNAL_STREAM": stream, "OLLAMA_HOST": "127.0.0.1:1",
+                                "OLLAMA_MODELS": str(tmp_path), **env})
+    return r.returncode, (tmp_path / "journal").read_text()
+
+
+def test_a_bad_setting_exits_78_at_priority_err(tmp_path: Path, fake_server: Path) -> None:
+    code, out = _serve_into_journal(tmp_path, OLLAMAD_LLAMA_SERVER=str(fake_server), OLLAMA_NUM_PARALLEL="banana")
+    assert code == 78 and out.startswith("<3>ollamad: ") and "OLLAMA_NUM_PARALLEL" in out
+
+
+def test_a_llama_server_that_cannot_run_is_refused_at_start_up(tmp_path: Path) -> None:
+    broken = tmp_path / "llama-server"
+    broken.write_text("#!/bin/sh\necho \"$0: error while loading shared libraries: libgomp.so.1: cannot open shared "
+                      "object file: No such file or directory\" >&2\nexit 127\n")
+    broken.chmod(0o755)
+    code, out = _serve_into_journal(tmp_path, OLLAMAD_LLAMA_SERVER=str(broken))
+    assert code == 78, out
+    assert out.startswith("<3>ollamad: ") and "cannot run" in out and "libgomp.so.1" in out and "127" in out
