@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 
-from ollamad.models.plan import LoadOptions
+from ollamad.models.plan import MIN_BATCH, LoadOptions
 
 
 class Options(BaseModel):
@@ -40,7 +40,9 @@ class Options(BaseModel):
     mirostat_eta: float | None = Field(None, ge=0, le=1e6)
 
     def load_options(self) -> LoadOptions:
-        return LoadOptions(num_batch=self.num_batch, num_gpu=self.num_gpu, main_gpu=self.main_gpu,
+        # a smaller num_batch would crash llama-server; clamped here, 1 and 2 are one plan (no reload)
+        batch = max(self.num_batch, MIN_BATCH) if self.num_batch is not None else None
+        return LoadOptions(num_batch=batch, num_gpu=self.num_gpu, main_gpu=self.main_gpu,
                            use_mmap=self.use_mmap, num_thread=self.num_thread)
 
     def sampling(self) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from ollamad.models.facts import ModelFacts
 MIN_CTX = 4
 VISION_MIN_CTX = 2048
 AUTO_PARALLEL = 4
+MIN_BATCH = 32  # llama-server aborts with a batch below its slot count, and fails with a batch of 1
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,7 @@ class RunnerPlan:
         if self.load.main_gpu is not None:
             args += ["--main-gpu", str(self.load.main_gpu)]
         if self.load.num_batch is not None:
-            args += ["--batch-size", str(self.load.num_batch)]
+            args += ["--batch-size", str(max(self.load.num_batch, self.num_parallel))]
         if self.load.use_mmap is False:
             args += ["--no-mmap"]
         threads = self.load.num_thread or self.threads

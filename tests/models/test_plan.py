@@ -99,3 +99,15 @@ def test_estimate_grows_with_slots() -> None:
 def test_a_reload_for_more_context_takes_the_next_power_of_two(requested: int, train: int, expected: int) -> None:
     got = request_context(facts(train_ctx=train), requested, ModelDefaults(), PlanSettings(), grow=True)
     assert got == expected
+
+
+def test_a_tiny_num_batch_is_clamped_so_llama_server_can_run() -> None:
+    from ollamad.models.options import Options
+
+    assert Options(num_batch=1).load_options() == Options(num_batch=2).load_options()  # one plan, no reload
+    assert Options(num_batch=1).load_options().num_batch == 32
+    assert Options(num_batch=512).load_options().num_batch == 512
+    (p,) = plan_candidates("m", Path("/m.gguf"), facts(), PlanSettings(num_parallel=64), ModelDefaults(), 2048,
+                           LoadOptions(num_batch=32))
+    argv = p.argv("llama-server", 1234)
+    assert argv[argv.index("--batch-size") + 1] == "64"  # never below the slot count

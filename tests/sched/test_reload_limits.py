@@ -25,7 +25,7 @@ def _gen(d: Daemon, **options: Any) -> tuple[int, Any]:
 def test_alternating_load_options_reload_at_most_once_per_interval(daemon_factory: Any, fake_server: Path,
                                                                    models_dir: Path) -> None:
     d = daemon_factory(fake_server, models_dir, OLLAMAD_RELOAD_INTERVAL="3s")
-    served = {1: 0, 2: 0}
+    served = {64: 0, 128: 0}
     until = time.monotonic() + 6
 
     def client(num_batch: int) -> None:
@@ -34,12 +34,12 @@ def test_alternating_load_options_reload_at_most_once_per_interval(daemon_factor
             assert status == 200, body
             served[num_batch] += 1
 
-    threads = [threading.Thread(target=client, args=(n,)) for n in (1, 2)]
+    threads = [threading.Thread(target=client, args=(n,)) for n in (64, 128)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert served[1] >= 1 and served[2] >= 1, served
+    assert served[64] >= 1 and served[128] >= 1, served
     assert _starts(d) <= 4, (_starts(d), served)  # the first load, then at most one per 3 s
     assert "reload waits" in d.log()
 
