@@ -45,12 +45,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("destination")
     p = sub.add_parser("rm", help="remove models")
     p.add_argument("models", nargs="+")
+    w = sub.add_parser("worker", help="run a llama.cpp RPC worker that a daemon elsewhere spreads models onto")
+    w.add_argument("--host", help="address to listen on (OLLAMAD_WORKER_HOST, default 127.0.0.1); "
+                                  "the protocol has no authentication: use a private address")
+    w.add_argument("--port", type=int, help="port (OLLAMAD_WORKER_PORT, default 50052)")
+    w.add_argument("--cache", type=Path, help="folder for the worker's tensor cache (OLLAMAD_WORKER_CACHE)")
+    w.add_argument("--threads", type=int, help="CPU threads (OLLAMAD_WORKER_THREADS; default one per core)")
+    w.add_argument("--bind-any", action="store_true", help="allow 0.0.0.0 or :: (every network can use it)")
     args = parser.parse_args(argv)
     commands: dict[str, Callable[[argparse.Namespace], None]] = {
         "serve": lambda a: serve_command(), "list": lambda a: list_command(), "ls": lambda a: list_command(),
         "ps": lambda a: ps_command(), "show": show_command, "run": run_command, "stop": stop_command,
         "pull": pull_command, "cp": cp_command, "rm": rm_command,
-        "config": lambda a: config_command(a.env_file, a.env_template),
+        "config": lambda a: config_command(a.env_file, a.env_template), "worker": worker_command,
     }
     try:
         commands[args.command](args)
@@ -90,6 +97,29 @@ def serve_command() -> None:
 
 
 EX_CONFIG = 78  # sysexits.h; the unit's RestartPreventExitStatus= stops restarting on it
+
+
+def worker_command(args: argparse.Namespace) -> None:
+    import asyncio
+
+    from ollamad.runner.binary import BinaryNotFound
+    from ollamad.runner.rpcworker import WorkerConfigError, WorkerSupervisor, check_host, find_rpc_server, serve_worker
+    from ollamad.service.logs import configure
+    from ollamad.settings import SettingsError, load_settings
+
+    try:
+        s = load_settings()
+        host = check_host(args.host if args.host is not None else s.worker_host, args.bind_any or s.worker_bind_any)
+        binary = find_rpc_server(s.rpc_server, s.runners_dir)
+    except (SettingsError, WorkerConfigError, BinaryNotFound) as e:
+        _config_error(str(e))
+    port = args.port if args.port is not None else s.worker_port
+    if not 0 < port < 65536:
+        _config_error(f"invalid port {port}")
+    configure(debug=s.debug)
+    sup = WorkerSupervisor(binary, host, port, threads=args.threads if args.threads is not None else s.worker_threads,
+                           cache=args.cache if args.cache is not None else s.worker_cache)
+    asyncio.run(serve_worker(sup))
 
 
 def _config_error(message: str) -> NoReturn:

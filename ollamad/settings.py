@@ -242,6 +242,25 @@ class Settings(BaseSettings):
     max_connections: int = Field(0, ge=0, validation_alias="OLLAMAD_MAX_CONNECTIONS",
                                  description="Most open client connections; more get 503; 0 = auto "
                                              "(3/4 of the open-file limit)")
+    rpc_workers: CsvList = Field(
+        (), validation_alias="OLLAMAD_RPC_WORKERS",
+        description="llama.cpp RPC workers (ollamad worker) a model too big for this machine may spread over: "
+                    "host:port,... (no authentication: private network only)")
+    rpc_check_interval: Seconds = Field(2.0, validation_alias="OLLAMAD_RPC_CHECK_INTERVAL",
+                                        description="How often each RPC worker is checked (up, free memory)")
+    # --- ollamad worker (the RPC worker side) ----------------------------------------
+    rpc_server: Path | None = Field(None, validation_alias="OLLAMAD_RPC_SERVER",
+                                    description="ollamad worker: path of the RPC worker binary (ggml-rpc-server)")
+    worker_host: str = Field("127.0.0.1", validation_alias="OLLAMAD_WORKER_HOST",
+                             description="ollamad worker: address to listen on (a private one; never 0.0.0.0)")
+    worker_port: int = Field(50052, ge=1, le=65535, validation_alias="OLLAMAD_WORKER_PORT",
+                             description="ollamad worker: port to listen on")
+    worker_cache: Path | None = Field(None, validation_alias="OLLAMAD_WORKER_CACHE",
+                                      description="ollamad worker: folder for the tensor cache (empty = no cache)")
+    worker_threads: int = Field(0, ge=0, validation_alias="OLLAMAD_WORKER_THREADS",
+                                description="ollamad worker: CPU threads; 0 = one per core")
+    worker_bind_any: Flag = Field(False, validation_alias="OLLAMAD_WORKER_BIND_ANY",
+                                  description="ollamad worker: allow 0.0.0.0 / :: (every network can use it)")
 
     @field_validator("host", mode="before")
     @classmethod
@@ -251,7 +270,15 @@ class Settings(BaseSettings):
             parse_host(v)
         return v
 
-    @field_validator("models", "llama_server", "runners_dir", "model_settings", "state_dir", mode="before")
+    @field_validator("rpc_workers")
+    @classmethod
+    def _workers(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for item in v:
+            parse_endpoint(item)
+        return v
+
+    @field_validator("models", "llama_server", "runners_dir", "model_settings", "state_dir", "rpc_server",
+                     "worker_cache", mode="before")
     @classmethod
     def _path(cls, v: Any) -> Any:
         v = _clean(v)
@@ -261,7 +288,7 @@ class Settings(BaseSettings):
 
     @field_validator("num_parallel", "context_length", "max_loaded_models", "max_queue", "threads", "api_key",
                      "max_connections", "embed_max_inputs", "embed_max_tokens", "format_max_properties", "max_prompt",
-                     mode="before")
+                     "worker_host", "worker_port", "worker_threads", mode="before")
     @classmethod
     def _int(cls, v: Any) -> Any:
         return _clean(v)
@@ -298,6 +325,18 @@ def parse_host(value: str) -> tuple[str, int]:
         host, p = s.split(":")
         port = _port(p, value)
     return host or "127.0.0.1", port
+
+
+def parse_endpoint(value: str) -> tuple[str, int]:
+    """An RPC worker address: "host:port" or "[v6]:port"; the port is required."""
+    s = value.strip()
+    if (s.count(":") != 1 and not s.startswith("[")) or (s.startswith("[") and "]:" not in s):
+        raise ValueError(f"invalid RPC worker {value!r} (use host:port)")
+    host, port = s.rsplit(":", 1)
+    host = host.removeprefix("[").removesuffix("]")
+    if not host:
+        raise ValueError(f"invalid RPC worker {value!r} (use host:port)")
+    return host, _port(port, value)
 
 
 def _port(text: str, value: str) -> int:
