@@ -17,6 +17,7 @@ from ollamad.api.listener import CappedSite, auto_max_connections, raise_fd_limi
 from ollamad.api.routes import make_app
 from ollamad.memory.accountant import Accountant
 from ollamad.memory.probe import MemoryProbe, load_nvml
+from ollamad.memory.workers import WorkerPool
 from ollamad.models.catalog import Catalog
 from ollamad.models.config import ModelConfigError
 from ollamad.models.testmodels import write_llama
@@ -63,8 +64,10 @@ async def serve(settings: Settings, *, on_ready: Callable[[AppContext], None] | 
     host, port = settings.bind
     records = ChildRecords.for_port(settings.state_dir, port)
     records.clean_up()
+    workers = WorkerPool(settings.rpc_workers, interval=settings.rpc_check_interval,
+                         reserve=settings.memory_reserve) if settings.rpc_workers else None
     scheduler = Scheduler(settings, catalog, str(binary), accountant=accountant, records=records,
-                          gpus=len((await anyio.to_thread.run_sync(probe.snapshot)).gpus))
+                          gpus=len((await anyio.to_thread.run_sync(probe.snapshot)).gpus), workers=workers)
     async with anyio.create_task_group() as tg:
         await tg.start(scheduler.run)
         async with runner_session(timeout=aiohttp.ClientTimeout(total=None)) as session:

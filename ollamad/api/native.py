@@ -97,6 +97,7 @@ async def ps_body(ctx: AppContext) -> dict[str, Any]:
         size, memory = r.memory, _memory_fields(sched, rid, r.memory)
         if memory.get("measured_size"):
             size = memory["measured_size"]
+        size += memory.get("size_rpc", 0)
         models.append({
             "name": r.plan.model, "model": r.plan.model, "size": size, "digest": digest,
             "details": details(facts) if facts else {},
@@ -133,6 +134,10 @@ def _memory_fields(sched: Scheduler, rid: int, memory: int) -> dict[str, Any]:
         out.update(measured_size=rm.used, size_rss=rm.rss)
     if rm.placement is not None:
         out.update(gpus=list(rm.placement.gpus), n_gpu_layers=rm.placement.n_gpu_layers)
+    if rm.plan.rpc:  # split over RPC workers: which, and what is on each (reported, else planned)
+        out["rpc_workers"] = [{"endpoint": ep, "size": rm.workers.get(ep, planned)}
+                              for ep, planned in zip(rm.plan.rpc, rm.plan.remote, strict=True)]
+        out["size_rpc"] = sum(w["size"] for w in out["rpc_workers"])
     return out
 
 

@@ -19,6 +19,7 @@ from ollamad.api.translate import (
     ollama_tool_calls,
 )
 from ollamad.runner.events import UpstreamError, error_of, sse_events
+from ollamad.sched.rpcplace import split_note
 from ollamad.sched.scheduler import Lease
 
 log = structlog.get_logger("ollamad.api")
@@ -135,6 +136,7 @@ async def relay(request: web.Request, ctx: AppContext, lease: Lease, path: str, 
     except UpstreamError as e:
         if e.lost:
             lease.lost(e.message)
+            e.message += split_note(lease.runner.plan, e.lost)
         raise
     except aiohttp.ClientError as e:  # could not connect, or cut before the reply began
         if request.transport is None or request.transport.is_closing():
@@ -178,7 +180,7 @@ async def _relay(request: web.Request, ctx: AppContext, lease: Lease, path: str,
                 log.warning("stream cut", model=shape.model, error=e.message)
                 if e.lost:
                     lease.lost(e.message)
-                await resp.write(dumps({"error": e.message}))
+                await resp.write(dumps({"error": e.message + split_note(lease.runner.plan, e.lost)}))
                 return resp
         if scope.cancelled_caught:  # the drain timeout ran out: say so instead of just closing
             rec.cut = "drain timeout"

@@ -34,6 +34,7 @@ class RunnerMemory:
     vram: int = 0
     peak: int = 0
     measured: bool = False
+    workers: dict[str, int] = field(default_factory=dict)  # bytes llama-server put on each RPC worker
 
     @property
     def used(self) -> int:
@@ -53,7 +54,8 @@ class RunnerMemory:
 
     @property
     def processor(self) -> str:
-        return processor(self.size_vram, max(self.used, self.reported.total))
+        rpc = self.reported.rpc or sum(self.plan.remote)
+        return processor(self.size_vram, max(self.used, self.reported.total) + rpc, rpc)
 
 
 @dataclass(frozen=True)
@@ -113,8 +115,9 @@ class Accountant:
         def on_line(line: str) -> None:
             b = parse_buffer_line(line)
             if b is not None:
-                host, gpu = rm.reported.host, rm.reported.gpu
-                rm.reported = Reported(host + b.size, gpu) if b.on_host else Reported(host, gpu + b.size)
+                rm.reported = rm.reported.add(b)
+                if b.worker is not None:
+                    rm.workers[b.worker] = rm.workers.get(b.worker, 0) + b.size
 
         return on_line
 
@@ -142,7 +145,7 @@ class Accountant:
     def _learn(self, rm: RunnerMemory) -> None:
         plan = rm.plan
         base = plan.detail.total if plan.detail is not None else plan.estimate
-        if base <= 0 or rm.holds <= 0:
+        if base <= 0 or rm.holds <= 0 or plan.rpc:  # a split's local part is not the whole estimate
             return
         ratio = rm.holds / base
         known = self.corrections.get(plan.model, 1.0)
@@ -161,6 +164,8 @@ class Accountant:
     def place(self, rid: int, plan: RunnerPlan) -> tuple[RunnerPlan, dict[str, str]]:
         """Pick GPUs and --n-gpu-layers for a runner about to start; its extra environment."""
         snap = self.snapshot
+        if plan.rpc:  # the split's layers go to the workers; the local part stays on the CPU
+            return plan, ({"CUDA_VISIBLE_DEVICES": ""} if snap is not None and snap.gpus else {})
         if snap is None or not snap.gpus or plan.detail is None:
             return plan, {}
         p = place(plan.detail, snap, gpu_overhead=self.gpu_overhead, reserve=self.reserve,

@@ -58,8 +58,14 @@ class Placement:
         return processor(self.gpu_bytes, self.gpu_bytes + self.cpu_bytes)
 
 
-def processor(vram: int, size: int) -> str:
-    """``ollama ps`` PROCESSOR: "100% GPU", "100% CPU" or "48%/52% CPU/GPU"."""
+def processor(vram: int, size: int, rpc: int = 0) -> str:
+    """``ollama ps`` PROCESSOR: "100% GPU", "100% CPU" or "48%/52% CPU/GPU"; with RPC workers
+    (``rpc`` bytes of ``size`` on them) "35% CPU / 65% RPC" or "10% CPU / 30% GPU / 60% RPC"."""
+    if rpc > 0 and size > 0:
+        rpc_pct = round(100 * rpc / size)
+        gpu_pct = round(100 * vram / size)
+        parts = [f"{100 - rpc_pct - gpu_pct}% CPU"] + ([f"{gpu_pct}% GPU"] if vram > 0 else [])
+        return " / ".join([*parts, f"{rpc_pct}% RPC"])
     if size <= 0 or vram <= 0:
         return "100% CPU"
     if vram >= size:
@@ -112,6 +118,7 @@ def _partial(est: Estimate, need: int, host: int, gpu_room: int, indexes: tuple[
 
 # --- llama-server's log ------------------------------------------------------------------
 _BUFFER = re.compile(r"(\S+)\s+(model|KV|compute|output|RS)\s+buffer size\s*=\s*([\d.]+)\s*MiB")
+_RPC_DEVICE = re.compile(r"^RPC\d*\[(.+)\]$")  # RPC0[10.0.0.5:50052]: a buffer on an RPC worker
 _OFFLOADED = re.compile(r"offloaded (\d+)/(\d+) layers to GPU")
 
 
@@ -124,6 +131,12 @@ class Buffer:
     @property
     def on_host(self) -> bool:
         return self.device.startswith("CPU") or self.device.endswith("_Host")
+
+    @property
+    def worker(self) -> str | None:
+        """The RPC worker (host:port) holding this buffer, or None for a local one."""
+        m = _RPC_DEVICE.match(self.device)
+        return m.group(1) if m else None
 
 
 def parse_buffer_line(line: str) -> Buffer | None:
@@ -141,24 +154,29 @@ def parse_offloaded(line: str) -> tuple[int, int] | None:
 
 @dataclass(frozen=True)
 class Reported:
-    """What llama-server said it allocated: host and GPU bytes."""
+    """What llama-server said it allocated: host and GPU bytes (local), and on RPC workers."""
 
     host: int = 0
     gpu: int = 0
+    rpc: int = 0
 
     @property
     def total(self) -> int:
+        """Bytes on this machine."""
         return self.host + self.gpu
+
+    def add(self, b: Buffer) -> Reported:
+        if b.worker is not None:
+            return Reported(self.host, self.gpu, self.rpc + b.size)
+        if b.on_host:
+            return Reported(self.host + b.size, self.gpu, self.rpc)
+        return Reported(self.host, self.gpu + b.size, self.rpc)
 
 
 def reported(lines: Iterable[str]) -> Reported:
-    host = gpu = 0
+    out = Reported()
     for line in lines:
         b = parse_buffer_line(line)
-        if b is None:
-            continue
-        if b.on_host:
-            host += b.size
-        else:
-            gpu += b.size
-    return Reported(host, gpu)
+        if b is not None:
+            out = out.add(b)
+    return out

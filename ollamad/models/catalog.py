@@ -204,7 +204,7 @@ def apply_config(models: dict[str, Model], config: ModelConfig) -> tuple[dict[st
         out[key] = replace(model, defaults=ModelDefaults(
             num_ctx=entry.num_ctx or d.num_ctx, num_parallel=entry.num_parallel or d.num_parallel,
             keep_alive=entry.keep_alive if entry.keep_alive is not None else d.keep_alive,
-            options={**d.options, **entry.options}))
+            options={**d.options, **entry.options}, rpc=entry.rpc or d.rpc))
         for alias in entry.aliases:
             try:
                 aliases[normalize(alias)] = key

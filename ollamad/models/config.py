@@ -6,6 +6,7 @@
     keep_alive = "10m"
     aliases = ["mini"]
     options = { temperature = 0.2, stop = ["</s>"] }
+    rpc = "auto"        # or "always" / "never": spread over OLLAMAD_RPC_WORKERS
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ollamad.durations import keep_alive_from_request
-from ollamad.models.options import Options  # typed as in requests: a wrong type names the option
+from ollamad.models.options import Options
+from ollamad.models.plan import RpcMode  # typed as in requests: a wrong type names the option
 
 
 class ModelConfigError(ValueError):
@@ -33,6 +35,7 @@ class ModelEntry(BaseModel):
     keep_alive: float | None = None
     options: dict[str, Any] = Field(default_factory=dict)
     aliases: list[str] = Field(default_factory=list)
+    rpc: RpcMode | None = None  # auto: RPC workers only when too big here; always; never
 
     @field_validator("keep_alive", mode="before")
     @classmethod

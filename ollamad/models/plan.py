@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from ollamad.models.estimate import Estimate, estimate_memory
 from ollamad.models.facts import ModelFacts
 
+RpcMode = Literal["auto", "always", "never"]
 MIN_CTX = 4
 VISION_MIN_CTX = 2048
 AUTO_PARALLEL = 4
@@ -37,6 +39,7 @@ class ModelDefaults:
     num_parallel: int | None = None
     keep_alive: float | None = None
     options: dict[str, object] = field(default_factory=dict)
+    rpc: RpcMode = "auto"  # spread over OLLAMAD_RPC_WORKERS: when too big locally, always, never
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,11 @@ class RunnerPlan:
     gpus: tuple[int, ...] = ()  # GPU indexes it is pinned to (CUDA_VISIBLE_DEVICES); () = all/none
     kv_overrides: tuple[str, ...] = ()  # --override-kv KEY=TYPE:VALUE (an absurd context_length clamped)
     notes: tuple[str, ...] = ()
+    # split over RPC workers: their host:port, the bytes planned on each, and the share of
+    # the offloaded layers each gets (--tensor-split); ``estimate`` is then the local part
+    rpc: tuple[str, ...] = ()
+    remote: tuple[int, ...] = ()
+    tensor_split: tuple[float, ...] = ()
 
     @property
     def total_ctx(self) -> int:
@@ -96,6 +104,10 @@ class RunnerPlan:
         ngl = self.load.num_gpu if self.load.num_gpu is not None else self.n_gpu_layers
         if ngl is not None:
             args += ["--n-gpu-layers", str(ngl)]
+        if self.rpc:
+            args += ["--rpc", ",".join(self.rpc)]
+            if len(self.tensor_split) > 1:
+                args += ["--tensor-split", ",".join(f"{x:g}" for x in self.tensor_split)]
         if self.load.main_gpu is not None:
             args += ["--main-gpu", str(self.load.main_gpu)]
         if self.load.num_batch is not None:

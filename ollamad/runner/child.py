@@ -285,6 +285,16 @@ class Runner:
         except (TimeoutError, aiohttp.ClientError):
             return False
 
+    async def slot_context(self, session: aiohttp.ClientSession) -> int:
+        """The context each slot really has, from llama-server's /props (plan.ctx if unknown)."""
+        try:
+            async with session.get(f"{self.url}/props", headers=self.headers,
+                                   timeout=aiohttp.ClientTimeout(total=5)) as r:
+                body = await r.json()
+            return int(body["default_generation_settings"]["n_ctx"])
+        except (aiohttp.ClientError, TimeoutError, KeyError, TypeError, ValueError):
+            return self.plan.ctx
+
     def ended_on_request(self, code: int) -> bool:
         """False when the child died by itself: a crash, or a SIGKILL we did not send (OOM killer)."""
         # a child that exited before any signal was sent ended by itself, even if a stop was under way

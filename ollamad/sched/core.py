@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ollamad.models.plan import LoadOptions, RunnerPlan
+from ollamad.sched.rpcplace import workers_fit
 
 Policy = Literal["affinity", "fifo"]
 RunnerStatus = Literal["starting", "ready", "stopping"]
@@ -127,6 +128,7 @@ class SchedState:
     reload_interval: float = 0.0  # least time between two loads of one model forced by request options
     loaded_at: dict[str, float] = field(default_factory=dict)  # when each model's last runner started
     early_deaths: dict[str, int] = field(default_factory=dict)  # runners in a row that died right after loading
+    workers: dict[str, float] = field(default_factory=dict)  # RPC workers usable now: host:port -> free bytes
     queue: list[Request] = field(default_factory=list)
     runners: dict[int, RunnerState] = field(default_factory=dict)
     failures: dict[str, Failure] = field(default_factory=dict)
@@ -341,6 +343,9 @@ def _make_room_and_start(s: SchedState, req: Request, now: float) -> list[Action
     if any(r.plan.model == req.model for r in s.runners.values()):
         return actions  # the old runner drains and exits first, then the new plan starts
 
+    if not req.plans:  # only plans over RPC workers, and none of them is up
+        s.queue.remove(req)
+        return [*actions, Reject(req.id, 503, f"no RPC worker is up for {req.model}")]
     live = list(s.runners.values())
     plan = next((p for p in req.plans if _fits(s, live, [], p)), None)
     if plan is not None:
@@ -390,7 +395,8 @@ def _fits(s: SchedState, live: list[RunnerState], gone: list[RunnerState], plan:
     used = sum(r.memory for r in remaining)
     freed = sum(_frees(r) for r in gone)
     return (len(remaining) < s.max_loaded and used + plan.estimate <= s.capacity
-            and plan.estimate <= s.free_now() + freed - s.reserve)
+            and plan.estimate <= s.free_now() + freed - s.reserve
+            and workers_fit(plan, s.workers, (r.plan for r in remaining)))
 
 
 def relieve_pressure(s: SchedState, now: float) -> list[Stop]:

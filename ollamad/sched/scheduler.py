@@ -22,6 +22,7 @@ from anyio.abc import TaskGroup, TaskStatus
 
 from ollamad.memory.accountant import Accountant
 from ollamad.memory.fit import MemorySnapshot
+from ollamad.memory.workers import WorkerPool
 from ollamad.models.catalog import Catalog, Model
 from ollamad.models.plan import (
     LoadOptions,
@@ -45,6 +46,7 @@ from ollamad.sched.core import (
     decide,
     relieve_pressure,
 )
+from ollamad.sched.rpcplace import with_workers
 from ollamad.settings import Settings
 
 log = structlog.get_logger("ollamad.scheduler")
@@ -96,6 +98,7 @@ class _Waiter:
     lease: Lease | None = None
     error: SchedulerError | None = None
     request: Request | None = None
+    replan: Callable[[], tuple[RunnerPlan, ...]] | None = None  # when the usable RPC workers change
 
 
 @dataclass(frozen=True)
@@ -112,7 +115,7 @@ class Scheduler:
     def __init__(self, settings: Settings, catalog: Catalog, binary: str, *,
                  clock: Callable[[], float] = time.monotonic, gpus: int = 0,
                  runner_env: dict[str, str] | None = None, accountant: Accountant | None = None,
-                 records: ChildRecords | None = None) -> None:
+                 records: ChildRecords | None = None, workers: WorkerPool | None = None) -> None:
         self.settings = settings
         self.catalog = catalog
         self.binary = binary
@@ -120,6 +123,7 @@ class Scheduler:
         self.runner_env = runner_env
         self.accountant = accountant
         self.records = records
+        self.workers = workers
         self.plan_settings = plan_settings(settings)
         self.state = SchedState(
             max_loaded=auto_max_loaded(settings, gpus),
@@ -153,6 +157,8 @@ class Scheduler:
                     self._tg = tg
                     if self.accountant is not None:
                         tg.start_soon(self.accountant.run, self._pids, self._on_snapshot)
+                    if self.workers is not None:
+                        tg.start_soon(self.workers.run, self._on_workers, self._held)
                     task_status.started()
                     await self._timer_loop()
             finally:
@@ -200,7 +206,7 @@ class Scheduler:
                                 load, projector=model.projector)
         if self.accountant is not None:
             plans = tuple(self.accountant.correct(p) for p in plans)
-        return ctx, plans
+        return ctx, with_workers(plans, self.state.workers, defaults.rpc)
 
     async def acquire(self, model: Model, *, num_ctx: int | None = None,
                       load: LoadOptions = NO_LOAD_OPTIONS, keep_alive: float | None = None,
@@ -208,12 +214,16 @@ class Scheduler:
         """Wait for a slot on a runner for ``model``; SchedulerError if it cannot be had."""
         if not self.accepting:
             raise SchedulerError(503, "ollamad is shutting down; not accepting new requests")
+        if self.workers is not None:
+            await self.workers.settled()  # a worker under re-check after a runner died
         ctx, plans = self.plans_for(model, num_ctx, load)
+        if not plans:
+            raise SchedulerError(503, f"{model.name} runs only on RPC workers (rpc = \"always\") and none is up")
         if keep_alive is None and model.defaults.keep_alive is not None:
             keep_alive = model.defaults.keep_alive
         req = Request(id=next(self._ids), model=model.name, ctx=ctx, plans=plans,
                       arrived=self.clock(), load=load, keep_alive=keep_alive, load_only=load_only)
-        waiter = self._waiters[req.id] = _Waiter(request=req)
+        waiter = self._waiters[req.id] = _Waiter(request=req, replan=lambda: self.plans_for(model, num_ctx, load)[1])
         try:
             self.state.submit(req)
             if (wait := self.state.reload_wait(req, self.clock())) > 0:
@@ -320,7 +330,7 @@ class Scheduler:
                 self.runners.pop(rid, None)
                 self._step()
                 return
-            ctx = await self._slot_context(runner)
+            ctx = await runner.slot_context(self._session)
             if ctx != plan.ctx:
                 logger.info("llama-server rounded the context per slot", requested=plan.ctx, actual=ctx)
             ready = self.clock()
@@ -354,22 +364,13 @@ class Scheduler:
                 self.records.remove(runner.pid)
             self.state.runner_exited(rid)
             self.runners.pop(rid, None)
+            if self.workers is not None and plan.rpc:  # free again, or gone: ask before the next plan
+                self.workers.suspect(plan.rpc)
             if self.accountant is not None:
                 self.accountant.forget(rid)
                 self.accountant.poke()  # its memory counts as free once a snapshot shows it
             with contextlib.suppress(RuntimeError):
                 self._step()
-
-    async def _slot_context(self, runner: Runner) -> int:
-        """The context each slot really has, from llama-server's /props (plan.ctx if unknown)."""
-        assert self._session is not None
-        try:
-            async with self._session.get(f"{runner.url}/props", headers=runner.headers,
-                                         timeout=aiohttp.ClientTimeout(total=5)) as r:
-                body = await r.json()
-            return int(body["default_generation_settings"]["n_ctx"])
-        except (aiohttp.ClientError, TimeoutError, KeyError, TypeError, ValueError):
-            return runner.plan.ctx
 
     def _record(self, runner: Runner) -> None:
         if self.records is not None and runner.pid is not None:
@@ -424,6 +425,18 @@ class Scheduler:
                         reason=stop.reason)
             self._spawn(self._stop_runner, stop.runner_id, stop.reason)
         self._step()
+
+    def _on_workers(self) -> None:
+        """RPC workers changed: new free memory, and queued requests re-planned over the usable ones."""
+        assert self.workers is not None
+        self.state.workers = {ep: float(free) for ep, free in self.workers.usable(self._held()).items()}
+        for req in self.state.queue:
+            if (w := self._waiters.get(req.id)) is not None and w.replan is not None:
+                req.plans = w.replan()
+        self._step()
+
+    def _held(self) -> set[str]:
+        return {ep for r in self.state.runners.values() for ep in r.plan.rpc}
 
     def _emit(self, event: RunnerEvent) -> None:
         if self.on_event is not None:
