@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import struct
 import time
 from collections.abc import Awaitable, Callable, Collection, Iterable
@@ -33,6 +34,7 @@ CMD_HELLO = 14
 CMD_DEVICE_COUNT = 15
 CONN_CAPS = 24  # bytes of transport capabilities in HELLO; zeros = plain TCP
 PROBE_TIMEOUT = 1.0
+LINGER = 120.0  # seconds an unanswered probe may wait in a busy worker's queue
 
 WorkerState = Literal["up", "busy", "held", "down", "unknown"]
 
@@ -53,45 +55,82 @@ class ProtocolError(Exception):
     pass
 
 
-async def _call(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, cmd: int, payload: bytes,
-                size: int) -> bytes:
-    """| cmd (1 byte) | payload size (8) | payload | -> | reply size (8) | reply |"""
+@dataclass
+class Pending:
+    """A probe the worker has not answered yet: it waits in the worker's queue of clients."""
+
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    since: float
+
+
+def _send(writer: asyncio.StreamWriter, cmd: int, payload: bytes) -> None:
+    """| cmd (1 byte) | payload size (8) | payload |"""
     writer.write(bytes([cmd]) + struct.pack("<Q", len(payload)) + payload)
-    await writer.drain()
+
+
+async def _reply(reader: asyncio.StreamReader, size: int) -> bytes:
+    """| reply size (8) | reply |"""
     (n,) = struct.unpack("<Q", await reader.readexactly(8))
     if n != size:
-        raise ProtocolError(f"command {cmd}: reply of {n} bytes, expected {size} (protocol version?)")
+        raise ProtocolError(f"reply of {n} bytes, expected {size} (another protocol version?)")
     return await reader.readexactly(n)
 
 
-async def probe_worker(endpoint: str, timeout: float = PROBE_TIMEOUT) -> WorkerStatus:  # noqa: ASYNC109
-    """Ask one worker for its version and free memory; never raises."""
-    host, port = parse_endpoint(endpoint)
+async def _close(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    with contextlib.suppress(OSError, TimeoutError):
+        await asyncio.wait_for(writer.wait_closed(), 1)
+
+
+async def probe_worker(endpoint: str, timeout: float = PROBE_TIMEOUT,  # noqa: ASYNC109
+                       pending: dict[str, Pending] | None = None) -> WorkerStatus:
+    """Ask one worker for its version and free memory; never raises.
+
+    A worker busy with another client answers nothing; with ``pending``, the unanswered
+    probe keeps its place in the worker's queue and the next probe reads its answer. Closing
+    it instead would leave a HELLO that the worker answers later into a closed socket, and a
+    bare ggml-rpc-server dies of that SIGPIPE (``ollamad worker`` ignores SIGPIPE).
+    """
     now = time.monotonic()
+    conn = pending.pop(endpoint, None) if pending is not None else None
+    if conn is None:
+        host, port = parse_endpoint(endpoint)
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+        except (OSError, TimeoutError) as e:
+            return WorkerStatus(endpoint, "down", error=str(e) or type(e).__name__, checked_at=now)
+        conn = Pending(reader, writer, now)
+        _send(writer, CMD_HELLO, bytes(CONN_CAPS))
+    reader, writer = conn.reader, conn.writer
     try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
-    except (OSError, TimeoutError) as e:
+        async with asyncio.timeout(timeout):
+            await writer.drain()
+            hello = await _reply(reader, 4 + CONN_CAPS)
+    except TimeoutError:
+        if pending is not None and now - conn.since < LINGER:
+            pending[endpoint] = conn
+        else:
+            await _close(writer)
+        return WorkerStatus(endpoint, "busy", error="connected, no answer: serving another client", checked_at=now)
+    except (OSError, asyncio.IncompleteReadError, ProtocolError) as e:
+        await _close(writer)
         return WorkerStatus(endpoint, "down", error=str(e) or type(e).__name__, checked_at=now)
     try:
         async with asyncio.timeout(timeout):
-            hello = await _call(reader, writer, CMD_HELLO, bytes(CONN_CAPS), 4 + CONN_CAPS)
-            (count,) = struct.unpack("<I", await _call(reader, writer, CMD_DEVICE_COUNT, b"", 4))
+            _send(writer, CMD_DEVICE_COUNT, b"")
+            (count,) = struct.unpack("<I", await _reply(reader, 4))
             free = total = 0
             for dev in range(count):
-                f, t = struct.unpack("<QQ", await _call(reader, writer, CMD_GET_DEVICE_MEMORY,
-                                                         struct.pack("<I", dev), 16))
+                _send(writer, CMD_GET_DEVICE_MEMORY, struct.pack("<I", dev))
+                f, t = struct.unpack("<QQ", await _reply(reader, 16))
                 free, total = free + f, total + t
         version = ".".join(str(b) for b in hello[:3])
         return WorkerStatus(endpoint, "up", free, total, count, version, checked_at=now)
-    except TimeoutError:
-        return WorkerStatus(endpoint, "busy", error="connected, no answer: serving another client",
-                            checked_at=now)
-    except (OSError, asyncio.IncompleteReadError, ProtocolError) as e:
+    except (TimeoutError, OSError, asyncio.IncompleteReadError, ProtocolError) as e:
         return WorkerStatus(endpoint, "down", error=str(e) or type(e).__name__, checked_at=now)
     finally:
-        writer.close()
-        with contextlib.suppress(OSError, TimeoutError):
-            await asyncio.wait_for(writer.wait_closed(), 1)
+        await _close(writer)
 
 
 class WorkerPool:
@@ -102,7 +141,8 @@ class WorkerPool:
         self.endpoints = tuple(endpoints)
         self.interval = interval
         self.reserve = reserve
-        self._probe = probe or probe_worker
+        self.pending: dict[str, Pending] = {}
+        self._probe = probe or functools.partial(probe_worker, pending=self.pending)
         self.status: dict[str, WorkerStatus] = {e: WorkerStatus(e) for e in self.endpoints}
         self.known_free: dict[str, int] = {}  # free memory at the last answer, kept while busy
         self._poke = anyio.Event()
@@ -122,6 +162,9 @@ class WorkerPool:
     async def check(self, held: Collection[str] = ()) -> bool:
         """Probe the workers not ``held`` now; True if any changed state."""
         checked = self._checked
+        for ep in held:  # never keep a held worker's next client waiting behind a probe
+            if (conn := self.pending.pop(ep, None)) is not None:
+                conn.writer.close()
         results: dict[str, WorkerStatus] = {
             ep: WorkerStatus(ep, "held", self.known_free.get(ep, 0), checked_at=time.monotonic())
             for ep in self.endpoints if ep in held}
