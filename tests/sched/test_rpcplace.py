@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
@@ -59,7 +60,7 @@ def test_candidates_by_mode(mode: str, workers: dict[str, int], locals_first: bo
     remote = [p for p in plans if p.rpc]
     assert len(remote) == splits
     assert [p.n_gpu_layers for p in remote] == [2, 4, 6, 9][:splits]  # least spread first
-    assert all(a.estimate > b.estimate for a, b in zip(remote, remote[1:], strict=False))
+    assert all(a.estimate > b.estimate for a, b in itertools.pairwise(remote))
 
 
 def test_workers_fit_needs_each_worker_up_free_and_unheld() -> None:
