@@ -109,7 +109,11 @@ async def ps_body(ctx: AppContext) -> dict[str, Any]:
             "pid": sched.runners[rid].pid if rid in sched.runners else None,
             "estimated_size": r.plan.estimate, **memory,
         })
-    return {"models": models, "queue": {"waiting": sched.state.waiting(), "max": sched.state.max_queue}}
+    body: dict[str, Any] = {"models": models, "queue": {"waiting": sched.state.waiting(), "max": sched.state.max_queue}}
+    if sched.workers is not None:  # OLLAMAD_RPC_WORKERS: what the last check of each said
+        body["rpc_workers"] = [{"endpoint": w.endpoint, "state": w.state, "free": w.free, "error": w.error}
+                               for w in sched.workers.status.values()]
+    return body
 
 
 async def _facts_and_digest(ctx: AppContext, model: Model | None) -> tuple[ModelFacts | None, str]:

@@ -364,8 +364,10 @@ class Scheduler:
                 self.records.remove(runner.pid)
             self.state.runner_exited(rid)
             self.runners.pop(rid, None)
-            if self.workers is not None and plan.rpc:  # free again, or gone: ask before the next plan
-                self.workers.suspect(plan.rpc)
+            if self.workers is not None and plan.rpc:  # free again, or gone: nothing planned on them
+                self.workers.suspect(plan.rpc)  # until checked (then _on_workers re-plans the queue)
+                for ep in plan.rpc:
+                    self.state.workers.pop(ep, None)
             if self.accountant is not None:
                 self.accountant.forget(rid)
                 self.accountant.poke()  # its memory counts as free once a snapshot shows it
