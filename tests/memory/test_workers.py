@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from ollamad.memory.fit import Reported, parse_buffer_line, processor
 from ollamad.memory.workers import WorkerPool, WorkerStatus, probe_worker
 from tests.conftest import free_port
 from tests.rpcworkers import rpc_server_binary, wait_listening
@@ -108,3 +109,29 @@ def test_a_worker_that_comes_back_is_up_again() -> None:
             await proc.wait()
 
     asyncio.run(main())
+
+
+# --- what llama-server says it put on the workers ------------------------------------------
+@pytest.mark.parametrize(("line", "worker", "on_host"), [
+    ("load_tensors: RPC0[127.0.0.1:50101] model buffer size =     6.76 MiB", "127.0.0.1:50101", False),
+    ("llama_kv_cache: RPC1[10.0.0.5:50052] KV buffer size =     3.00 MiB", "10.0.0.5:50052", False),
+    ("sched_reserve: RPC0[[fd00::5]:50052] compute buffer size =    14.04 MiB", "[fd00::5]:50052", False),
+    ("load_tensors:   CPU_Mapped model buffer size =     0.25 MiB", None, True),
+    ("load_tensors:        CUDA0 model buffer size =   100.00 MiB", None, False),
+])
+def test_rpc_buffer_lines_are_counted_per_worker(line: str, worker: str | None, on_host: bool) -> None:
+    b = parse_buffer_line(line)
+    assert b is not None and b.worker == worker and b.on_host is on_host
+    r = Reported().add(b)
+    assert (r.rpc > 0) is (worker is not None)
+    assert r.total == (0 if worker else b.size)  # total is what is on this machine
+
+
+@pytest.mark.parametrize(("vram", "size", "rpc", "text"), [
+    (0, 100, 65, "35% CPU / 65% RPC"),
+    (30, 100, 60, "10% CPU / 30% GPU / 60% RPC"),
+    (0, 100, 0, "100% CPU"),
+    (48, 100, 0, "52%/48% CPU/GPU"),
+])
+def test_processor_shows_the_split(vram: int, size: int, rpc: int, text: str) -> None:
+    assert processor(vram, size, rpc) == text

@@ -167,3 +167,20 @@ def test_rpc_workers_setting(value: str, ok: bool) -> None:
     else:
         with pytest.raises(SettingsError, match="OLLAMAD_RPC_WORKERS"):
             load_settings({"OLLAMAD_RPC_WORKERS": value})
+
+
+def test_per_model_setting(tmp_path: Path) -> None:
+    from ollamad.models.catalog import Catalog
+    from ollamad.models.config import ModelConfigError, parse_model_config
+    from ollamad.models.testmodels import write_all
+
+    assert parse_model_config('[models."a"]\nrpc = "always"').entries["a"].rpc == "always"
+    with pytest.raises(ModelConfigError, match=r"models\.a\.rpc"):
+        parse_model_config('[models."a"]\nrpc = "sometimes"')
+    write_all(tmp_path, ("tiny",))
+    cfg = tmp_path / "models.toml"
+    cfg.write_text('[models."tiny"]\nrpc = "never"\n')
+    cat = Catalog(tmp_path, cfg)
+    cat.scan()
+    model = cat.resolve("tiny")
+    assert model is not None and model.defaults.rpc == "never"
