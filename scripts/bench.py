@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import json
 import platform
+import re
 import shutil
 import sys
 import tempfile
@@ -392,6 +393,14 @@ def render(res: dict[str, Any], meta: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def kept(out: Path) -> str:
+    """Sections of BENCHMARKS.md that other scripts write between markers (scripts/bench_rpc.py)."""
+    path = out / "BENCHMARKS.md"
+    text = path.read_text() if path.exists() else ""
+    blocks = re.findall(r"\n(<!-- (\w+): begin -->.*?<!-- \2: end -->)", text, re.S)
+    return "".join(f"\n{block}\n" for block, _ in blocks)
+
+
 async def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fewer requests (a smoke run)")
@@ -402,7 +411,7 @@ async def main() -> None:
     out = Path(args.out)
     if args.render:
         saved = json.loads((out / "benchmarks.json").read_text())
-        (out / "BENCHMARKS.md").write_text(render(saved["results"], saved["meta"]) + "\n")
+        (out / "BENCHMARKS.md").write_text(render(saved["results"], saved["meta"]) + "\n" + kept(out))
         return
     s = load_settings()
     binary = find_llama_server(s.llama_server, s.runners_dir)
@@ -420,7 +429,7 @@ async def main() -> None:
             "llama_server": version.read_text().split("\n")[0] if version.exists() else str(binary),
             "command": "scripts/bench.py" + (" --quick" if args.quick else ""), "seconds": time.monotonic() - t0}
     (out / "benchmarks.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
-    (out / "BENCHMARKS.md").write_text(render(results, meta) + "\n")
+    (out / "BENCHMARKS.md").write_text(render(results, meta) + "\n" + kept(out))
     shutil.rmtree(tmp, ignore_errors=True)
     print(f"[bench] wrote {out / 'BENCHMARKS.md'} and benchmarks.json in {meta['seconds']:.0f}s")
 

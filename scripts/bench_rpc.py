@@ -1,0 +1,163 @@
+#!/usr/bin/env python3
+"""Benchmark: a model served locally vs split over two RPC workers on loopback ports.
+
+    .venv/bin/python scripts/bench_rpc.py [--tokens 64] [--rounds 3]
+
+Runs ``ollamad serve`` three ways on the big generated model (360 MB f32): local; forced
+onto two ``ollamad worker`` processes with the per-model setting ``rpc = "always"`` (the
+least spread split); and with a memory budget that only the all-layers-remote split fits.
+Measures the load time (the first request's load_duration) and generation tokens/s
+(eval_count / eval_duration, greedy, same prompt), and writes benchmarks-rpc.json and the
+"RPC workers" section of BENCHMARKS.md (between markers that scripts/bench.py keeps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import ROOT, free_port, mean, ollamad
+
+from ollamad.models.facts import facts_from_gguf
+from ollamad.models.ggufmeta import read_gguf
+from ollamad.models.plan import LoadOptions, ModelDefaults, PlanSettings, plan_candidates
+from ollamad.models.testmodels import BIG, write_llama
+from ollamad.runner.binary import find_llama_server
+from ollamad.sched.rpcplace import with_workers
+from ollamad.settings import load_settings
+
+CACHE = Path.home() / ".cache" / "ollamad" / "bench-models"
+BEGIN, END = "<!-- bench_rpc: begin -->", "<!-- bench_rpc: end -->"
+CTX = 2048
+
+
+def start_worker(port: int, log: Path) -> subprocess.Popen[bytes]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OLLAMA_", "OLLAMAD_"))}
+    with open(log, "wb") as f:
+        return subprocess.Popen([sys.executable, "-m", "ollamad.cli", "worker", "--host", "127.0.0.1",
+                                 "--port", str(port)], env=env, stdout=f, stderr=subprocess.STDOUT)
+
+
+async def measure(url: str, tokens: int, rounds: int) -> dict[str, Any]:
+    body = {"model": "big", "prompt": "Once upon a time", "stream": False,
+            "options": {"temperature": 0, "seed": 1, "num_predict": tokens}}
+    async with aiohttp.ClientSession() as s:
+        rates, load = [], 0.0
+        for i in range(rounds + 1):
+            async with s.post(url + "/api/generate", json=body) as r:
+                out = await r.json()
+                assert r.status == 200, out
+            if i == 0:
+                load = out["load_duration"] / 1e9
+                continue
+            rates.append(out["eval_count"] / (out["eval_duration"] / 1e9))
+        async with s.get(url + "/api/ps") as r:
+            (m,) = (await r.json())["models"]
+    return {"load_s": load, "tok_s": mean(rates), "processor": m["processor"],
+            "workers": [w["endpoint"] for w in m.get("rpc_workers", [])]}
+
+
+def all_remote_budget(model: Path) -> int:
+    """A local memory budget that only the all-layers-remote split fits (one slot)."""
+    local = plan_candidates("big", model, facts_from_gguf(read_gguf(model)), PlanSettings(num_parallel=1),
+                            ModelDefaults(), CTX, LoadOptions())
+    splits = with_workers(local, {"a:1": 1e12, "b:1": 1e12}, "always")
+    return splits[-1].estimate + 1024 * 1024
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--out", default=str(ROOT))
+    args = ap.parse_args()
+    s = load_settings()
+    binary = find_llama_server(s.llama_server, s.runners_dir)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="ollamad-bench-rpc-"))
+    mdir = tmp / "models"
+    mdir.mkdir()
+    if not (CACHE / "big.gguf").exists():
+        write_llama(CACHE / "big.gguf", BIG, name="big")
+    (mdir / "big.gguf").symlink_to(CACHE / "big.gguf")
+    forced = tmp / "models.toml"
+    forced.write_text('[models."big"]\nrpc = "always"\n')
+    ports = [free_port(), free_port()]
+    workers = [start_worker(p, tmp / f"worker-{p}.log") for p in ports]
+    eps = ",".join(f"127.0.0.1:{p}" for p in ports)
+    budget = str(all_remote_budget(CACHE / "big.gguf"))
+    base = {"OLLAMA_NUM_PARALLEL": "1", "OLLAMA_CONTEXT_LENGTH": str(CTX), "OLLAMAD_STATE_DIR": str(tmp / "state")}
+    configs = {
+        "local": base,
+        "split, least spread (rpc = \"always\")": {**base, "OLLAMAD_RPC_WORKERS": eps,
+                                                   "OLLAMAD_MODEL_SETTINGS": str(forced)},
+        "split, all layers remote (memory budget)": {**base, "OLLAMAD_RPC_WORKERS": eps,
+                                                     "OLLAMAD_MEMORY_BUDGET": budget},
+    }
+    results: dict[str, Any] = {}
+    t0, load_before = time.monotonic(), os.getloadavg()[0]
+    try:
+        await asyncio.sleep(1)
+        for name, env in configs.items():
+            async with ollamad(binary, mdir, tmp, **env) as d:
+                results[name] = await measure(d.url, args.tokens, args.rounds)
+            print(f"[bench_rpc] {name}: {results[name]}", flush=True)
+    finally:
+        for w in workers:
+            w.terminate()
+            w.wait(15)
+    meta = {"date": time.strftime("%Y-%m-%d"), "machine": platform.machine(), "cpus": os.cpu_count(),
+            "tokens": args.tokens, "rounds": args.rounds, "seconds": time.monotonic() - t0,
+            "load_before": load_before, "load_after": os.getloadavg()[0]}
+    out = Path(args.out)
+    (out / "benchmarks-rpc.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
+    write_section(out / "BENCHMARKS.md", render(results, meta))
+    print(f"[bench_rpc] wrote {out / 'BENCHMARKS.md'} and benchmarks-rpc.json in {meta['seconds']:.0f}s")
+
+
+def render(results: dict[str, Any], meta: dict[str, Any]) -> str:
+    local = results["local"]
+    rows = "\n".join(
+        f"| {name} | {r['processor']} | {len(r['workers'])} | {r['load_s']:.2f} | {r['tok_s']:.1f} | "
+        f"{r['tok_s'] / local['tok_s']:.2f} |" for name, r in results.items())
+    return f"""{BEGIN}
+## RPC workers: local vs split over two loopback workers (big model)
+
+Measured {meta['date']} on {meta['machine']} ({meta['cpus']} CPUs) by `scripts/bench_rpc.py`
+({meta['seconds']:.0f} s; 1-minute load average {meta['load_before']:.1f} before, {meta['load_after']:.1f}
+after): `ollamad serve` with one slot, {meta['tokens']}-token greedy completions,
+{meta['rounds']} rounds after the load; both `ollamad worker`s on this machine, so the daemon,
+the workers and their threads share the same cores and every token crosses loopback twice.
+Splitting is expected to be slower: the point is that a model too big for one machine runs.
+
+| plan | PROCESSOR (/api/ps) | workers | load s | tokens/s | vs local |
+|---|---|---|---|---|---|
+{rows}
+{END}"""
+
+
+def write_section(path: Path, section: str) -> None:
+    """Replace the marked section of BENCHMARKS.md (or append it)."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        text = head + section + rest.split(END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    path.write_text(text)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
