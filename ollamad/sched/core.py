@@ -20,6 +20,8 @@ Rules:
   runner that exited counts as free only once a later snapshot shows it free.
 - Pressure: when measured free memory falls below ``low_water``, idle runners are
   unloaded, least recently used first; busy ones never are.
+- A plan split over RPC workers also needs each of its workers usable now (``workers``),
+  held by no other runner, with room for its share (rpcplace.workers_fit).
 """
 
 from __future__ import annotations
