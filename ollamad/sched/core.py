@@ -349,7 +349,11 @@ def _make_room_and_start(s: SchedState, req: Request, now: float) -> list[Action
         s.queue.remove(req)
         return [*actions, Reject(req.id, 503, f"no RPC worker is up for {req.model}")]
     live = list(s.runners.values())
-    plan = next((p for p in req.plans if _fits(s, live, [], p)), None)
+    # local first: a split over RPC workers only when no local plan fits, even with idle runners gone
+    local = [p for p in req.plans if not p.rpc]
+    idle_now = [r for r in live if r.status == "ready" and r.in_flight == 0 and not r.draining and r.claimed_by is None]
+    evict_for_local = bool(local) and _choose_victims(s, live, [], idle_now, local[-1]) is not None
+    plan = next((p for p in req.plans if (not p.rpc or not evict_for_local) and _fits(s, live, [], p)), None)
     if plan is not None:
         rid = s.new_runner_id()
         s.loaded_at[req.model] = now
@@ -358,7 +362,7 @@ def _make_room_and_start(s: SchedState, req: Request, now: float) -> list[Action
         actions.append(Start(rid, plan, req.id))
         return actions
 
-    plan = req.plans[-1]  # the smallest candidate
+    plan = local[-1] if evict_for_local else req.plans[-1]  # the smallest candidate
     room = min(s.capacity, s.free_now() + s.unseen_free + sum(_frees(r) for r in live) - s.reserve)
     if plan.estimate > room:  # not even with every runner gone, busy ones included
         s.queue.remove(req)

@@ -184,3 +184,24 @@ def test_per_model_setting(tmp_path: Path) -> None:
     cat.scan()
     model = cat.resolve("tiny")
     assert model is not None and model.defaults.rpc == "never"
+
+
+@pytest.mark.parametrize("a_busy", [False, True])
+def test_local_first_means_evicting_idle_models_before_spreading(a_busy: bool) -> None:
+    """Room for b here only without a: an idle a is unloaded for b; a busy a stays and b spreads."""
+    s = SchedState(max_loaded=3, capacity=1500 * MiB, workers={W1: 8 * GiB}, policy="fifo")
+    s.submit(Request(id=1, model="a", ctx=2048, plans=(local_plan("a"),), arrived=0.0, load_only=not a_busy))
+    (start_a,) = decide(s, 0.0)
+    assert isinstance(start_a, Start)
+    s.runner_ready(start_a.runner_id, 0.0)
+    assert decide(s, 0.0) == [Dispatch(1, start_a.runner_id)]
+    submit(s, 2, "b")
+    acts = decide(s, 1.0)
+    if a_busy:
+        (start_b,) = acts
+        assert isinstance(start_b, Start) and start_b.plan.rpc == (W1,)
+    else:
+        assert acts == [Stop(start_a.runner_id, "evicted to load b")]
+        s.runner_exited(start_a.runner_id)
+        (start_b,) = decide(s, 2.0)
+        assert isinstance(start_b, Start) and start_b.plan.rpc == ()
