@@ -255,6 +255,8 @@ def ps_command() -> None:
     _table(rows, ["NAME", "ID", "SIZE", "PROCESSOR", "CONTEXT", "PARALLEL", "BUSY/QUEUED", "UNTIL"])
     queue = body.get("queue", {})
     print(f"queue: {queue.get('waiting', 0)} waiting (max {queue.get('max', '?')})")
+    if body.get("rpc_workers"):
+        print("rpc workers: " + ", ".join(f"{w['endpoint']} {w['state']}" for w in body["rpc_workers"]))
 
 
 def show_command(args: argparse.Namespace) -> None:

@@ -3,11 +3,13 @@
 
     .venv/bin/python scripts/bench_rpc.py [--tokens 64] [--rounds 3]
 
-Runs ``ollamad serve`` three ways on the big generated model (360 MB f32): local; forced
+Runs three ``ollamad serve`` at once on the big generated model (360 MB f32): local; forced
 onto two ``ollamad worker`` processes with the per-model setting ``rpc = "always"`` (the
-least spread split); and with a memory budget that only the all-layers-remote split fits.
-Measures the load time (the first request's load_duration) and generation tokens/s
-(eval_count / eval_duration, greedy, same prompt), and writes benchmarks-rpc.json and the
+least spread split); and, on two other workers, with a memory budget that only the
+all-layers-remote split fits. Requests go round-robin, one at a time, so the three share
+the machine's other load alike. Measures the load time (the first request's load_duration)
+and generation tokens/s (eval_count / eval_duration, greedy, same prompt), and writes
+benchmarks-rpc.json and the
 "RPC workers" section of BENCHMARKS.md (between markers that scripts/bench.py keeps).
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -50,23 +53,33 @@ def start_worker(port: int, log: Path) -> subprocess.Popen[bytes]:
                                  "--port", str(port)], env=env, stdout=f, stderr=subprocess.STDOUT)
 
 
-async def measure(url: str, tokens: int, rounds: int) -> dict[str, Any]:
+async def one(s: aiohttp.ClientSession, url: str, tokens: int) -> dict[str, Any]:
     body = {"model": "big", "prompt": "Once upon a time", "stream": False,
             "options": {"temperature": 0, "seed": 1, "num_predict": tokens}}
+    async with s.post(url + "/api/generate", json=body) as r:
+        out: dict[str, Any] = await r.json()
+        assert r.status == 200, out
+    return out
+
+
+async def measure(urls: dict[str, str], tokens: int, rounds: int) -> dict[str, Any]:
+    """Round-robin over the daemons, one request at a time, so that they share whatever else
+    runs on the machine alike; the first round's load_duration is the load time."""
+    res: dict[str, Any] = {name: {"rates": []} for name in urls}
     async with aiohttp.ClientSession() as s:
-        rates, load = [], 0.0
         for i in range(rounds + 1):
-            async with s.post(url + "/api/generate", json=body) as r:
-                out = await r.json()
-                assert r.status == 200, out
-            if i == 0:
-                load = out["load_duration"] / 1e9
-                continue
-            rates.append(out["eval_count"] / (out["eval_duration"] / 1e9))
-        async with s.get(url + "/api/ps") as r:
-            (m,) = (await r.json())["models"]
-    return {"load_s": load, "tok_s": mean(rates), "processor": m["processor"],
-            "workers": [w["endpoint"] for w in m.get("rpc_workers", [])]}
+            for name, url in urls.items():
+                out = await one(s, url, tokens)
+                if i == 0:
+                    res[name]["load_s"] = out["load_duration"] / 1e9
+                else:
+                    res[name]["rates"].append(out["eval_count"] / (out["eval_duration"] / 1e9))
+        for name, url in urls.items():
+            async with s.get(url + "/api/ps") as r:
+                (m,) = (await r.json())["models"]
+            res[name].update(tok_s=mean(res[name]["rates"]), processor=m["processor"],
+                             workers=[w["endpoint"] for w in m.get("rpc_workers", [])])
+    return res
 
 
 def all_remote_budget(model: Path) -> int:
@@ -94,26 +107,30 @@ async def main() -> None:
     (mdir / "big.gguf").symlink_to(CACHE / "big.gguf")
     forced = tmp / "models.toml"
     forced.write_text('[models."big"]\nrpc = "always"\n')
-    ports = [free_port(), free_port()]
+    ports = [free_port() for _ in range(4)]  # two workers for each split daemon: one client each
     workers = [start_worker(p, tmp / f"worker-{p}.log") for p in ports]
-    eps = ",".join(f"127.0.0.1:{p}" for p in ports)
+    pair1, pair2 = (",".join(f"127.0.0.1:{p}" for p in ports[i:i + 2]) for i in (0, 2))
     budget = str(all_remote_budget(CACHE / "big.gguf"))
     base = {"OLLAMA_NUM_PARALLEL": "1", "OLLAMA_CONTEXT_LENGTH": str(CTX), "OLLAMAD_STATE_DIR": str(tmp / "state")}
     configs = {
         "local": base,
-        "split, least spread (rpc = \"always\")": {**base, "OLLAMAD_RPC_WORKERS": eps,
+        "split, least spread (rpc = \"always\")": {**base, "OLLAMAD_RPC_WORKERS": pair1,
                                                    "OLLAMAD_MODEL_SETTINGS": str(forced)},
-        "split, all layers remote (memory budget)": {**base, "OLLAMAD_RPC_WORKERS": eps,
+        "split, all layers remote (memory budget)": {**base, "OLLAMAD_RPC_WORKERS": pair2,
                                                      "OLLAMAD_MEMORY_BUDGET": budget},
     }
-    results: dict[str, Any] = {}
+    with (CACHE / "big.gguf").open("rb") as f:  # in the page cache for every load alike
+        while f.read(1 << 24):
+            pass
     t0, load_before = time.monotonic(), os.getloadavg()[0]
     try:
         await asyncio.sleep(1)
-        for name, env in configs.items():
-            async with ollamad(binary, mdir, tmp, **env) as d:
-                results[name] = await measure(d.url, args.tokens, args.rounds)
-            print(f"[bench_rpc] {name}: {results[name]}", flush=True)
+        async with contextlib.AsyncExitStack() as stack:
+            urls = {name: (await stack.enter_async_context(ollamad(binary, mdir, tmp, **env))).url
+                    for name, env in configs.items()}
+            results = await measure(urls, args.tokens, args.rounds)
+        for name, r in results.items():
+            print(f"[bench_rpc] {name}: {r}", flush=True)
     finally:
         for w in workers:
             w.terminate()
@@ -138,8 +155,9 @@ def render(results: dict[str, Any], meta: dict[str, Any]) -> str:
 Measured {meta['date']} on {meta['machine']} ({meta['cpus']} CPUs) by `scripts/bench_rpc.py`
 ({meta['seconds']:.0f} s; 1-minute load average {meta['load_before']:.1f} before, {meta['load_after']:.1f}
 after): `ollamad serve` with one slot, {meta['tokens']}-token greedy completions,
-{meta['rounds']} rounds after the load; both `ollamad worker`s on this machine, so the daemon,
-the workers and their threads share the same cores and every token crosses loopback twice.
+{meta['rounds']} rounds after the load, round-robin over the three daemons; every `ollamad worker` on
+this machine, so the daemon, the workers and their threads share the same cores and every
+token crosses loopback twice.
 Splitting is expected to be slower: the point is that a model too big for one machine runs.
 
 | plan | PROCESSOR (/api/ps) | workers | load s | tokens/s | vs local |

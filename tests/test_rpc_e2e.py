@@ -6,6 +6,9 @@ used again."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -73,6 +76,10 @@ def test_a_model_too_big_here_runs_over_two_workers(tmp_path: Path, daemon_facto
         assert {w["endpoint"] for w in m["rpc_workers"]} == {w1.endpoint, w2.endpoint}
         assert all(w["size"] > 0 for w in m["rpc_workers"])
         assert m["estimated_size"] <= budget
+        env = {k: v for k, v in os.environ.items() if not k.startswith("OLLAMA")}
+        cli = subprocess.run([sys.executable, "-m", "ollamad.cli", "ps"], capture_output=True, text=True,
+                             env={**env, "OLLAMA_HOST": f"127.0.0.1:{d.port}"}, timeout=30).stdout
+        assert "% RPC" in cli and f"{w1.endpoint} held" in cli, cli
 
         # a worker dies mid-stream: that client gets an error line within seconds
         req = urllib.request.Request(d.url + "/api/generate", method="POST", data=json.dumps(
