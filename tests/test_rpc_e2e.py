@@ -99,6 +99,9 @@ def test_a_model_too_big_here_runs_over_two_workers(tmp_path: Path, daemon_facto
         assert generate(d) == expected
         assert rpc_argv(d) == [w1.endpoint]
         assert worker_state(d, w2.endpoint) == "down"
+        _, metrics = d.request("GET", "/metrics")
+        assert f'ollamad_rpc_worker_up{{worker="{w2.endpoint}"}} 0.0' in metrics.decode()
+        assert f'ollamad_rpc_worker_up{{worker="{w1.endpoint}"}} 1.0' in metrics.decode()
 
         # it comes back: the next load uses it again
         w2b = Worker(w2.port, tmp_path / "w2b.log")

@@ -76,6 +76,16 @@ class _StateCollector(Collector):
         accepting = GaugeMetricFamily("ollamad_accepting", "1 while new requests are accepted, 0 while draining")
         accepting.add_metric([], 1 if self.scheduler.accepting else 0)
         yield from (queue, total, in_flight, slots, memory, accepting)
+        pool = self.scheduler.workers
+        if pool is not None:  # OLLAMAD_RPC_WORKERS
+            up = GaugeMetricFamily("ollamad_rpc_worker_up", "1 while an RPC worker answers (or serves a runner)",
+                                   labels=["worker"])
+            free = GaugeMetricFamily("ollamad_rpc_worker_free_bytes", "Free memory an RPC worker last reported",
+                                     labels=["worker"])
+            for ep, st in sorted(pool.status.items()):
+                up.add_metric([ep], 1 if st.state in ("up", "busy", "held") else 0)
+                free.add_metric([ep], pool.known_free.get(ep, 0))
+            yield from (up, free)
 
 
 class Metrics:
