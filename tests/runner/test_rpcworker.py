@@ -46,6 +46,10 @@ def test_cli_refuses_every_address_with_exit_78() -> None:
     r = subprocess.run([sys.executable, "-m", "ollamad.cli", "worker", "--port", "50999"],
                        env={**env, "OLLAMAD_WORKER_HOST": "::"}, capture_output=True, text=True, timeout=30)
     assert r.returncode == 78 and "--bind-any" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "ollamad.cli", "worker", "--port", "50999"],
+                       env={**env, "OLLAMAD_RPC_SERVER": "/nonexistent/ggml-rpc-server"}, capture_output=True,
+                       text=True, timeout=30)
+    assert r.returncode == 78 and "OLLAMAD_RPC_SERVER" in r.stderr
 
 
 def test_worker_serves_restarts_after_a_crash_and_stops_on_sigterm(tmp_path: Path) -> None:
