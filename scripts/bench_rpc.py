@@ -158,12 +158,21 @@ after): `ollamad serve` with one slot, {meta['tokens']}-token greedy completions
 {meta['rounds']} rounds after the load, round-robin over the three daemons; every `ollamad worker` on
 this machine, so the daemon, the workers and their threads share the same cores and every
 token crosses loopback twice.
-Splitting is expected to be slower: the point is that a model too big for one machine runs.
+Splitting is expected to be slower: the point is that a model too big for one machine runs.{busy_note(meta)}
 
 | plan | PROCESSOR (/api/ps) | workers | load s | tokens/s | vs local |
 |---|---|---|---|---|---|
 {rows}
 {END}"""
+
+
+def busy_note(meta: dict[str, Any]) -> str:
+    if max(meta["load_before"], meta["load_after"]) < (meta["cpus"] or 1):
+        return ""
+    return ("\nThe machine was busy with other work during this run (load average above its core count):"
+            "\na split runs as three processes (llama-server and two workers) instead of one and may get a"
+            "\nlarger share of the cores, so these figures measure that contention more than RPC itself."
+            "\nRe-run on an idle machine for the cost of RPC.")
 
 
 def write_section(path: Path, section: str) -> None:
