@@ -75,6 +75,8 @@ def test_a_model_too_big_here_runs_over_two_workers(tmp_path: Path, daemon_facto
         assert m["processor"].endswith("% RPC") and "CPU" in m["processor"], m["processor"]
         assert {w["endpoint"] for w in m["rpc_workers"]} == {w1.endpoint, w2.endpoint}
         assert all(w["size"] > 0 for w in m["rpc_workers"])
+        # what llama-server reported on the workers stays within what the plan counted for them
+        assert sum(w["size"] for w in m["rpc_workers"]) <= sum(w["planned_size"] for w in m["rpc_workers"])
         assert m["estimated_size"] <= budget
         env = {k: v for k, v in os.environ.items() if not k.startswith("OLLAMA")}
         cli = subprocess.run([sys.executable, "-m", "ollamad.cli", "ps"], capture_output=True, text=True,

@@ -139,7 +139,7 @@ def _memory_fields(sched: Scheduler, rid: int, memory: int) -> dict[str, Any]:
     if rm.placement is not None:
         out.update(gpus=list(rm.placement.gpus), n_gpu_layers=rm.placement.n_gpu_layers)
     if rm.plan.rpc:  # split over RPC workers: which, and what is on each (reported, else planned)
-        out["rpc_workers"] = [{"endpoint": ep, "size": rm.workers.get(ep, planned)}
+        out["rpc_workers"] = [{"endpoint": ep, "size": rm.workers.get(ep, planned), "planned_size": planned}
                               for ep, planned in zip(rm.plan.rpc, rm.plan.remote, strict=True)]
         out["size_rpc"] = sum(w["size"] for w in out["rpc_workers"])
     return out

@@ -20,6 +20,9 @@ from dataclasses import replace
 from ollamad.models.plan import RpcMode, RunnerPlan
 
 STEPS = 4  # split candidates per local plan: 1/4, 2/4, 3/4, all of the layers remote
+# an RPC device's compute buffer, in units of the local estimate: 70 MiB for 43 MiB estimated
+# on the small test model (4 slots x 4096), each worker alike; rounded up
+REMOTE_COMPUTE = 2
 
 
 def split_plan(plan: RunnerPlan, workers: Mapping[str, float], layers: int) -> RunnerPlan | None:
@@ -36,7 +39,7 @@ def split_plan(plan: RunnerPlan, workers: Mapping[str, float], layers: int) -> R
     output = est.weights - est.layer_weights if layers == est.layers else 0  # output (and norm) weights
     # every worker keeps a compute buffer of its own; this machine keeps one too
     shares = tuple(r / sum(room) for r in room)
-    remote = tuple(int((moved + output) * s) + est.compute for s in shares)
+    remote = tuple(int((moved + output) * s) + REMOTE_COMPUTE * est.compute for s in shares)
     local = max(plan.estimate - moved - output, est.compute + est.overhead)
     ngl = layers + 1 if layers == est.layers else layers
     return replace(plan, rpc=tuple(eps), remote=remote, tensor_split=tuple(round(s, 4) for s in shares),

@@ -30,7 +30,7 @@ def test_split_moves_layers_and_counts_only_the_local_part() -> None:
     p = split_plan(local_plan(), {W1: 10 * GiB, W2: 10 * GiB}, 4)
     assert p is not None
     assert p.rpc == (W1, W2) and p.tensor_split == (0.5, 0.5) and p.n_gpu_layers == 4
-    assert p.remote == (200 * MiB + 50 * MiB, 200 * MiB + 50 * MiB)  # half of 4 layers each, own compute buffer
+    assert p.remote == (300 * MiB, 300 * MiB)  # half of 4 layers each, and a compute buffer of its own
     assert p.estimate == DETAIL.total - 400 * MiB
     argv = p.argv("llama-server", 8080)
     assert argv[argv.index("--rpc") + 1] == f"{W1},{W2}"
@@ -43,7 +43,7 @@ def test_all_layers_remote_takes_the_output_layer_too() -> None:
     assert p is not None and p.n_gpu_layers == 9
     assert p.tensor_split == (0.75, 0.25)  # shares follow free memory
     moved = 800 * MiB + 200 * MiB
-    assert p.remote == (int(moved * 0.75) + 50 * MiB, int(moved * 0.25) + 50 * MiB)
+    assert p.remote == (int(moved * 0.75) + 100 * MiB, int(moved * 0.25) + 100 * MiB)
     assert p.estimate == DETAIL.compute + DETAIL.overhead  # what is left here
 
 
