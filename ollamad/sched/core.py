@@ -20,8 +20,6 @@ Rules:
   runner that exited counts as free only once a later snapshot shows it free.
 - Pressure: when measured free memory falls below ``low_water``, idle runners are
   unloaded, least recently used first; busy ones never are.
-- A plan split over RPC workers also needs each of its workers usable now (``workers``),
-  held by no other runner, with room for its share (rpcplace.workers_fit).
 """
 
 from __future__ import annotations
@@ -130,7 +128,7 @@ class SchedState:
     reload_interval: float = 0.0  # least time between two loads of one model forced by request options
     loaded_at: dict[str, float] = field(default_factory=dict)  # when each model's last runner started
     early_deaths: dict[str, int] = field(default_factory=dict)  # runners in a row that died right after loading
-    workers: dict[str, float] = field(default_factory=dict)  # RPC workers usable now: host:port -> free bytes
+    workers: dict[str, float] = field(default_factory=dict)  # RPC workers usable now (rpcplace.workers_fit)
     queue: list[Request] = field(default_factory=list)
     runners: dict[int, RunnerState] = field(default_factory=dict)
     failures: dict[str, Failure] = field(default_factory=dict)
@@ -345,12 +343,8 @@ def _make_room_and_start(s: SchedState, req: Request, now: float) -> list[Action
     if any(r.plan.model == req.model for r in s.runners.values()):
         return actions  # the old runner drains and exits first, then the new plan starts
 
-    if not req.plans:  # only plans over RPC workers, and none of them is up
-        s.queue.remove(req)
-        return [*actions, Reject(req.id, 503, f"no RPC worker is up for {req.model}")]
     live = list(s.runners.values())
-    # local first: a split over RPC workers only when no local plan fits, even with idle runners gone
-    local = [p for p in req.plans if not p.rpc]
+    local = [p for p in req.plans if not p.rpc]  # split over RPC workers only if none fits, even after evictions
     idle_now = [r for r in live if r.status == "ready" and r.in_flight == 0 and not r.draining and r.claimed_by is None]
     evict_for_local = bool(local) and _choose_victims(s, live, [], idle_now, local[-1]) is not None
     plan = next((p for p in req.plans if (not p.rpc or not evict_for_local) and _fits(s, live, [], p)), None)

@@ -47,6 +47,7 @@ from ollamad.sched.core import (
     relieve_pressure,
 )
 from ollamad.sched.rpcplace import with_workers
+from ollamad.sched.workerlink import held, refresh, set_aside
 from ollamad.settings import Settings
 
 log = structlog.get_logger("ollamad.scheduler")
@@ -158,7 +159,7 @@ class Scheduler:
                     if self.accountant is not None:
                         tg.start_soon(self.accountant.run, self._pids, self._on_snapshot)
                     if self.workers is not None:
-                        tg.start_soon(self.workers.run, self._on_workers, self._held)
+                        tg.start_soon(self.workers.run, self._on_workers, lambda: held(self.state))
                     task_status.started()
                     await self._timer_loop()
             finally:
@@ -364,10 +365,8 @@ class Scheduler:
                 self.records.remove(runner.pid)
             self.state.runner_exited(rid)
             self.runners.pop(rid, None)
-            if self.workers is not None and plan.rpc:  # free again, or gone: nothing planned on them
-                self.workers.suspect(plan.rpc)  # until checked (then _on_workers re-plans the queue)
-                for ep in plan.rpc:
-                    self.state.workers.pop(ep, None)
+            if self.workers is not None and plan.rpc:
+                set_aside(self.state, self.workers, plan)
             if self.accountant is not None:
                 self.accountant.forget(rid)
                 self.accountant.poke()  # its memory counts as free once a snapshot shows it
@@ -429,16 +428,12 @@ class Scheduler:
         self._step()
 
     def _on_workers(self) -> None:
-        """RPC workers changed: new free memory, and queued requests re-planned over the usable ones."""
+        """RPC workers changed: the usable ones, and the queue re-planned over them."""
         assert self.workers is not None
-        self.state.workers = {ep: float(free) for ep, free in self.workers.usable(self._held()).items()}
-        for req in self.state.queue:
-            if (w := self._waiters.get(req.id)) is not None and w.replan is not None:
-                req.plans = w.replan()
+        replan = {rid: w.replan for rid, w in self._waiters.items() if w.replan is not None}
+        for reject in refresh(self.state, self.workers, lambda rid: replan[rid]() if rid in replan else None):
+            self._reject(reject)
         self._step()
-
-    def _held(self) -> set[str]:
-        return {ep for r in self.state.runners.values() for ep in r.plan.rpc}
 
     def _emit(self, event: RunnerEvent) -> None:
         if self.on_event is not None:

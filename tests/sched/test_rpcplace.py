@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from pathlib import Path
 
 import pytest
 
+from ollamad.memory.workers import WorkerPool, WorkerStatus
 from ollamad.models.estimate import Estimate
 from ollamad.models.plan import LoadOptions, RunnerPlan
 from ollamad.sched.core import Dispatch, Reject, Request, SchedState, Start, Stop, decide
 from ollamad.sched.rpcplace import split_note, split_plan, with_workers, workers_fit
+from ollamad.sched.workerlink import refresh
 from ollamad.settings import SettingsError, load_settings
 
 MiB = 1024**2
@@ -150,11 +153,25 @@ def test_a_worker_going_down_leaves_it_out() -> None:
     assert isinstance(start, Start) and start.plan.rpc == (W1,)
 
 
-def test_no_plan_left_is_a_clear_503() -> None:
-    s = state(800 * MiB, {})
-    s.submit(Request(id=1, model="a", ctx=2048, plans=(), arrived=0.0))
-    (reject,) = decide(s, 0.0)
-    assert isinstance(reject, Reject) and reject.status == 503 and "RPC worker" in reject.message
+def test_the_queue_is_replanned_and_a_forced_request_with_no_worker_left_is_a_clear_503() -> None:
+    async def main() -> None:
+        pool = WorkerPool([W1, W2])
+        pool.status = {W1: WorkerStatus(W1, "up", 8 * GiB), W2: WorkerStatus(W2, "down")}
+        pool.known_free = {W1: 8 * GiB}
+        s = state(800 * MiB, {W1: 8 * GiB, W2: 8 * GiB})
+        auto, forced = submit(s, 1, "a"), submit(s, 2, "b", mode="always")
+        assert {p.rpc for p in auto.plans if p.rpc} == {(W1, W2)}
+        modes = {1: "auto", 2: "always"}
+        none_up: dict[str, float] = {}
+        rejects = refresh(s, pool, lambda rid: with_workers((local_plan("ab"[rid - 1]),), s.workers, modes[rid]))
+        assert rejects == [] and s.workers == {W1: 8 * GiB}
+        assert {p.rpc for p in auto.plans if p.rpc} == {(W1,)}
+        pool.status[W1] = WorkerStatus(W1, "down")
+        rejects = refresh(s, pool, lambda rid: with_workers((local_plan("ab"[rid - 1]),), none_up, modes[rid]))
+        assert [(r.request_id, r.status) for r in rejects] == [(2, 503)] and "RPC workers" in rejects[0].message
+        assert [q.id for q in s.queue] == [1] and forced not in s.queue
+
+    asyncio.run(main())
 
 
 @pytest.mark.parametrize(("value", "ok"), [
