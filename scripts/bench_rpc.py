@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark: a model served locally vs split over two RPC workers on loopback ports.
 
-    .venv/bin/python scripts/bench_rpc.py [--tokens 64] [--rounds 3]
+    .venv/bin/python scripts/bench_rpc.py [--tokens 64] [--rounds 5] [--threads 1]
 
 Runs three ``ollamad serve`` at once on the big generated model (360 MB f32): local; forced
 onto two ``ollamad worker`` processes with the per-model setting ``rpc = "always"`` (the
@@ -29,9 +29,10 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import ROOT, free_port, mean, ollamad
+from benchlib import ROOT, cpu_seconds, free_port, mean, ollamad
 
 from ollamad.models.facts import facts_from_gguf
 from ollamad.models.ggufmeta import read_gguf
@@ -46,11 +47,12 @@ BEGIN, END = "<!-- bench_rpc: begin -->", "<!-- bench_rpc: end -->"
 CTX = 2048
 
 
-def start_worker(port: int, log: Path) -> subprocess.Popen[bytes]:
+def start_worker(port: int, log: Path, threads: int) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OLLAMA_", "OLLAMAD_"))}
     with open(log, "wb") as f:
         return subprocess.Popen([sys.executable, "-m", "ollamad.cli", "worker", "--host", "127.0.0.1",
-                                 "--port", str(port)], env=env, stdout=f, stderr=subprocess.STDOUT)
+                                 "--port", str(port), "--threads", str(threads)],
+                                env=env, stdout=f, stderr=subprocess.STDOUT)
 
 
 async def one(s: aiohttp.ClientSession, url: str, tokens: int) -> dict[str, Any]:
@@ -62,23 +64,33 @@ async def one(s: aiohttp.ClientSession, url: str, tokens: int) -> dict[str, Any]
     return out
 
 
-async def measure(urls: dict[str, str], tokens: int, rounds: int) -> dict[str, Any]:
-    """Round-robin over the daemons, one request at a time, so that they share whatever else
-    runs on the machine alike; the first round's load_duration is the load time."""
-    res: dict[str, Any] = {name: {"rates": []} for name in urls}
+def runner_pids(daemon: int) -> list[int]:
+    """The daemon's llama-server (started by the first request)."""
+    return [c.pid for c in psutil.Process(daemon).children() if "--model" in c.cmdline()]
+
+
+async def measure(daemons: dict[str, tuple[str, list[int]]], tokens: int, rounds: int) -> dict[str, Any]:
+    """Round-robin over the daemons (url, pids that work for it), one request at a time, so that
+    they share whatever else runs on the machine alike. The first round's load_duration is the
+    load time; CPU time per token (all of a split's processes together) does not depend on what
+    else runs."""
+    res: dict[str, Any] = {name: {"rates": [], "cpu_ms": []} for name in daemons}
     async with aiohttp.ClientSession() as s:
         for i in range(rounds + 1):
-            for name, url in urls.items():
+            for name, (url, pids) in daemons.items():
+                work = runner_pids(pids[0]) + pids[1:] if i else []  # its llama-server and workers' servers
+                before = sum(cpu_seconds(p) for p in work)
                 out = await one(s, url, tokens)
                 if i == 0:
                     res[name]["load_s"] = out["load_duration"] / 1e9
-                else:
-                    res[name]["rates"].append(out["eval_count"] / (out["eval_duration"] / 1e9))
-        for name, url in urls.items():
+                    continue
+                res[name]["rates"].append(out["eval_count"] / (out["eval_duration"] / 1e9))
+                res[name]["cpu_ms"].append(1000 * (sum(cpu_seconds(p) for p in work) - before) / out["eval_count"])
+        for name, (url, _) in daemons.items():
             async with s.get(url + "/api/ps") as r:
                 (m,) = (await r.json())["models"]
-            res[name].update(tok_s=mean(res[name]["rates"]), processor=m["processor"],
-                             workers=[w["endpoint"] for w in m.get("rpc_workers", [])])
+            res[name].update(tok_s=mean(res[name]["rates"]), cpu_ms_per_token=mean(res[name]["cpu_ms"]),
+                             processor=m["processor"], workers=[w["endpoint"] for w in m.get("rpc_workers", [])])
     return res
 
 
@@ -93,8 +105,11 @@ def all_remote_budget(model: Path) -> int:
 async def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=64)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--out", default=str(ROOT))
+    ap.add_argument("--threads", type=int, default=1,
+                    help="threads of each llama-server and worker (0: one per core); 1 keeps OpenMP threads "
+                         "from spinning while they wait for each other on a busy machine")
     args = ap.parse_args()
     s = load_settings()
     binary = find_llama_server(s.llama_server, s.runners_dir)
@@ -108,10 +123,11 @@ async def main() -> None:
     forced = tmp / "models.toml"
     forced.write_text('[models."big"]\nrpc = "always"\n')
     ports = [free_port() for _ in range(4)]  # two workers for each split daemon: one client each
-    workers = [start_worker(p, tmp / f"worker-{p}.log") for p in ports]
+    workers = [start_worker(p, tmp / f"worker-{p}.log", args.threads) for p in ports]
     pair1, pair2 = (",".join(f"127.0.0.1:{p}" for p in ports[i:i + 2]) for i in (0, 2))
     budget = str(all_remote_budget(CACHE / "big.gguf"))
-    base = {"OLLAMA_NUM_PARALLEL": "1", "OLLAMA_CONTEXT_LENGTH": str(CTX), "OLLAMAD_STATE_DIR": str(tmp / "state")}
+    base = {"OLLAMAD_THREADS": str(args.threads), "OLLAMA_NUM_PARALLEL": "1", "OLLAMA_CONTEXT_LENGTH": str(CTX),
+            "OLLAMAD_STATE_DIR": str(tmp / "state")}
     configs = {
         "local": base,
         "split, least spread (rpc = \"always\")": {**base, "OLLAMAD_RPC_WORKERS": pair1,
@@ -126,9 +142,12 @@ async def main() -> None:
     try:
         await asyncio.sleep(1)
         async with contextlib.AsyncExitStack() as stack:
-            urls = {name: (await stack.enter_async_context(ollamad(binary, mdir, tmp, **env))).url
-                    for name, env in configs.items()}
-            results = await measure(urls, args.tokens, args.rounds)
+            procs = {name: await stack.enter_async_context(ollamad(binary, mdir, tmp, **env))
+                     for name, env in configs.items()}
+            servers = {name: [c.pid for w in ws for c in psutil.Process(w.pid).children()]
+                       for name, ws in zip(configs, ([], workers[:2], workers[2:]), strict=True)}
+            results = await measure({n: (p.url, [p.pid, *servers[n]]) for n, p in procs.items()},
+                                    args.tokens, args.rounds)
         for name, r in results.items():
             print(f"[bench_rpc] {name}: {r}", flush=True)
     finally:
@@ -136,7 +155,7 @@ async def main() -> None:
             w.terminate()
             w.wait(15)
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": platform.machine(), "cpus": os.cpu_count(),
-            "tokens": args.tokens, "rounds": args.rounds, "seconds": time.monotonic() - t0,
+            "tokens": args.tokens, "rounds": args.rounds, "threads": args.threads, "seconds": time.monotonic() - t0,
             "load_before": load_before, "load_after": os.getloadavg()[0]}
     out = Path(args.out)
     (out / "benchmarks-rpc.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
@@ -148,22 +167,37 @@ def render(results: dict[str, Any], meta: dict[str, Any]) -> str:
     local = results["local"]
     rows = "\n".join(
         f"| {name} | {r['processor']} | {len(r['workers'])} | {r['load_s']:.2f} | {r['tok_s']:.1f} | "
-        f"{r['tok_s'] / local['tok_s']:.2f} |" for name, r in results.items())
+        f"{r['tok_s'] / local['tok_s']:.2f} | {r['cpu_ms_per_token']:.1f} | "
+        f"{r['cpu_ms_per_token'] / local['cpu_ms_per_token']:.2f} |" for name, r in results.items())
     return f"""{BEGIN}
 ## RPC workers: local vs split over two loopback workers (big model)
 
-Measured {meta['date']} on {meta['machine']} ({meta['cpus']} CPUs) by `scripts/bench_rpc.py`
-({meta['seconds']:.0f} s; 1-minute load average {meta['load_before']:.1f} before, {meta['load_after']:.1f}
-after): `ollamad serve` with one slot, {meta['tokens']}-token greedy completions,
-{meta['rounds']} rounds after the load, round-robin over the three daemons; every `ollamad worker` on
-this machine, so the daemon, the workers and their threads share the same cores and every
-token crosses loopback twice.
+{header(meta)}
 Splitting is expected to be slower: the point is that a model too big for one machine runs.{busy_note(meta)}
 
-| plan | PROCESSOR (/api/ps) | workers | load s | tokens/s | vs local |
-|---|---|---|---|---|---|
+| plan | PROCESSOR (/api/ps) | workers | load s | tokens/s | vs local | CPU ms per token | vs local |
+|---|---|---|---|---|---|---|---|
 {rows}
 {END}"""
+
+
+def header(meta: dict[str, Any]) -> str:
+    command = (f"scripts/bench_rpc.py --tokens {meta['tokens']} --rounds {meta['rounds']} "
+               f"--threads {meta.get('threads', 0)}")
+    return (
+        f"Measured {meta['date']} on {meta['machine']} ({meta['cpus']} CPUs) by `{command}`\n"
+        f"({meta['seconds']:.0f} s; 1-minute load average {meta['load_before']:.1f} before, "
+        f"{meta['load_after']:.1f} after): three `ollamad serve`\n"
+        f"with one slot each, {meta['tokens']}-token greedy completions, {meta['rounds']} rounds after the load, "
+        f"round-robin\nover the three; {threads_text(meta)} per llama-server and per worker. Every `ollamad worker` "
+        "runs on\nthis machine, so all of them share the same cores and every token crosses loopback twice;\n"
+        "across real machines the network adds its own latency per token. Tokens/s per round varied\n"
+        "by up to 2x on this shared machine: compare the means, and the CPU time per token.")
+
+
+def threads_text(meta: dict[str, Any]) -> str:
+    n = meta.get("threads", 0)
+    return "all cores" if not n else f"{n} thread" + ("s" if n > 1 else "")
 
 
 def busy_note(meta: dict[str, Any]) -> str:
@@ -171,8 +205,8 @@ def busy_note(meta: dict[str, Any]) -> str:
         return ""
     return ("\nThe machine was busy with other work during this run (load average above its core count):"
             "\na split runs as three processes (llama-server and two workers) instead of one and may get a"
-            "\nlarger share of the cores, so these figures measure that contention more than RPC itself."
-            "\nRe-run on an idle machine for the cost of RPC.")
+            "\nlarger share of the cores, so tokens/s and load times measure that contention more than RPC"
+            "\nitself. CPU time per token (the runner and its workers together) depends on it less.")
 
 
 def write_section(path: Path, section: str) -> None:
