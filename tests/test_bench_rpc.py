@@ -22,6 +22,7 @@ def test_section_is_replaced_in_place_and_survives_a_bench_rewrite(tmp_path: Pat
     bench_rpc.write_section(md, bench_rpc.render({"local": row, "split": split}, meta))
     bench_rpc.write_section(md, bench_rpc.render({"local": row, "split": split}, meta))
     text = md.read_text()
-    assert text.count(bench_rpc.BEGIN) == 1 and "| split | 5% CPU / 95% RPC | 2 | 2.00 | 5.0 | 0.50 | 30.0 | 1.50 |" in text
+    assert text.count(bench_rpc.BEGIN) == 1
+    assert "| split | 5% CPU / 95% RPC | 2 | 2.00 | 5.0 | 0.50 | 30.0 | 1.50 |" in text
     kept = bench.kept(tmp_path)  # what bench.py appends when it rewrites the file
     assert kept.count(bench_rpc.BEGIN) == 1 and kept.strip().endswith(bench_rpc.END)
