@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from _real import DEFAULTS, REAL, RealModelError, ensure, install
+from ollamad.models.real import DEFAULTS, REAL, RealModelError, ensure, install
 
 
 def main(argv: list[str] | None = None) -> int:

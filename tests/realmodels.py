@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from scripts._real import REAL, RealModelError, install
+from ollamad.models.real import REAL, RealModelError, install
 from tests.conftest import Daemon
 
 CHAT = "smollm2:135m"

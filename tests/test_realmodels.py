@@ -126,7 +126,8 @@ def test_openai_chat_stream_usage_and_completions(oai: openai.OpenAI) -> None:
     assert text == r.choices[0].message.content
     last = chunks[-1]
     assert last.choices == [] and last.usage is not None
-    assert last.usage.prompt_tokens == r.usage.prompt_tokens and last.usage.completion_tokens == r.usage.completion_tokens
+    assert (last.usage.prompt_tokens, last.usage.completion_tokens) == (r.usage.prompt_tokens,
+                                                                        r.usage.completion_tokens)
     assert all(c.usage is None for c in chunks[:-1])
     done = oai.completions.create(model=CHAT, prompt="The capital of France is", temperature=0, max_tokens=8)
     assert "Paris" in done.choices[0].text

