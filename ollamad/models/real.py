@@ -91,12 +91,6 @@ def cache_dir() -> Path:
     return Path(base) / "ollamad" / "models"
 
 
-def cached(name: str, cache: Path | None = None) -> Path | None:
-    """The cached model file if it is already there (no download, no hashing)."""
-    path = (cache or cache_dir()) / REAL[name].file
-    return path if path.is_file() else None
-
-
 @contextlib.contextmanager
 def _locked(cache: Path) -> Iterator[None]:
     cache.mkdir(parents=True, exist_ok=True)
@@ -105,11 +99,12 @@ def _locked(cache: Path) -> Iterator[None]:
         yield
 
 
-def ensure(name: str, cache: Path | None = None, say: Say = lambda _m: None) -> Path:
+def ensure(which: str | RealModel, cache: Path | None = None, say: Say = lambda _m: None) -> Path:
     """The model's file in the cache, fetched, checked and built first if missing."""
-    model = REAL.get(name)
+    model = REAL.get(which) if isinstance(which, str) else which
     if model is None:
-        raise RealModelError(f"unknown real model {name!r}; known: {', '.join(REAL)}")
+        raise RealModelError(f"unknown real model {which!r}; known: {', '.join(REAL)}")
+    name = model.name
     cache = cache or cache_dir()
     dest = cache / model.file
     if dest.is_file():
