@@ -3,10 +3,12 @@ one daemon per test module."""
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -20,8 +22,15 @@ BASE = "gemma3:270m-base"
 CAT, KITTEN, STOCKS = ("The cat sat on the mat.", "A kitten is resting on the rug.",
                        "The stock market fell sharply after the earnings report.")
 
+# SmolLM2-135M (Q4_1) at temperature 0 answers this question with "The capital of France is Paris."
+# with a system message; with none (the GGUF template then adds "You are a helpful AI assistant named
+# SmolLM...") it answers in broken French, the same straight from llama-server.
+SYSTEM = "You are a helpful assistant."
+FRANCE = "What is the capital of France?"
+
 # litellm reads its model price map from the network at import unless told not to
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+litellm: Any = importlib.import_module("litellm")
 
 
 def real_folder(folder: Path, names: Sequence[str] = tuple(REAL)) -> Path:

@@ -13,7 +13,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import litellm
 import ollama
 import openai
 import pytest
@@ -21,11 +20,23 @@ from langchain_ollama import ChatOllama, OllamaEmbeddings, OllamaLLM
 from pydantic import BaseModel
 
 from tests.conftest import Daemon
-from tests.realmodels import BASE, CAT, CHAT, EMBED, KITTEN, STOCKS, assert_meaningful, cosine, module_daemon
+from tests.realmodels import (
+    BASE,
+    CAT,
+    CHAT,
+    EMBED,
+    FRANCE,
+    KITTEN,
+    STOCKS,
+    SYSTEM,
+    assert_meaningful,
+    cosine,
+    litellm,
+    module_daemon,
+)
 
 pytestmark = [pytest.mark.real, pytest.mark.realmodel]
 
-FRANCE = "What is the capital of France?"
 GREEDY = {"temperature": 0, "seed": 42}
 
 
@@ -55,7 +66,7 @@ def oai(daemon: Daemon) -> openai.OpenAI:
 
 
 def ask(text: str) -> list[dict[str, str]]:
-    return [{"role": "user", "content": text}]
+    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": text}]
 
 
 # --- chat and generate: ollama client -------------------------------------------------------------
@@ -66,19 +77,25 @@ def test_chat_and_generate_answer_paris(oc: ollama.Client) -> None:
     parts = list(oc.chat(model=CHAT, messages=ask(FRANCE), options={**GREEDY, "num_predict": 40}, stream=True))
     assert len(parts) > 3 and parts[-1].done and not any(p.done for p in parts[:-1])
     assert "".join(p.message.content for p in parts) == r.message.content
-    g = oc.generate(model=CHAT, prompt=FRANCE, options={**GREEDY, "num_predict": 40})
+    g = oc.generate(model=CHAT, system=SYSTEM, prompt=FRANCE, options={**GREEDY, "num_predict": 40})
     assert "Paris" in g.response and g.done and g.context
-    chunks = list(oc.generate(model=CHAT, prompt=FRANCE, options={**GREEDY, "num_predict": 40}, stream=True))
+    chunks = list(oc.generate(model=CHAT, system=SYSTEM, prompt=FRANCE, options={**GREEDY, "num_predict": 40},
+                              stream=True))
     assert chunks[-1].done and "".join(c.response for c in chunks) == g.response
 
 
-def test_multi_turn_remembers_the_conversation(oc: ollama.Client) -> None:
-    msgs = [{"role": "system", "content": "You are a helpful assistant."},
-            {"role": "user", "content": "My name is Alice and I live in Berlin."},
-            {"role": "assistant", "content": "Nice to meet you, Alice! Berlin is a great city."},
-            {"role": "user", "content": "What is my name?"}]
-    r = oc.chat(model=CHAT, messages=msgs, options={**GREEDY, "num_predict": 30})
-    assert "Alice" in r.message.content
+def test_multi_turn_uses_the_earlier_turns(oc: ollama.Client) -> None:
+    opts = {**GREEDY, "num_predict": 20}
+    earlier = [{"role": "user", "content": "I have a dog named Max."},
+               {"role": "assistant", "content": "Max sounds like a great dog!"}]
+    question = {"role": "user", "content": "What is the name of my dog?"}
+    system = {"role": "system", "content": SYSTEM}
+    assert "Max" in oc.chat(model=CHAT, messages=[system, *earlier, question], options=opts).message.content
+    assert "Max" not in oc.chat(model=CHAT, messages=[system, question], options=opts).message.content
+    italy = [system, {"role": "user", "content": FRANCE},
+             {"role": "assistant", "content": "The capital of France is Paris."},
+             {"role": "user", "content": "And what is the capital of Italy?"}]
+    assert "Rome" in oc.chat(model=CHAT, messages=italy, options=opts).message.content
 
 
 def test_num_predict_caps_the_answer(oc: ollama.Client) -> None:
@@ -129,7 +146,8 @@ def test_openai_chat_stream_usage_and_completions(oai: openai.OpenAI) -> None:
     assert (last.usage.prompt_tokens, last.usage.completion_tokens) == (r.usage.prompt_tokens,
                                                                         r.usage.completion_tokens)
     assert all(c.usage is None for c in chunks[:-1])
-    done = oai.completions.create(model=CHAT, prompt="The capital of France is", temperature=0, max_tokens=8)
+    done = oai.completions.create(model=BASE, prompt="The Eiffel Tower is located in the city of", temperature=0,
+                                  max_tokens=8)
     assert "Paris" in done.choices[0].text
 
 
@@ -201,11 +219,12 @@ def test_embeddings_mean_something_on_every_route(daemon: Daemon, oc: ollama.Cli
 # --- the Gemma 3 base model ------------------------------------------------------------------------
 
 def test_gemma_base_model_completes_through_generate(oc: ollama.Client) -> None:
-    r = oc.generate(model=BASE, prompt="The capital of France is", raw=True, options={**GREEDY, "num_predict": 12})
-    assert "Paris" in r.response and r.eval_count
-    chunks = list(oc.generate(model=BASE, prompt="The Eiffel Tower is located in the city of", raw=True,
-                              options={**GREEDY, "num_predict": 12}, stream=True))
-    assert chunks[-1].done and "Paris" in "".join(c.response for c in chunks)
+    # a base model: no chat template, so the prompt is completed as written
+    prompt = "The Eiffel Tower is located in the city of"
+    r = oc.generate(model=BASE, prompt=prompt, raw=True, options={**GREEDY, "num_predict": 12})
+    assert "Paris" in r.response and r.eval_count and r.done_reason == "length"
+    chunks = list(oc.generate(model=BASE, prompt=prompt, options={**GREEDY, "num_predict": 12}, stream=True))
+    assert chunks[-1].done and "".join(c.response for c in chunks) == r.response
 
 
 # --- concurrency: 8 chats over 4 slots answer as they would one by one ------------------------------
