@@ -4,6 +4,7 @@ first run with the default models folder (no daemon started here; the tier is te
 from __future__ import annotations
 
 import hashlib
+import re
 import subprocess
 import zipfile
 from pathlib import Path
@@ -15,6 +16,7 @@ from ollamad.models import real, store
 from ollamad.models.catalog import Catalog
 from ollamad.models.ggufmeta import read_gguf
 from ollamad.settings import Settings
+from tests.conftest import Daemon
 from tests.realmodels import real_folder
 
 pytestmark = pytest.mark.realmodel
@@ -134,3 +136,24 @@ def test_first_run_offline_serves_tiny_and_tries_again(tmp_path: Path, monkeypat
     monkeypatch.delenv("OLLAMA_MODELS", raising=False)
     assert len(app.ensure_default_models(Settings())) == 2  # tiny is kept; the real ones come now
     assert set(Catalog(settings.models).scan()) == {"smollm2:135m", "all-minilm:latest", "tiny:latest"}
+
+
+@pytest.mark.real
+def test_fresh_default_folder_answers_the_readme_request(tmp_path: Path, llama_server: Path) -> None:
+    """A new user's first run: no OLLAMA_MODELS, the README's request gets an English sentence."""
+    d = Daemon(llama_server, tmp_path / "unused")
+    del d.env["OLLAMA_MODELS"]
+    d.env["XDG_DATA_HOME"] = str(tmp_path / "data")
+    d.start(tmp_path / "daemon.log")
+    try:
+        status, tags = d.get("/api/tags")
+        assert status == 200 and {m["name"] for m in tags["models"]} == {"smollm2:135m", "all-minilm:latest",
+                                                                          "tiny:latest"}
+        status, body = d.post("/api/generate", {"model": "smollm2:135m", "prompt": "Why is the sky blue?",
+                                                "stream": False, "options": {"num_predict": 48}}, timeout=300)
+        assert status == 200, body
+        words = re.findall(r"[A-Za-z]+", body["response"])
+        common = {"the", "is", "of", "and", "sky", "blue", "light", "sun", "a", "to", "in"}
+        assert len(words) >= 10 and len(common & {w.lower() for w in words}) >= 3, body["response"]
+    finally:
+        d.stop()
