@@ -36,6 +36,7 @@ def test_alternating_two_real_models_with_one_loaded(daemon: Daemon) -> None:
         pids |= {p.pid for p in daemon.children()}
         r = oc.generate(model=BASE, prompt="The Eiffel Tower is located in the city of", raw=True, options=opts)
         assert "Paris" in r.response and loaded(oc) == [BASE]
+        pids |= {p.pid for p in daemon.children()}
         e = oc.embed(model=EMBED, input=[CAT, KITTEN]).embeddings
         assert len(e[0]) == 384 and cosine(e[0], e[1]) > 0.5 and loaded(oc) == [f"{EMBED}:latest"]
         pids |= {p.pid for p in daemon.children()}
