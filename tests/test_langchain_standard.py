@@ -33,7 +33,21 @@ class TestChatOllamaOnOllamad(ChatModelIntegrationTests):
 
     @property
     def chat_model_params(self) -> dict[str, Any]:
-        return {"model": CHAT, "base_url": URL["base"], "seed": 42}
+        # ChatOllama ignores the suite's max_tokens=100; num_predict is its name for it
+        return {"model": CHAT, "base_url": URL["base"], "seed": 42, "num_predict": 100}
+
+    @property
+    def has_tool_calling(self) -> bool:
+        """No: SmolLM2-135M's chat template has no tools, so ollamad answers a request with tools
+        400 '"smollm2:135m" does not support tools', as Ollama does for such a model (and a 135M
+        model does not call tools reliably anyway). This skips the suite's 10 tool tests:
+        test_tool_calling[model0], test_tool_calling[model1], test_tool_calling_async,
+        test_bind_runnables_as_tools, test_tool_message_histories_string_content,
+        test_tool_message_histories_list_content, test_tool_choice,
+        test_tool_calling_with_no_arguments, test_tool_message_error_status,
+        test_structured_few_shot_examples (and the tool parts of test_agent_loop,
+        test_unicode_tool_call_integration)."""
+        return False
 
     @property
     def supports_json_mode(self) -> bool:
