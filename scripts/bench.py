@@ -28,6 +28,7 @@ from benchlib import (
     ROOT,
     Result,
     Run,
+    ask,
     bare_server,
     cpu_seconds,
     free_port,
@@ -157,19 +158,40 @@ async def scaling(binary: Path, mdir: Path, tmp: Path, quick: bool) -> dict[str,
 
 
 # --- 3 and 4: the fake llama-server isolates the daemon's own cost ------------------------
+RELAY_FAMILIES = (("generate", True), ("chat", True), ("v1chat", True),
+                  ("generate", False), ("chat", False), ("v1chat", False))
+
+
 async def relay(binary: Path, mdir: Path, tmp: Path, quick: bool) -> dict[str, Any]:
+    """The daemon's own CPU per relayed token, per route family, with an instant fake llama-server.
+
+    Rounds go over the families in turn (twice), so a machine busy with something else for a while
+    weighs on all of them alike; the daemon's CPU time is read before and after each batch.
+    """
     fake = fake_binary(tmp)
-    n = 100 if quick else 400
-    async with ollamad(fake, only(mdir, "a"), tmp, OLLAMA_NUM_PARALLEL="4", FAKE_TOKENS="64") as d:
-        await run_clients(1, 1, lambda s, c, i: stream_ollama(s, d.url, "a", "x", 64, 1))
-        cpu0 = cpu_seconds(d.pid)
-        run = await run_clients(4, n // 4, lambda s, c, i: stream_ollama(s, d.url, "a", "x", 64, 1))
-        cpu = cpu_seconds(d.pid) - cpu0
-        first = await _first_chunk_latency(d.url, mdir / "a.gguf", 100 if quick else 400)
-    chunks = sum(r.chunks + 1 for r in run.ok)  # content chunks plus the final one
-    return {"requests": len(run.ok), "requests_per_s": len(run.ok) / run.wall, "chunks": chunks,
-            "daemon_cpu_s": cpu, "daemon_cpu_us_per_chunk": 1e6 * cpu / chunks,
-            "daemon_cpu_us_per_request": 1e6 * cpu / len(run.ok), **first}
+    n, tok = (160 if quick else 800), 64
+    out: dict[str, Any] = {"tokens_per_request": tok}
+    async with ollamad(fake, only(mdir, "a"), tmp, OLLAMA_NUM_PARALLEL="4", FAKE_TOKENS=str(tok)) as d:
+        cpu: dict[str, float] = {}
+        runs: dict[str, Run] = {}
+        for route, stream in RELAY_FAMILIES:  # warm-up: every code path once
+            await run_clients(1, 1, lambda s, c, i, r=route, st=stream: ask(s, d.url, r, "a", "x", tok, 1, st))
+        for _ in range(2):
+            for route, stream in RELAY_FAMILIES:
+                key = f"{route}_{'stream' if stream else 'whole'}"
+                cpu0 = cpu_seconds(d.pid)
+                run = await run_clients(4, n // 8, lambda s, c, i, r=route, st=stream: ask(s, d.url, r, "a", "x",
+                                                                                           tok, 1, st))
+                cpu[key] = cpu.get(key, 0.0) + cpu_seconds(d.pid) - cpu0
+                runs.setdefault(key, Run()).add(run)
+        for key, run in runs.items():
+            tokens = sum(r.tokens for r in run.ok)
+            out[key] = {"requests": len(run.results), "ok": len(run.ok), "tokens": tokens,
+                        "requests_per_s": len(run.ok) / run.wall, "daemon_cpu_s": cpu[key],
+                        "daemon_cpu_us_per_token": 1e6 * cpu[key] / max(tokens, 1),
+                        "daemon_cpu_us_per_request": 1e6 * cpu[key] / max(len(run.ok), 1)}
+        out.update(await _first_chunk_latency(d.url, mdir / "a.gguf", 100 if quick else 400))
+    return out
 
 
 async def _first_chunk_latency(url: str, model: Path, n: int) -> dict[str, Any]:

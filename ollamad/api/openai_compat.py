@@ -9,11 +9,12 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 
-from ollamad.api.common import CTX, ApiError, AppContext, check_capable, dumps, read_json, reply, resolve, validate
+from ollamad.api.common import CTX, ApiError, AppContext, check_capable, read_json, reply, resolve, validate
 from ollamad.api.embedding import embed_texts, shorten
+from ollamad.api.relay import forward_sse
 from ollamad.models.catalog import Model
 from ollamad.models.options import Options
-from ollamad.runner.events import UpstreamError, error_of, sse_events
+from ollamad.runner.events import error_of
 
 # OpenAI parameter names that llama-server takes as they are, and Ollama's names for the rest
 _OLLAMA_TO_OPENAI = {"num_predict": "max_tokens"}
@@ -85,18 +86,7 @@ async def _forward(request: web.Request, ctx: AppContext, model: Model, name: st
             body["model"] = name
             body["system_fingerprint"] = "fp_ollama"
             return reply(body)
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-        await resp.prepare(request)
-        try:
-            async for event in sse_events(up):
-                event["model"] = name
-                event["system_fingerprint"] = "fp_ollama"
-                await resp.write(b"data: " + dumps(event) + b"\n")
-        except UpstreamError as e:
-            err = {"error": {"message": e.message, "type": "api_error", "param": None, "code": None}}
-            await resp.write(b"data: " + dumps(err) + b"\n")
-        await resp.write(b"data: [DONE]\n\n")
-        return resp
+        return await forward_sse(request, lease, up, name)
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
