@@ -23,7 +23,7 @@ from typing import Any
 from aiohttp import web
 
 state: dict[str, Any] = {"ready": False, "in_flight": 0, "peak": 0, "total": 0, "hang": False, "prompts": [],
-                         "dropped": 0}
+                         "dropped": 0, "streamed": []}
 served_on: set[int] = set()  # connections (their handlers' ids) that carried a completion
 
 
@@ -113,6 +113,7 @@ async def stream_tokens(request: web.Request, chat: bool) -> web.StreamResponse:
     state["peak"] = max(state["peak"], state["in_flight"])
     msgs = body.get("messages") or [{}]
     state["prompts"].append(body.get("prompt", msgs[-1].get("content")))
+    state["streamed"].append(bool(body.get("stream", False)))
     t0 = time.monotonic()
     # the fields llama-server puts in every chat chunk, in its order
     head = {"created": int(time.time()), "id": f"chatcmpl-{state['total']}", "model": ARGS.model,
