@@ -15,6 +15,7 @@ import asyncio
 import json
 import platform
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -43,6 +44,7 @@ from benchlib import (
     stream_ollama,
     text_seeds,
 )
+from benchpeers import peers, render_peers, swap_router
 
 from ollamad.models.testmodels import BIG, SMALL, write_llama
 from ollamad.runner.binary import find_llama_server
@@ -162,35 +164,61 @@ RELAY_FAMILIES = (("generate", True), ("chat", True), ("v1chat", True),
                   ("generate", False), ("chat", False), ("v1chat", False))
 
 
-async def relay(binary: Path, mdir: Path, tmp: Path, quick: bool) -> dict[str, Any]:
-    """The daemon's own CPU per relayed token, per route family, with an instant fake llama-server.
+BEFORE = "011f24f"  # the relay before issue 15
 
-    Rounds go over the families in turn (twice), so a machine busy with something else for a while
-    weighs on all of them alike; the daemon's CPU time is read before and after each batch.
+
+def source_at(commit: str, tmp: Path) -> Path:
+    """The ``ollamad`` package as it was at ``commit``, in a folder of its own."""
+    dest = tmp / f"src-{commit}"
+    if not dest.exists():
+        dest.mkdir()
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", commit, "ollamad"], check=True,
+                                 capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return dest
+
+
+async def relay(binary: Path, mdir: Path, tmp: Path, quick: bool) -> dict[str, Any]:
+    """The daemon's own CPU per relayed token, per route family, with an instant fake llama-server,
+    for this version and the one before issue 15 side by side.
+
+    Rounds go over the families in turn (twice), each on both versions one after the other (which
+    goes first alternates), so a machine busy with something else for a while weighs on both alike;
+    a daemon's CPU time is read before and after each batch.
     """
     fake = fake_binary(tmp)
     n, tok = (160 if quick else 800), 64
     out: dict[str, Any] = {"tokens_per_request": tok}
-    async with ollamad(fake, only(mdir, "a"), tmp, OLLAMA_NUM_PARALLEL="4", FAKE_TOKENS=str(tok)) as d:
-        cpu: dict[str, float] = {}
-        runs: dict[str, Run] = {}
-        for route, stream in RELAY_FAMILIES:  # warm-up: every code path once
-            await run_clients(1, 1, lambda s, c, i, r=route, st=stream: ask(s, d.url, r, "a", "x", tok, 1, st))
-        for _ in range(2):
-            for route, stream in RELAY_FAMILIES:
+    before: dict[str, Any] = {"commit": BEFORE, "tokens_per_request": tok}
+    env = {"OLLAMA_NUM_PARALLEL": "4", "FAKE_TOKENS": str(tok)}
+    async with (ollamad(fake, only(mdir, "a"), tmp, **env) as d,
+                ollamad(fake, only(mdir, "a"), tmp, src=source_at(BEFORE, tmp), **env) as old):
+        cpu: dict[tuple[str, str], float] = {}
+        runs: dict[tuple[str, str], Run] = {}
+        for daemon in (d, old):
+            for route, stream in RELAY_FAMILIES:  # warm-up: every code path once
+                await run_clients(1, 1, lambda s, c, i, r=route, st=stream, u=daemon.url: ask(s, u, r, "a", "x", tok,
+                                                                                               1, st))
+        for rnd in range(2):
+            for k, (route, stream) in enumerate(RELAY_FAMILIES):
                 key = f"{route}_{'stream' if stream else 'whole'}"
-                cpu0 = cpu_seconds(d.pid)
-                run = await run_clients(4, n // 8, lambda s, c, i, r=route, st=stream: ask(s, d.url, r, "a", "x",
-                                                                                           tok, 1, st))
-                cpu[key] = cpu.get(key, 0.0) + cpu_seconds(d.pid) - cpu0
-                runs.setdefault(key, Run()).add(run)
-        for key, run in runs.items():
+                for which, daemon in ((("after", d), ("before", old)) if (rnd + k) % 2 == 0
+                                      else (("before", old), ("after", d))):
+                    cpu0 = cpu_seconds(daemon.pid)
+                    run = await run_clients(4, n // 8, lambda s, c, i, r=route, st=stream, u=daemon.url: ask(
+                        s, u, r, "a", "x", tok, 1, st))
+                    cpu[(which, key)] = cpu.get((which, key), 0.0) + cpu_seconds(daemon.pid) - cpu0
+                    runs.setdefault((which, key), Run()).add(run)
+        for (which, key), run in runs.items():
             tokens = sum(r.tokens for r in run.ok)
-            out[key] = {"requests": len(run.results), "ok": len(run.ok), "tokens": tokens,
-                        "requests_per_s": len(run.ok) / run.wall, "daemon_cpu_s": cpu[key],
-                        "daemon_cpu_us_per_token": 1e6 * cpu[key] / max(tokens, 1),
-                        "daemon_cpu_us_per_request": 1e6 * cpu[key] / max(len(run.ok), 1)}
+            used = cpu[(which, key)]
+            (out if which == "after" else before)[key] = {
+                "requests": len(run.results), "ok": len(run.ok), "tokens": tokens,
+                "requests_per_s": len(run.ok) / run.wall, "daemon_cpu_s": used,
+                "daemon_cpu_us_per_token": 1e6 * used / max(tokens, 1),
+                "daemon_cpu_us_per_request": 1e6 * used / max(len(run.ok), 1)}
         out.update(await _first_chunk_latency(d.url, mdir / "a.gguf", 100 if quick else 400))
+    out["before"] = before
     return out
 
 
@@ -312,7 +340,7 @@ async def coldstart(binary: Path, mdir: Path, tmp: Path, quick: bool) -> dict[st
 
 
 BENCHES = {"overhead": overhead, "scaling": scaling, "relay": relay, "queue": queue, "swap": swap,
-           "coldstart": coldstart}
+           "coldstart": coldstart, "peers": peers, "swap_router": swap_router}
 
 
 def render(res: dict[str, Any], meta: dict[str, Any]) -> str:
@@ -355,11 +383,24 @@ def render(res: dict[str, Any], meta: dict[str, Any]) -> str:
         lines += ["", f"4 vs 1: **{f(s['ratio_4_vs_1'], 2)}x** (target >= 2x)", ""]
     if "relay" in res:
         r = res["relay"]
-        lines += ["## 3. Pure relay cost (fake llama-server answering instantly, 64 chunks per request)", "",
-                  f"- {r['requests']} requests at {f(r['requests_per_s'])} requests/s",
-                  f"- daemon CPU: {f(r['daemon_cpu_us_per_chunk'])} µs per streamed chunk, "
-                  f"{f(r['daemon_cpu_us_per_request'], 0)} µs per request",
-                  f"- time to the first chunk, one-token requests in turn ({r['first_chunk_requests']} each): "
+        before = r.get("before", {})
+        lines += [f"## 3. Pure relay cost (fake llama-server answering instantly, {r['tokens_per_request']} tokens "
+                  "per request)", "",
+                  "Daemon CPU (user + system) per relayed token, per route family; 4 clients, rounds over the "
+                  "families in turn, each on this version and on the relay as it was (commit 011f24f, *before*), "
+                  "run side by side in the same rounds. Issue 15's target: at most a third of the "
+                  "85.8 µs per streamed chunk this section showed before, i.e. <= 28.6 µs.", "",
+                  "| route | stream | requests/s | µs per token, before | µs per token | µs per request |",
+                  "|---|---|---|---|---|---|"]
+        for key, v in r.items():
+            if not isinstance(v, dict) or key == "before":
+                continue
+            route, mode = key.rsplit("_", 1)
+            was = before.get(key, {}).get("daemon_cpu_us_per_token")
+            lines.append(f"| {route} | {mode == 'stream'} | {f(v['requests_per_s'])} | "
+                         f"{f(was) if was is not None else '-'} | **{f(v['daemon_cpu_us_per_token'])}** | "
+                         f"{f(v['daemon_cpu_us_per_request'], 0)} |")
+        lines += ["", f"- time to the first chunk, one-token requests in turn ({r['first_chunk_requests']} each): "
                   f"fake alone {f(r['first_chunk_direct_p50_ms'], 2)} ms, through ollamad "
                   f"{f(r['first_chunk_ollamad_p50_ms'], 2)} ms (p50); added, paired median: "
                   f"**{f(r['first_chunk_added_paired_median_ms'], 2)} ms**", ""]
@@ -396,6 +437,7 @@ def render(res: dict[str, Any], meta: dict[str, Any]) -> str:
                   f"- added over llama-server's time to healthy: **{f(c['added_ms'], 0)} ms** (target <= 100 ms)",
                   f"- added over llama-server's own first token: {f(c['added_vs_first_token_ms'], 0)} ms "
                   "(what ollamad itself costs)", ""]
+    lines += render_peers(res)
     lines += ["## Found and fixed while measuring", "",
               "- **A lost request.** llama-server closes a connection after a streamed reply without a "
               "`Connection: close`; a request sent on it in the moment after a stream ended failed with "

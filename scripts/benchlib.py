@@ -84,14 +84,15 @@ async def spawned(argv: list[str], port: int, log: Path | None, ready_path: str,
 
 
 @contextlib.asynccontextmanager
-async def ollamad(binary: Path, models: Path, logdir: Path, **env: str) -> AsyncIterator[Proc]:
+async def ollamad(binary: Path, models: Path, logdir: Path, src: Path | None = None, **env: str) -> AsyncIterator[Proc]:
+    """``ollamad serve`` on a free port; ``src``: a folder holding another version's ``ollamad`` package."""
     port = free_port()
     e = {k: v for k, v in os.environ.items() if not k.startswith(("OLLAMA_", "OLLAMAD_"))}
     e.update({"OLLAMA_HOST": f"127.0.0.1:{port}", "OLLAMA_MODELS": str(models), "OLLAMAD_LLAMA_SERVER": str(binary),
               "OLLAMAD_RUNNER_ENV_PASS": "FAKE_*"})
     e.update(env)
     argv = [sys.executable, "-m", "ollamad.cli", "serve"]
-    async with spawned(argv, port, logdir / f"ollamad-{port}.log", "/", env=e) as proc:
+    async with spawned(argv, port, logdir / f"ollamad-{port}.log", "/", env=e, cwd=src or ROOT) as proc:
         if not os.environ.get("BENCH_PYSPY"):
             yield proc
             return
@@ -285,8 +286,8 @@ async def ask(s: aiohttp.ClientSession, url: str, route: str, model: str, prompt
 
 def _body(route: str, model: str, prompt: str, n: int, seed: int, stream: bool) -> tuple[str, dict[str, Any]]:
     messages = [{"role": "user", "content": prompt}]
-    if route == "generate":
-        return "/api/generate", {"model": model, "prompt": prompt, "stream": stream,
+    if route == "generate":  # raw: the same prompt as /completion gets (no template)
+        return "/api/generate", {"model": model, "prompt": prompt, "stream": stream, "raw": True,
                                  "options": {"num_predict": n, "seed": seed}}
     if route == "chat":
         return "/api/chat", {"model": model, "messages": messages, "stream": stream,
@@ -296,7 +297,8 @@ def _body(route: str, model: str, prompt: str, n: int, seed: int, stream: bool) 
         if stream:
             body["stream_options"] = {"include_usage": True}
         return "/v1/chat/completions", body
-    return "/completion", {"prompt": prompt, "n_predict": n, "seed": seed, "stream": stream, "cache_prompt": True}
+    return "/completion", {"model": model, "prompt": prompt, "n_predict": n, "seed": seed, "stream": stream,
+                           "cache_prompt": True}
 
 
 def _tokens(obj: dict[str, Any]) -> int:
