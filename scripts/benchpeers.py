@@ -40,19 +40,22 @@ async def peers(binary: Path, mdir: Path, tmp: Path, quick: bool) -> dict[str, A
         print(f"[bench] peers: {REAL} missing (scripts/real_models.py fetches it); real-model rows skipped",
               flush=True)
     for label, path in models.items():
-        out[label] = await _peers(binary, path, tmp, 2 if quick else 4)
+        out[label] = await _peers(binary, path, tmp, 1 if quick else 2)
         out[label]["model"] = path.name
     return out
+
+
+THREADS = 1  # the same for all three: with 2 cores shared, llama-server's threads stall on each other
 
 
 async def _peers(binary: Path, model: Path, tmp: Path, rounds: int) -> dict[str, Any]:
     np_, ctx, clients, per_client, n = 4, 2048, 4, 1, 96
     mfolder = folder(m=model)
     runs: dict[tuple[str, bool, str], Run] = {}
-    async with (bare_server(binary, model, tmp, np_, ctx) as srv,
+    async with (bare_server(binary, model, tmp, np_, ctx, THREADS) as srv,
                 ollamad(binary, mfolder, tmp, OLLAMA_NUM_PARALLEL=str(np_), OLLAMA_CONTEXT_LENGTH=str(ctx),
-                        OLLAMA_KEEP_ALIVE="1h") as d,
-                router(binary, mfolder, tmp, np_, ctx) as rt):
+                        OLLAMA_KEEP_ALIVE="1h", OLLAMAD_THREADS=str(THREADS)) as d,
+                router(binary, mfolder, tmp, np_, ctx, threads=THREADS) as rt):
         urls = {"direct": srv.url, "ollamad": d.url, "router": rt.url}
 
         def call(path: str, route: str, stream: bool, rnd: int) -> Any:
@@ -81,7 +84,7 @@ async def _peers(binary: Path, model: Path, tmp: Path, rounds: int) -> dict[str,
         row["router_ratio"] = row["router"]["tokens_per_s"] / row["direct"]["tokens_per_s"]
         rows[f"{route}_{'stream' if stream else 'whole'}"] = row
     return {"rows": rows, "rounds": rounds, "clients": clients, "slots": np_, "ctx_per_slot": ctx,
-            "tokens_per_request": n}
+            "tokens_per_request": n, "threads": THREADS}
 
 
 async def swap_router(binary: Path, mdir: Path, tmp: Path, quick: bool) -> dict[str, Any]:
@@ -122,9 +125,11 @@ def render_peers(res: dict[str, Any]) -> list[str]:
         lines += ["## 7. Peers: llama-server alone, ollamad, llama.cpp's router mode", "",
                   "The same requests (same prompt, seeds and 96-token limit; 4 slots of 2048 context, 4 clients) "
                   "straight to llama-server, through ollamad and through llama-server's own multi-model proxy "
-                  "(`--models-dir DIR --models-max 1`, same binary). Rounds interleave the three paths. Straight "
-                  "and through the router, /api/chat goes as the /v1/chat/completions request it becomes and "
-                  "/api/generate (raw) as /completion. Targets: ollamad >= 0.98 x direct and >= the router's ratio.",
+                  "(`--models-dir DIR --models-max 1`, same binary), each llama-server on one thread (on 2 "
+                  "shared cores, llama-server's threads stall on each other when others run). Rounds interleave "
+                  "the three paths. Straight and through the router, /api/chat goes as the "
+                  "/v1/chat/completions request it becomes and /api/generate (raw) as /completion. "
+                  "Targets: ollamad >= 0.98 x direct and >= the router's ratio.",
                   ""]
         for label, v in res["peers"].items():
             lines += [f"**{label}** (`{v['model']}`, {v['rounds']} rounds)", "",
