@@ -474,7 +474,7 @@ async def main() -> None:
     ap.add_argument("--render", action="store_true", help="only rewrite BENCHMARKS.md from benchmarks.json")
     args = ap.parse_args()
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    await asyncio.to_thread(out.mkdir, parents=True, exist_ok=True)
     if args.render:
         saved = json.loads((out / "benchmarks.json").read_text())
         (out / "BENCHMARKS.md").write_text(render(saved["results"], saved["meta"]) + "\n")
