@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
 import shutil
 import subprocess
@@ -349,6 +350,12 @@ def render(res: dict[str, Any], meta: dict[str, Any]) -> str:
 
     lines = ["# Benchmarks", "", f"Measured {meta['date']} on {meta['machine']} ({meta['cpus']} CPUs), "
              f"llama-server {meta['llama_server']}; `{meta['command']}` took {f(meta['seconds'], 0)} s.",
+             *([f"Load average (1 min) at the start and the end: {f(meta['load_average_start_end'][0])} and "
+                f"{f(meta['load_average_start_end'][1])} (other work on the machine)."]
+               if meta.get("load_average_start_end") else []),
+             *([f"Sections {', '.join(meta['earlier']['kept'])} are from the run of {meta['earlier']['date']} "
+                f"(`{meta['earlier']['command']}`, {f(meta['earlier']['seconds'], 0)} s); the rest was measured "
+                "in this one."] if meta.get("earlier") else []),
              "Every figure is a ratio or a pair measured in the same run. Generated models with random "
              "weights (big: 360 MB f32 llama, small: 10 MB).", ""]
     if "overhead" in res:
@@ -472,6 +479,8 @@ async def main() -> None:
     ap.add_argument("--only", default=",".join(BENCHES))
     ap.add_argument("--out", default=str(ROOT))
     ap.add_argument("--render", action="store_true", help="only rewrite BENCHMARKS.md from benchmarks.json")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the other benchmarks' results from benchmarks.json (marked as from that run)")
     args = ap.parse_args()
     out = Path(args.out)
     await asyncio.to_thread(out.mkdir, parents=True, exist_ok=True)
@@ -484,6 +493,7 @@ async def main() -> None:
     mdir = models(args.quick)
     tmp = Path(tempfile.mkdtemp(prefix="ollamad-bench-"))
     t0 = time.monotonic()
+    load0 = os.getloadavg()[0]
     results: dict[str, Any] = {}
     for name in args.only.split(","):
         t = time.monotonic()
@@ -493,7 +503,14 @@ async def main() -> None:
     version = (binary.parent.parent / "VERSION")
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": platform.machine(), "cpus": __import__("os").cpu_count(),
             "llama_server": version.read_text().split("\n")[0] if version.exists() else str(binary),
-            "command": "scripts/bench.py" + (" --quick" if args.quick else ""), "seconds": time.monotonic() - t0}
+            "command": "scripts/bench.py" + (" --quick" if args.quick else ""), "seconds": time.monotonic() - t0,
+            "load_average_start_end": [load0, os.getloadavg()[0]]}
+    if args.merge and (out / "benchmarks.json").exists():
+        saved = json.loads((out / "benchmarks.json").read_text())
+        earlier = saved["meta"].get("earlier", saved["meta"])
+        meta["earlier"] = {**earlier, "kept": [k for k in saved["results"] if k not in results]}
+        meta["command"] += f" --only {args.only} --merge"
+        results = {**{k: v for k, v in saved["results"].items() if k not in results}, **results}
     (out / "benchmarks.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
     (out / "BENCHMARKS.md").write_text(render(results, meta) + "\n")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -142,7 +142,10 @@ def render_peers(res: dict[str, Any]) -> list[str]:
                              f"**{f(row['ollamad_ratio'], 3)}** | {f(row['router_ratio'], 3)} | "
                              f"{row['direct']['tokens']} / {row['ollamad']['tokens']} / {row['router']['tokens']}"
                              + (f" ({errs} errors)" if errs else "") + " |")
-            lines.append("")
+            spread = [row["router_ratio"] for row in v["rows"].values()]
+            lines += ["", f"The router's ratio ranges {f(min(spread), 2)} to {f(max(spread), 2)} over these rows, "
+                      "though it adds the same small proxy cost to each: differences between paths smaller than "
+                      "that spread are the machine's noise, not the path's cost.", ""]
     if "swap_router" in res:
         s = res["swap_router"]
         lines += ["## 8. Model swapping against the router (two 10 MB models, room for one, 8 closed-loop clients "
