@@ -84,15 +84,26 @@ async def spawned(argv: list[str], port: int, log: Path | None, ready_path: str,
 
 
 @contextlib.asynccontextmanager
-async def ollamad(binary: Path, models: Path, logdir: Path, **env: str) -> AsyncIterator[Proc]:
+async def ollamad(binary: Path, models: Path, logdir: Path, src: Path | None = None, **env: str) -> AsyncIterator[Proc]:
+    """``ollamad serve`` on a free port; ``src``: a folder holding another version's ``ollamad`` package."""
     port = free_port()
     e = {k: v for k, v in os.environ.items() if not k.startswith(("OLLAMA_", "OLLAMAD_"))}
     e.update({"OLLAMA_HOST": f"127.0.0.1:{port}", "OLLAMA_MODELS": str(models), "OLLAMAD_LLAMA_SERVER": str(binary),
               "OLLAMAD_RUNNER_ENV_PASS": "FAKE_*"})
     e.update(env)
-    async with spawned([sys.executable, "-m", "ollamad.cli", "serve"], port, logdir / f"ollamad-{port}.log", "/",
-                       env=e) as proc:
-        yield proc
+    argv = [sys.executable, "-m", "ollamad.cli", "serve"]
+    async with spawned(argv, port, logdir / f"ollamad-{port}.log", "/", env=e, cwd=src or ROOT) as proc:
+        if not os.environ.get("BENCH_PYSPY"):
+            yield proc
+            return
+        # profile the daemon: BENCH_PYSPY=out.txt (py-spy's collapsed stacks; py-spy in the venv)
+        spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "-r", "250", "-f", "raw",
+                                "-o", os.environ["BENCH_PYSPY"], "--pid", str(proc.pid)])
+        try:
+            yield proc
+        finally:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(30)
 
 
 @contextlib.asynccontextmanager
@@ -253,3 +264,93 @@ def rss(pid: int) -> int:
 
 def mean(values: list[float]) -> float:
     return statistics.fmean(values) if values else float("nan")
+
+
+# --- one request on any route family (the peer comparison and the relay micro-benchmark) ------
+ROUTES = ("generate", "chat", "v1chat", "completion")  # /api/generate, /api/chat, /v1/chat/completions, /completion
+
+
+async def ask(s: aiohttp.ClientSession, url: str, route: str, model: str, prompt: str, n: int, seed: int,
+              stream: bool) -> Result:
+    """One request; tokens are the server's own count (eval_count, usage, or timings).
+
+    A pooled connection that llama-server closed without notice (before any data) is retried.
+    """
+    for _ in range(3):
+        try:
+            return await _ask(s, url, route, model, prompt, n, seed, stream)
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+            continue
+    return await _ask(s, url, route, model, prompt, n, seed, stream)
+
+
+def _body(route: str, model: str, prompt: str, n: int, seed: int, stream: bool) -> tuple[str, dict[str, Any]]:
+    messages = [{"role": "user", "content": prompt}]
+    if route == "generate":  # raw: the same prompt as /completion gets (no template)
+        return "/api/generate", {"model": model, "prompt": prompt, "stream": stream, "raw": True,
+                                 "options": {"num_predict": n, "seed": seed}}
+    if route == "chat":
+        return "/api/chat", {"model": model, "messages": messages, "stream": stream,
+                             "options": {"num_predict": n, "seed": seed}}
+    if route == "v1chat":
+        body: dict[str, Any] = {"model": model, "messages": messages, "max_tokens": n, "seed": seed, "stream": stream}
+        if stream:
+            body["stream_options"] = {"include_usage": True}
+        return "/v1/chat/completions", body
+    return "/completion", {"model": model, "prompt": prompt, "n_predict": n, "seed": seed, "stream": stream,
+                           "cache_prompt": True}
+
+
+def _tokens(obj: dict[str, Any]) -> int:
+    if "eval_count" in obj:
+        return int(obj["eval_count"])
+    if obj.get("usage"):
+        return int(obj["usage"].get("completion_tokens", 0))
+    return int((obj.get("timings") or {}).get("predicted_n", 0))
+
+
+async def _ask(s: aiohttp.ClientSession, url: str, route: str, model: str, prompt: str, n: int, seed: int,
+               stream: bool) -> Result:
+    path, body = _body(route, model, prompt, n, seed, stream)
+    t0 = time.monotonic()
+    async with s.post(url + path, json=body) as r:
+        if r.status != 200:
+            return Result(0, time.monotonic() - t0, 0, r.status, seed=seed, error=(await r.text())[:300])
+        if not stream:
+            obj = await r.json(content_type=None)
+            t = time.monotonic() - t0
+            return Result(t, t, _tokens(obj), 200, obj.get("load_duration", 0) / 1e9, 1, seed)
+        ttft, chunks, tokens, wait = 0.0, 0, 0, 0.0
+        sse = route in ("v1chat", "completion")
+        async for line in r.content:
+            if sse:
+                if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+                    continue
+                line = line[6:]
+            elif not line.strip():
+                continue
+            obj = json.loads(line)
+            if "error" in obj:
+                return Result(ttft, time.monotonic() - t0, 0, 500, seed=seed, error=str(obj["error"])[:300])
+            choices = obj.get("choices") or [{}]
+            content = obj.get("response") or obj.get("content") or (obj.get("message") or {}).get("content") \
+                or (choices[0].get("delta") or {}).get("content")
+            if content:
+                chunks += 1
+                ttft = ttft or time.monotonic() - t0
+            if obj.get("done") or obj.get("usage") or obj.get("stop"):
+                tokens = _tokens(obj)
+                wait = obj.get("load_duration", 0) / 1e9
+    return Result(ttft, time.monotonic() - t0, tokens, 200, wait, chunks, seed)
+
+
+@contextlib.asynccontextmanager
+async def router(binary: Path, models: Path, logdir: Path, parallel: int, ctx: int,
+                 models_max: int = 1, threads: int = 0) -> AsyncIterator[Proc]:
+    """llama.cpp's own multi-model proxy (router mode), same binary: each DIR/NAME.gguf is model NAME."""
+    port = free_port()
+    argv = [str(binary), "--models-dir", str(models), "--models-max", str(models_max), "--host", "127.0.0.1",
+            "--port", str(port), "--parallel", str(parallel), "--ctx-size", str(parallel * ctx), "--no-webui",
+            "--fit", "off", "--flash-attn", "off"] + (["--threads", str(threads)] if threads else [])
+    async with spawned(argv, port, logdir / f"router-{port}.log", "/health", start_new_session=True) as proc:
+        yield proc

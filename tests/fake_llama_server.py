@@ -31,7 +31,7 @@ from typing import Any
 from aiohttp import web
 
 state: dict[str, Any] = {"ready": False, "in_flight": 0, "peak": 0, "total": 0, "hang": False, "prompts": [],
-                         "dropped": 0}
+                         "dropped": 0, "streamed": []}
 served_on: set[int] = set()  # connections (their handlers' ids) that carried a completion
 
 
@@ -127,7 +127,11 @@ async def stream_tokens(request: web.Request, chat: bool) -> web.StreamResponse:
     state["peak"] = max(state["peak"], state["in_flight"])
     msgs = body.get("messages") or [{}]
     state["prompts"].append(body.get("prompt", msgs[-1].get("content")))
+    state["streamed"].append(bool(body.get("stream", False)))
     t0 = time.monotonic()
+    # the fields llama-server puts in every chat chunk, in its order
+    head = {"created": int(time.time()), "id": f"chatcmpl-{state['total']}", "model": ARGS.model,
+            "system_fingerprint": "b1-fake", "object": "chat.completion.chunk"}
     try:
         stream = body.get("stream", False)
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
@@ -145,24 +149,30 @@ async def stream_tokens(request: web.Request, chat: bool) -> web.StreamResponse:
             tok = f"t{i} ".ljust(int(os.environ.get("FAKE_TOKEN_BYTES", 0)), "x")
             text.append(tok)
             if stream:
-                ev = ({"choices": [{"index": 0, "delta": {"content": tok}, "finish_reason": None}]}
-                      if chat else {"content": tok, "stop": False})
-                await resp.write(b"data: " + json.dumps(ev).encode() + b"\n\n")
+                ev = ({"choices": [{"finish_reason": None, "index": 0, "delta": {"content": tok}}], **head}
+                      if chat else {"index": 0, "content": tok, "tokens": [], "stop": False, "id_slot": -1,
+                                    "tokens_predicted": i + 1, "tokens_evaluated": 3})
+                await resp.write(b"data: " + json.dumps(ev, separators=(",", ":")).encode() + b"\n\n")
         ms = (time.monotonic() - t0) * 1000
         timings = {"prompt_n": 3, "prompt_ms": 1.0, "predicted_n": n, "predicted_ms": ms}
+        usage = {"completion_tokens": n, "prompt_tokens": 3, "total_tokens": n + 3}
+        if chat and not stream:  # one chat.completion object, as llama-server answers
+            return web.json_response({
+                "choices": [{"finish_reason": "length", "index": 0,
+                             "message": {"role": "assistant", "content": "".join(text)}}],
+                **{**head, "object": "chat.completion"}, "usage": usage, "timings": timings})
         if chat:
-            final = {"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}], "timings": timings}
-            usage = {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": n}}
-            events = [final, usage]
+            final = {"choices": [{"finish_reason": "length", "index": 0, "delta": {}}], **head}
+            events = [final, {"choices": [], **head, "usage": usage, "timings": timings}]
         else:
             events = [{"content": "" if stream else "".join(text), "stop": True, "stop_type": "limit",
-                       "timings": timings, "tokens_evaluated": 3, "tokens_predicted": n}]
+                       "model": ARGS.model, "timings": timings, "tokens_evaluated": 3, "tokens_predicted": n}]
             if os.environ.get("FAKE_FINAL_PAD"):  # llama-server's final event echoes the prompt
                 events[0]["prompt"] = "p" * int(os.environ["FAKE_FINAL_PAD"])
         if not stream:
             return web.json_response(events[0])
         for ev in events:
-            await resp.write(b"data: " + json.dumps(ev).encode() + b"\n\n")
+            await resp.write(b"data: " + json.dumps(ev, separators=(",", ":")).encode() + b"\n\n")
         if chat:
             await resp.write(b"data: [DONE]\n\n")
         return resp
@@ -192,7 +202,8 @@ async def main() -> None:
     app.router.add_post("/apply-template", apply_template)
     app.router.add_post("/completion", completion)
     app.router.add_post("/v1/chat/completions", chat)
-    runner = web.AppRunner(app, access_log=None)
+    # as llama-server, a request whose client goes away is stopped, streamed or not
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
     await runner.setup()
     await web.TCPSite(runner, ARGS.host, ARGS.port).start()
     only = os.environ.get("FAKE_START_DELAY_FOR")

@@ -12,11 +12,9 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, V
 
 from ollamad.api.common import (
     CTX,
-    CUT_BY_SHUTDOWN,
     ApiError,
     AppContext,
     check_capable,
-    cuttable,
     dumps,
     read_json,
     reply,
@@ -26,11 +24,11 @@ from ollamad.api.common import (
 )
 from ollamad.api.embedding import check_count, shorten, stream_embeddings
 from ollamad.api.limits import check_prompt, check_schemas, openai_texts
-from ollamad.api.reqlog import record_of
+from ollamad.api.relay import forward_sse
 from ollamad.api.translate import check_tools
 from ollamad.models.catalog import Model
 from ollamad.models.options import Options
-from ollamad.runner.events import UpstreamError, error_of, sse_events
+from ollamad.runner.events import error_of
 
 # OpenAI parameter names that llama-server takes as they are, and Ollama's names for the rest
 _OLLAMA_TO_OPENAI = {"num_predict": "max_tokens"}
@@ -101,25 +99,7 @@ async def _forward(request: web.Request, ctx: AppContext, model: Model, name: st
             body["model"] = name
             body["system_fingerprint"] = "fp_ollama"
             return reply(body)
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-        await resp.prepare(request)
-        message = None
-        with cuttable(ctx) as scope:
-            try:
-                async for event in sse_events(up):
-                    event["model"] = name
-                    event["system_fingerprint"] = "fp_ollama"
-                    await resp.write(b"data: " + dumps(event) + b"\n")
-            except UpstreamError as e:
-                message = e.message
-        if scope.cancelled_caught:  # the drain timeout ran out
-            record_of(request).cut = "drain timeout"
-            message = CUT_BY_SHUTDOWN
-        if message is not None:
-            err = {"error": {"message": message, "type": "api_error", "param": None, "code": None}}
-            await resp.write(b"data: " + dumps(err) + b"\n")
-        await resp.write(b"data: [DONE]\n\n")
-        return resp
+        return await forward_sse(request, ctx, lease, up, name)
 
 
 def _check_costs(ctx: AppContext, body: dict[str, Any], texts: Iterable[str]) -> None:

@@ -1,0 +1,251 @@
+"""The relay's fast paths (issue 15): /v1 SSE passed through with only the model field changed,
+batched reads, stream:false gathered without per-token writes, and a client that goes away
+cancelling upstream."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ollamad.api.relay import ChatShape, GenerateShape, ModelField, TemplatedChatShape
+from ollamad.models.testmodels import write_all, write_llama
+from ollamad.runner.events import UpstreamError, sse_blocks, sse_data
+from tests.conftest import Daemon, fake_with
+from tests.streams import busy_slots, child_get, runners, wait_for
+
+LLAMA_CHUNK = (b'{"choices":[{"finish_reason":null,"index":0,"delta":{"content":%s}}],"created":1795526322,'
+               b'"id":"chatcmpl-x","model":"/m/SmolLM2.gguf","system_fingerprint":"b1-0c1e570",'
+               b'"object":"chat.completion.chunk"}')
+
+
+def _events(raw: bytes) -> list[Any]:
+    out = []
+    for line in raw.split(b"\n"):
+        if line.startswith(b"data: "):
+            out.append(line[6:] if line[6:] == b"[DONE]" else json.loads(line[6:]))
+        else:
+            assert not line.strip(), line
+    return out
+
+
+# --- pure: the pieces -------------------------------------------------------------------
+def test_model_field_changes_only_the_model_and_fingerprint() -> None:
+    tricky = json.dumps('he said "model":"x","system_fingerprint":"y" data: {').encode()
+    block = b"".join(b"data: " + LLAMA_CHUNK % c + b"\n\n" for c in (b'"Hi"', tricky, b'null'))
+    field = ModelField('my/mo"del:latest')
+    out = field(block) + field(b"data: " + LLAMA_CHUNK % b'"!"' + b"\n\ndata: [DONE]\n\n")
+    events = _events(out)
+    assert events[-1] == b"[DONE]"
+    assert [e["choices"][0]["delta"]["content"] for e in events[:-1]] == ["Hi", json.loads(tricky), None, "!"]
+    for e in events[:-1]:
+        assert e["model"] == 'my/mo"del:latest' and e["system_fingerprint"] == "fp_ollama"
+        assert e["id"] == "chatcmpl-x" and e["object"] == "chat.completion.chunk"
+    # byte for byte llama-server's otherwise
+    assert out.replace(b'"model":"my/mo\\"del:latest","system_fingerprint":"fp_ollama"',
+                       b'"model":"/m/SmolLM2.gguf","system_fingerprint":"b1-0c1e570"') == \
+        block + b"data: " + LLAMA_CHUNK % b'"!"' + b"\n\ndata: [DONE]\n\n"
+
+
+def test_model_field_rebuilds_events_it_cannot_patch_and_leaves_others() -> None:
+    field = ModelField("m")
+    spaced = b'data: {"choices": [], "model": "/path", "system_fingerprint": "b1"}\n\n'
+    assert _events(field(spaced)) == [{"choices": [], "model": "m", "system_fingerprint": "fp_ollama"}]
+    plain = ModelField("m")
+    err = b'data: {"error":{"code":500,"message":"boom"}}\n\n'
+    assert plain(err) == err  # nothing to rename: passed on as it is
+
+
+class _Content:
+    def __init__(self, parts: list[bytes], fail: Exception | None = None) -> None:
+        self.parts, self.fail = parts, fail
+
+    async def iter_any(self) -> AsyncIterator[bytes]:
+        for p in self.parts:
+            yield p
+        if self.fail is not None:
+            raise self.fail
+
+
+class _Resp:
+    def __init__(self, parts: list[bytes], fail: Exception | None = None) -> None:
+        self.content = _Content(parts, fail)
+
+
+async def test_events_arrive_whole_and_in_batches_whatever_the_reads() -> None:
+    stream = b'data: {"content":"a"}\n\ndata: {"content":"b"}\n\ndata: {"content":"c","stop":true}\n\ndata: [DONE]\n\n'
+    for cuts in ([len(stream)], [3, 30, 31, 50], list(range(1, len(stream)))):
+        parts = [stream[i:j] for i, j in zip([0, *cuts], [*cuts, len(stream)], strict=True) if stream[i:j]]
+        blocks = [b async for b in sse_blocks(_Resp(parts))]  # type: ignore[arg-type]
+        assert b"".join(blocks) == stream and all(b.endswith(b"\n\n") for b in blocks)
+        batches = [b async for b in sse_data(_Resp(parts))]  # type: ignore[arg-type]
+        assert [json.loads(d)["content"] for batch in batches for d in batch] == ["a", "b", "c"]
+    assert len([b async for b in sse_data(_Resp([stream]))]) == 1  # one read, one batch  # type: ignore[arg-type]
+
+
+async def test_a_cut_stream_and_an_error_line_raise() -> None:
+    import aiohttp
+
+    with pytest.raises(UpstreamError) as e:
+        async for _ in sse_data(_Resp([b'data: {"content":"a"}\n\n'],  # type: ignore[arg-type]
+                                      aiohttp.ClientPayloadError("cut"))):
+            pass
+    assert e.value.lost
+    with pytest.raises(UpstreamError) as e:
+        async for _ in sse_data(_Resp([b'error: {"code":500,"message":"no memory"}\n\n'])):  # type: ignore[arg-type]
+            pass
+    assert e.value.message == "no memory" and not e.value.lost
+
+
+def test_generate_and_chat_chunks() -> None:
+    g = GenerateShape("tiny")
+    assert g.piece(b'{"index":0,"content":"","stop":false}') is None
+    chunk = json.loads(g.piece(b'{"index":0,"content":"caf\xc3\xa9 \\"x\\"","tokens":[],"stop":false}') or b"")
+    assert list(chunk) == ["model", "created_at", "response", "done"]
+    assert chunk["response"] == 'café "x"' and chunk["done"] is False and chunk["created_at"].endswith("Z")
+    assert g.piece(b'{"content":"","stop":true,"stop_type":"eos","tokens_evaluated":5,'
+                   b'"timings":{"predicted_n":3,"predicted_ms":1.5,"prompt_n":4,"prompt_ms":2}}') is None
+    assert g.is_final()
+    final = g.final(10, 2)
+    assert final["done_reason"] == "stop" and final["eval_count"] == 3 and final["prompt_eval_count"] == 5
+    t = TemplatedChatShape("tiny")
+    assert json.loads(t.piece(b'{"content":"x"}') or b"")["message"] == {"role": "assistant", "content": "x"}
+    t.keep = True
+    for part in (b'{"content":"all "}', b'{"content":"of it"}', b'{"content":"","stop":true,"stop_type":"limit"}'):
+        assert t.piece(part) is None
+    whole = t.whole(10, 2)
+    assert list(whole)[:4] == ["model", "created_at", "message", "done"]
+    assert whole["message"]["content"] == "all of it" and whole["done_reason"] == "length"
+
+    c = ChatShape("chat")
+    think = json.loads(c.piece(b'{"choices":[{"delta":{"reasoning_content":"hm"}}]}') or b"")
+    assert think["message"] == {"role": "assistant", "content": "", "thinking": "hm"}
+    call = b'{"choices":[{"delta":{"tool_calls":[{"index":0,"function":{"name":"%s","arguments":"%s"}}]}}]}'
+    for part in (call % (b"get_", b'{\\"a\\"'), call % (b"time", b":1}"),
+                 b'{"choices":[{"delta":{},"finish_reason":"tool_calls"}]}',
+                 b'{"choices":[],"usage":{"prompt_tokens":7},"timings":{"predicted_n":2}}'):
+        assert c.piece(part) is None
+    final = c.final(10, 2)
+    assert final["message"]["tool_calls"] == [{"function": {"name": "get_time", "arguments": {"a": 1}}}]
+    assert final["prompt_eval_count"] == 7 and final["eval_count"] == 2
+    kept = ChatShape("chat")
+    kept.keep = True
+    for part in (b'{"choices":[{"delta":{"reasoning_content":"m"}}]}', b'{"choices":[{"delta":{"content":"hel"}}]}',
+                 b'{"choices":[{"delta":{"content":"lo","reasoning_content":"m"}}]}',
+                 b'{"choices":[{"delta":{},"finish_reason":"stop"}]}'):
+        assert kept.piece(part) is None
+    one = kept.whole(10, 2)
+    assert one["message"] == {"role": "assistant", "content": "hello", "thinking": "mm"}
+    assert one["done_reason"] == "stop" and one["done"] is True
+
+
+# --- through the daemon, fake llama-server -----------------------------------------------
+def test_stream_false_is_one_object(daemon_factory: Any, models_dir: Path, tmp_path: Path) -> None:
+    d = daemon_factory(fake_with(tmp_path), models_dir)
+    status, body = d.post("/api/generate", {"model": "tiny", "prompt": "hi", "stream": False,
+                                            "options": {"num_predict": 3}})
+    assert status == 200 and body["response"] == "t0 t1 t2 " and body["eval_count"] == 3 and body["done"]
+    status, body = d.post("/api/chat", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
+                                        "stream": False, "options": {"num_predict": 2}})
+    assert status == 200 and body["message"]["content"] == "t0 t1 " and body["done_reason"] == "length"
+    status, body = d.post("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}],
+                                                   "max_tokens": 2})
+    assert status == 200 and body["choices"][0]["message"]["content"] == "t0 t1 " and body["model"] == "tiny"
+    status, chunks = d.post("/api/generate", {"model": "tiny", "prompt": "hi", "options": {"num_predict": 2}})
+    assert [c["response"] for c in chunks] == ["t0 ", "t1 ", ""] and chunks[-1]["eval_count"] == 2
+    (child,) = runners(d)
+    # native replies are streamed from llama-server (so that a client going away stops it at once);
+    # an OpenAI request goes upstream as the client sent it
+    assert child_get(child, "/fake/stats")[1]["streamed"] == [True, True, False, True]
+
+
+def test_v1_stream_is_passed_through_with_the_clients_model_name(daemon_factory: Any, models_dir: Path,
+                                                                 tmp_path: Path) -> None:
+    d = daemon_factory(fake_with(tmp_path), models_dir)
+    status, raw = d.request("POST", "/v1/chat/completions", {
+        "model": "tiny:latest", "messages": [{"role": "user", "content": "x"}], "max_tokens": 5, "stream": True,
+        "stream_options": {"include_usage": True}})
+    events = _events(raw)
+    assert status == 200 and events[-1] == b"[DONE]" and events.count(b"[DONE]") == 1
+    assert all(e["model"] == "tiny:latest" and e["system_fingerprint"] == "fp_ollama" for e in events[:-1])
+    assert "".join(e["choices"][0]["delta"].get("content") or "" for e in events[:-2]) == "t0 t1 t2 t3 t4 "
+    assert events[-2]["usage"]["completion_tokens"] == 5 and raw.endswith(b"\n\ndata: [DONE]\n\n")
+
+
+def test_client_gone_cancels_a_stream_false_request(daemon_factory: Any, models_dir: Path, tmp_path: Path) -> None:
+    d = daemon_factory(fake_with(tmp_path, FAKE_TOKEN_DELAY="0.05"), models_dir)
+    assert d.post("/api/generate", {"model": "tiny", "prompt": "", "stream": False})[0] == 200  # loaded
+    (child,) = runners(d)
+    for path, body in (("/api/generate", {"model": "tiny", "prompt": "hi", "stream": False,
+                                          "options": {"num_predict": 1000}}),
+                       ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}],
+                                                 "max_tokens": 1000})):
+        conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=10)
+        conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+        wait_for(lambda: child_get(child, "/fake/stats")[1]["in_flight"] == 1)
+        conn.close()
+        wait_for(lambda: child_get(child, "/fake/stats")[1]["in_flight"] == 0, timeout=5, step=0.01)
+    assert child_get(child, "/fake/stats")[1]["total"] == 2  # the loading request sent nothing upstream
+
+
+# --- through the daemon, real llama-server -----------------------------------------------
+@pytest.fixture(scope="module")
+def relay_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("relay")
+    write_all(folder, ("tiny", "chat"))
+    write_llama(folder / "endless.gguf", name="endless", endless=True)
+    return folder
+
+
+def _text(d: Daemon, path: str, body: dict[str, Any]) -> str:
+    status, out = d.request("POST", path, body)
+    assert status == 200, out
+    if path.startswith("/v1"):
+        if not body.get("stream"):
+            return str(json.loads(out)["choices"][0]["message"]["content"])
+        return "".join(e["choices"][0]["delta"].get("content") or "" for e in _events(out)[:-1] if e["choices"])
+    lines = [json.loads(ln) for ln in out.splitlines() if ln.strip()]
+    key = "response" if path == "/api/generate" else "message"
+    return "".join(ln[key] if key == "response" else ln[key]["content"] for ln in lines)
+
+
+@pytest.mark.real
+def test_real_answers_are_the_same_streamed_or_not(daemon_factory: Any, llama_server: Path,
+                                                   relay_models: Path) -> None:
+    d = daemon_factory(llama_server, relay_models)
+    msgs = [{"role": "user", "content": "hello"}]
+    for path, body in (("/api/generate", {"model": "tiny", "prompt": "hi", "options": {"num_predict": 12, "seed": 5}}),
+                       ("/api/chat", {"model": "chat", "messages": msgs, "options": {"num_predict": 12, "seed": 5}}),
+                       ("/v1/chat/completions", {"model": "chat", "messages": msgs, "max_tokens": 12, "seed": 5,
+                                                 "stream_options": {"include_usage": True}})):
+        streamed = _text(d, path, {**body, "stream": True})
+        assert streamed and _text(d, path, {**body, "stream": False}) == streamed, path
+    status, raw = d.request("POST", "/v1/chat/completions", {"model": "chat:latest", "messages": msgs,
+                                                              "max_tokens": 4, "stream": True})
+    events = _events(raw)
+    assert status == 200 and events[-1] == b"[DONE]"
+    assert all(e["model"] == "chat:latest" and e["system_fingerprint"] == "fp_ollama" for e in events[:-1])
+
+
+@pytest.mark.real
+def test_real_client_gone_frees_the_slot_of_a_stream_false_request(daemon_factory: Any, llama_server: Path,
+                                                                   relay_models: Path) -> None:
+    d = daemon_factory(llama_server, relay_models, OLLAMA_NUM_PARALLEL="1")
+    long = {"num_predict": 100000, "num_ctx": 8192, "seed": 1}
+    assert d.post("/api/generate", {"model": "endless", "prompt": "", "options": long, "stream": False})[0] == 200
+    (child,) = runners(d)
+    msgs = [{"role": "user", "content": "x"}]
+    for path, body in (("/api/generate", {"model": "endless", "prompt": "hi", "options": long, "stream": False}),
+                       ("/api/chat", {"model": "endless", "messages": msgs, "options": long, "stream": False})):
+        conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=10)
+        conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+        wait_for(lambda: busy_slots(child) == 1)
+        time.sleep(0.2)  # generating, no byte sent to the client yet
+        conn.close()
+        wait_for(lambda: busy_slots(child) == 0, timeout=5, step=0.01)
+    assert runners(d) == [child]
