@@ -31,7 +31,7 @@ from typing import Any
 from aiohttp import web
 
 state: dict[str, Any] = {"ready": False, "in_flight": 0, "peak": 0, "total": 0, "hang": False, "prompts": [],
-                         "dropped": 0}
+                         "dropped": 0, "payloads": []}
 served_on: set[int] = set()  # connections (their handlers' ids) that carried a completion
 
 
@@ -103,6 +103,30 @@ async def apply_template(request: web.Request) -> web.Response:
     return web.json_response({"prompt": "".join(m.get("content", "") for m in body["messages"])})
 
 
+async def tokenize(request: web.Request) -> web.Response:
+    """One token per character (its code point): reversible, so a token prompt reads back as text."""
+    check_key(request)
+    body = await request.json()
+    return web.json_response({"tokens": [ord(c) for c in body.get("content", "")]})
+
+
+def prompt_text(body: dict[str, Any]) -> str:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list):
+        return "".join(chr(t) for t in prompt)
+    if isinstance(prompt, str):
+        return prompt
+    return "".join(str(m.get("content") or "") for m in body.get("messages") or [])
+
+
+def too_long(n: int) -> web.Response:
+    """llama-server's answer to a prompt of n tokens (characters here) that does not fit a slot."""
+    per = ARGS.ctx_size // ARGS.parallel
+    msg = f"request ({n} tokens) exceeds the available context size ({per} tokens), try increasing it"
+    return web.json_response({"error": {"code": 400, "message": msg, "type": "exceed_context_size_error",
+                                        "n_prompt_tokens": n, "n_ctx": per}}, status=400)
+
+
 async def stream_tokens(request: web.Request, chat: bool) -> web.StreamResponse:
     conn = id(request.protocol)
     if os.environ.get("FAKE_DROP_REUSED") and conn in served_on and request.transport is not None:
@@ -116,9 +140,11 @@ async def stream_tokens(request: web.Request, chat: bool) -> web.StreamResponse:
     if body.get("json_schema") is not None or body.get("response_format"):
         await asyncio.sleep(env_float("FAKE_SCHEMA_DELAY", 0.0))
     n = int(body.get("n_predict", body.get("max_tokens", os.environ.get("FAKE_TOKENS", 8))))
-    if n < 0:
+    if n < 0 or n >= 10 * (ARGS.ctx_size // ARGS.parallel):  # no limit (the daemon sends 10 x ctx)
         n = int(os.environ.get("FAKE_TOKENS", 8))
     n = min(n, ARGS.ctx_size // ARGS.parallel)  # as llama-server: a slot stops when its context is full
+    if len(prompt_text(body)) >= ARGS.ctx_size // ARGS.parallel:
+        return too_long(len(prompt_text(body)))
     delay = env_float("FAKE_TOKEN_DELAY", 0.0)
     crash_after = int(os.environ.get("FAKE_CRASH_AFTER_TOKENS", -1))
     hang_after = int(os.environ.get("FAKE_HANG_AFTER_TOKENS", -1))
@@ -126,7 +152,9 @@ async def stream_tokens(request: web.Request, chat: bool) -> web.StreamResponse:
     state["total"] += 1
     state["peak"] = max(state["peak"], state["in_flight"])
     msgs = body.get("messages") or [{}]
-    state["prompts"].append(body.get("prompt", msgs[-1].get("content")))
+    prompt = body.get("prompt", msgs[-1].get("content"))
+    state["prompts"].append(prompt_text({"prompt": prompt}) if isinstance(prompt, list) else prompt)
+    state["payloads"].append({k: v for k, v in body.items() if k not in ("prompt", "messages")})
     t0 = time.monotonic()
     try:
         stream = body.get("stream", False)
@@ -146,7 +174,7 @@ async def stream_tokens(request: web.Request, chat: bool) -> web.StreamResponse:
             text.append(tok)
             if stream:
                 ev = ({"choices": [{"index": 0, "delta": {"content": tok}, "finish_reason": None}]}
-                      if chat else {"content": tok, "stop": False})
+                      if chat else {"content": tok, "stop": False, "tokens": [ord(c) for c in tok]})
                 await resp.write(b"data: " + json.dumps(ev).encode() + b"\n\n")
         ms = (time.monotonic() - t0) * 1000
         timings = {"prompt_n": 3, "prompt_ms": 1.0, "predicted_n": n, "predicted_ms": ms}
@@ -190,6 +218,7 @@ async def main() -> None:
     app.router.add_get("/props", props)
     app.router.add_get("/slots", slots)
     app.router.add_post("/apply-template", apply_template)
+    app.router.add_post("/tokenize", tokenize)
     app.router.add_post("/completion", completion)
     app.router.add_post("/v1/chat/completions", chat)
     runner = web.AppRunner(app, access_log=None)

@@ -117,7 +117,7 @@ def test_shorten_renormalises() -> None:
 def test_openai_helpers() -> None:
     payload = upstream_payload({"model": "m", "messages": [], "temperature": 0.2, "max_completion_tokens": 9},
                                {"temperature": 0.7, "top_k": 5, "num_predict": 3, "nonsense": 1})
-    assert payload == {"temperature": 0.2, "top_k": 5, "max_tokens": 9, "messages": []}
+    assert payload == {"temperature": 0.2, "top_k": 5, "max_tokens": 9, "messages": [], "cache_prompt": True}
     raw = base64.b64decode(encode_base64([1.0, -2.5]))
     assert struct.unpack("<2f", raw) == (1.0, -2.5)
 
