@@ -187,7 +187,7 @@ class Catalog:
         tried: set[Path] = set()
         try:
             while todo := [m for m in self._models.values() if not self.digest(m) and m.path not in tried]:
-                for model in todo:
+                for model in sorted(todo, key=lambda m: m.size):  # small ones are listed whole soonest
                     tried.add(model.path)
                     with contextlib.suppress(OSError):  # unreadable now: listed without a digest
                         self._digests.put(model.path, hash_file(model.path))
