@@ -2,7 +2,8 @@
 
 Knobs (environment): FAKE_START_DELAY (s before /health is 200; only for models whose
 path contains FAKE_START_DELAY_FOR, when set), FAKE_TOKEN_DELAY (s per
-token), FAKE_TOKENS (default n_predict), FAKE_CRASH_AFTER_TOKENS (exit mid-stream),
+token), FAKE_TOKENS (n_predict when none is given, or the daemon's "no limit" of 10 x ctx),
+FAKE_CRASH_AFTER_TOKENS (exit mid-stream),
 FAKE_EXIT_AT_START (exit code at start-up), FAKE_HANG_AFTER_TOKENS (stop answering),
 FAKE_FINAL_PAD (a "prompt" of that many bytes in the final /completion event),
 FAKE_TOKEN_BYTES (each token that many bytes long),
@@ -10,7 +11,9 @@ FAKE_DROP_REUSED (close a kept-alive connection, unread, when a second completio
 it: what llama-server's unannounced closes look like to a client; counted as "dropped"),
 FAKE_SCHEMA_DELAY (s before answering a request with a JSON schema: grammar compilation).
 It counts requests in flight; GET /fake/stats reports the peak, so tests can check that the
-supervisor never sends more than --parallel at once.
+supervisor never sends more than --parallel at once, and the prompts and payloads it got.
+/tokenize makes one token per character (its code point); a prompt of as many characters as a
+slot's context is refused as llama-server refuses it (400, "exceeds the available context size").
 """
 
 from __future__ import annotations

@@ -147,8 +147,8 @@ def fake_daemon(daemon_factory: Any, fake_server: Path, tmp_path: Path) -> Daemo
     return daemon_factory(fake_server, folder, OLLAMA_CONTEXT_LENGTH="64")  # type: ignore[no-any-return]
 
 
-def fake_stats(d: Daemon) -> dict[str, Any]:
-    (child,) = runner_children(d)
+def fake_stats(d: Daemon, model: str = "tiny") -> dict[str, Any]:
+    (child,) = [c for c in runner_children(d) if c["model"].endswith(f"/{model}.gguf")]
     return child_get(child, "/fake/stats")  # type: ignore[no-any-return]
 
 
@@ -195,6 +195,12 @@ def test_long_prompts_are_cut_and_logged(fake_daemon: Daemon) -> None:
     status, body = d.post("/v1/chat/completions", {"model": "chat", "messages": msgs})
     assert status == 200, body
     assert d.log().count("truncating input messages") == 2  # /api/chat's and /v1's
+    # one message longer than the context: its rendering is cut like a prompt (num_keep + the end)
+    status, body = d.post("/api/chat", {"model": "chat", "stream": False,
+                                        "messages": [{"role": "user", "content": prompt}]})
+    assert status == 200 and body["message"]["role"] == "assistant", body
+    sent = fake_stats(d, "chat")["prompts"][-1]
+    assert sent.startswith("HEAD") and sent.endswith("TAIL") and len(sent) == 63
 
 
 def test_generate_context_is_returned_and_taken_back(fake_daemon: Daemon) -> None:
@@ -218,7 +224,7 @@ def test_tool_choice_naming_a_function_reaches_llama_server(fake_daemon: Daemon)
     status, _ = d.post("/v1/chat/completions", {**ask, "tool_choice": {"type": "function",
                                                                           "function": {"name": "get_time"}}})
     assert status == 200
-    sent = fake_stats(d)["payloads"][-1]
+    sent = fake_stats(d, "chat")["payloads"][-1]
     assert sent["tool_choice"] == "required" and [t["function"]["name"] for t in sent["tools"]] == ["get_time"]
     status, body = d.post("/v1/chat/completions", {**ask, "tool_choice": {"type": "function",
                                                                             "function": {"name": "nope"}}})
