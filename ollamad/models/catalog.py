@@ -98,8 +98,7 @@ class Catalog:
                     models[model.name] = model
         config = load_model_config(self.config_path)
         self._models, self._aliases = apply_config(models, config)
-        if any(self.digest(m) == "" for m in self._models.values()):
-            threading.Thread(target=self.hash_missing, name="ollamad-digests", daemon=True).start()
+        threading.Thread(target=self.warm, name="ollamad-warm", daemon=True).start()
         return self._models
 
     def _from_manifest(self, m: store.Manifest) -> Model | None:
@@ -179,6 +178,14 @@ class Catalog:
         background after a scan and kept, by path, size and mtime, across restarts.
         """
         return model.digest or self._digests.get(model.path)
+
+    def warm(self) -> None:
+        """Read every model's header and hash the files whose digest is unknown (a worker thread),
+        so that no request pays for either: /api/tags answers from what is known."""
+        for model in list(self._models.values()):
+            with contextlib.suppress(GGUFError, OSError):
+                self.facts(model)
+        self.hash_missing()
 
     def hash_missing(self) -> None:
         """sha256 every plain model file whose digest is not known yet (blocking: a worker thread)."""
