@@ -445,10 +445,6 @@ class Scheduler:
 
 
 async def _detached(fn: Callable[..., Any], *args: Any) -> None:
-    """Run a scheduler task without the log context of the request that happened to start it.
-
-    A task copies the context of the code that starts it: a runner started on behalf of one request
-    would log that request's ``request_id`` for the rest of its life (its loads, its llama-server lines).
-    """
+    """A scheduler task without the log context (``request_id``) of the request that started it."""
     structlog.contextvars.clear_contextvars()
     await fn(*args)
