@@ -105,6 +105,10 @@ def test_long_prompt_keeps_num_keep_and_the_end(daemon: Daemon) -> None:
     cut = log_lines(daemon, "truncating input prompt")[-1]
     assert cut["prompt"] > 1000 and cut["new"] == CTX - 1 and cut["keep"] == 4
     assert len(body["context"]) == CTX - 1 + body["eval_count"]
+    status, body = post(daemon, "/v1/completions", {"model": "smollm2", "prompt": prompt, "max_tokens": 8,
+                                                    "temperature": 0})
+    assert status == 200 and body["usage"]["prompt_tokens"] == CTX - 1, body
+    assert len(log_lines(daemon, "truncating input prompt")) == 2
 
 
 @pytest.mark.realmodel
