@@ -74,7 +74,7 @@ async def serve(settings: Settings, *, on_ready: Callable[[AppContext], None] | 
     binary = find_llama_server(settings.llama_server, settings.runners_dir)
     binary_version = await anyio.to_thread.run_sync(check_runs, binary, child_environment(settings.runner_env_pass))
     await anyio.to_thread.run_sync(ensure_default_models, settings)
-    catalog = Catalog(settings.models, settings.model_settings)
+    catalog = Catalog(settings.models, settings.model_settings, settings.state_dir / "digests.json")
     catalog.scan()  # a bad per-model settings file stops start-up with its message
     probe = MemoryProbe(await anyio.to_thread.run_sync(load_nvml))
     accountant = Accountant(probe, interval=settings.memory_poll, gpu_overhead=settings.gpu_overhead,

@@ -2,7 +2,8 @@
 
 Knobs (environment): FAKE_START_DELAY (s before /health is 200; only for models whose
 path contains FAKE_START_DELAY_FOR, when set), FAKE_TOKEN_DELAY (s per
-token), FAKE_TOKENS (default n_predict), FAKE_CRASH_AFTER_TOKENS (exit mid-stream),
+token), FAKE_TOKENS (n_predict when none is given, or the daemon's "no limit" of 10 x ctx),
+FAKE_CRASH_AFTER_TOKENS (exit mid-stream),
 FAKE_EXIT_AT_START (exit code at start-up), FAKE_HANG_AFTER_TOKENS (stop answering),
 FAKE_FINAL_PAD (a "prompt" of that many bytes in the final /completion event),
 FAKE_TOKEN_BYTES (each token that many bytes long),
@@ -10,7 +11,9 @@ FAKE_DROP_REUSED (close a kept-alive connection, unread, when a second completio
 it: what llama-server's unannounced closes look like to a client; counted as "dropped"),
 FAKE_SCHEMA_DELAY (s before answering a request with a JSON schema: grammar compilation).
 It counts requests in flight; GET /fake/stats reports the peak, so tests can check that the
-supervisor never sends more than --parallel at once.
+supervisor never sends more than --parallel at once, and the prompts and payloads it got.
+/tokenize makes one token per character (its code point); a prompt of as many characters as a
+slot's context is refused as llama-server refuses it (400, "exceeds the available context size").
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from typing import Any
 from aiohttp import web
 
 state: dict[str, Any] = {"ready": False, "in_flight": 0, "peak": 0, "total": 0, "hang": False, "prompts": [],
-                         "dropped": 0, "streamed": []}
+                         "dropped": 0, "streamed": [], "payloads": []}
 served_on: set[int] = set()  # connections (their handlers' ids) that carried a completion
 
 
@@ -103,6 +106,30 @@ async def apply_template(request: web.Request) -> web.Response:
     return web.json_response({"prompt": "".join(m.get("content", "") for m in body["messages"])})
 
 
+async def tokenize(request: web.Request) -> web.Response:
+    """One token per character (its code point): reversible, so a token prompt reads back as text."""
+    check_key(request)
+    body = await request.json()
+    return web.json_response({"tokens": [ord(c) for c in body.get("content", "")]})
+
+
+def prompt_text(body: dict[str, Any]) -> str:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list):
+        return "".join(chr(t) for t in prompt)
+    if isinstance(prompt, str):
+        return prompt
+    return "".join(str(m.get("content") or "") for m in body.get("messages") or [])
+
+
+def too_long(n: int) -> web.Response:
+    """llama-server's answer to a prompt of n tokens (characters here) that does not fit a slot."""
+    per = ARGS.ctx_size // ARGS.parallel
+    msg = f"request ({n} tokens) exceeds the available context size ({per} tokens), try increasing it"
+    return web.json_response({"error": {"code": 400, "message": msg, "type": "exceed_context_size_error",
+                                        "n_prompt_tokens": n, "n_ctx": per}}, status=400)
+
+
 async def stream_tokens(request: web.Request, chat: bool) -> web.StreamResponse:
     conn = id(request.protocol)
     if os.environ.get("FAKE_DROP_REUSED") and conn in served_on and request.transport is not None:
@@ -116,9 +143,11 @@ async def stream_tokens(request: web.Request, chat: bool) -> web.StreamResponse:
     if body.get("json_schema") is not None or body.get("response_format"):
         await asyncio.sleep(env_float("FAKE_SCHEMA_DELAY", 0.0))
     n = int(body.get("n_predict", body.get("max_tokens", os.environ.get("FAKE_TOKENS", 8))))
-    if n < 0:
+    if n < 0 or n >= 10 * (ARGS.ctx_size // ARGS.parallel):  # no limit (the daemon sends 10 x ctx)
         n = int(os.environ.get("FAKE_TOKENS", 8))
     n = min(n, ARGS.ctx_size // ARGS.parallel)  # as llama-server: a slot stops when its context is full
+    if len(prompt_text(body)) >= ARGS.ctx_size // ARGS.parallel:
+        return too_long(len(prompt_text(body)))
     delay = env_float("FAKE_TOKEN_DELAY", 0.0)
     crash_after = int(os.environ.get("FAKE_CRASH_AFTER_TOKENS", -1))
     hang_after = int(os.environ.get("FAKE_HANG_AFTER_TOKENS", -1))
@@ -126,7 +155,9 @@ async def stream_tokens(request: web.Request, chat: bool) -> web.StreamResponse:
     state["total"] += 1
     state["peak"] = max(state["peak"], state["in_flight"])
     msgs = body.get("messages") or [{}]
-    state["prompts"].append(body.get("prompt", msgs[-1].get("content")))
+    prompt = body.get("prompt", msgs[-1].get("content"))
+    state["prompts"].append(prompt_text({"prompt": prompt}) if isinstance(prompt, list) else prompt)
+    state["payloads"].append({k: v for k, v in body.items() if k not in ("prompt", "messages")})
     state["streamed"].append(bool(body.get("stream", False)))
     t0 = time.monotonic()
     # the fields llama-server puts in every chat chunk, in its order
@@ -150,8 +181,8 @@ async def stream_tokens(request: web.Request, chat: bool) -> web.StreamResponse:
             text.append(tok)
             if stream:
                 ev = ({"choices": [{"finish_reason": None, "index": 0, "delta": {"content": tok}}], **head}
-                      if chat else {"index": 0, "content": tok, "tokens": [], "stop": False, "id_slot": -1,
-                                    "tokens_predicted": i + 1, "tokens_evaluated": 3})
+                      if chat else {"index": 0, "content": tok, "tokens": [ord(c) for c in tok], "stop": False,
+                                    "id_slot": -1, "tokens_predicted": i + 1, "tokens_evaluated": 3})
                 await resp.write(b"data: " + json.dumps(ev, separators=(",", ":")).encode() + b"\n\n")
         ms = (time.monotonic() - t0) * 1000
         timings = {"prompt_n": 3, "prompt_ms": 1.0, "predicted_n": n, "predicted_ms": ms}
@@ -200,6 +231,7 @@ async def main() -> None:
     app.router.add_get("/props", props)
     app.router.add_get("/slots", slots)
     app.router.add_post("/apply-template", apply_template)
+    app.router.add_post("/tokenize", tokenize)
     app.router.add_post("/completion", completion)
     app.router.add_post("/v1/chat/completions", chat)
     # as llama-server, a request whose client goes away is stopped, streamed or not

@@ -30,7 +30,7 @@ from ollamad.models.catalog import Catalog, InvalidName, Model
 from ollamad.models.describe import capabilities
 from ollamad.models.facts import ModelFacts
 from ollamad.models.ggufmeta import GGUFError
-from ollamad.models.options import Options
+from ollamad.models.options import Options, with_ollama_defaults
 from ollamad.runner.events import UpstreamError, error_of
 from ollamad.sched.scheduler import Lease, Scheduler, SchedulerError
 from ollamad.settings import LOAD_OPTIONS, Settings
@@ -250,10 +250,8 @@ def own_options(ctx: AppContext, options: Options) -> Options:
 
 
 def with_defaults(req: _Req, model: Model) -> _Req:
-    """Model defaults (store params, per-model settings) under the request's own options."""
-    if not model.defaults.options:
-        return req
-    merged = {**model.defaults.options, **req.options.model_dump(exclude_none=True)}
+    """The request's own options over the model's (store params, per-model settings), over Ollama's."""
+    merged = {**with_ollama_defaults(model.defaults.options), **req.options.model_dump(exclude_none=True)}
     try:
         options = Options.model_validate(merged)
     except ValidationError as e:

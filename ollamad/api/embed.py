@@ -20,6 +20,7 @@ from ollamad.api.common import (
     validate,
 )
 from ollamad.api.embedding import check_count, embed_texts, shorten, stream_embeddings
+from ollamad.api.reqlog import record_of
 from ollamad.models.options import Options
 
 
@@ -77,7 +78,8 @@ async def embeddings_legacy(request: web.Request) -> web.Response:
         return reply({"embedding": []})
     check_count(ctx, [req.prompt])
     vectors, _, _ = await embed_texts(ctx, model, req.model, [req.prompt], truncate=True,
-                                      options=own_options(ctx, req.options), keep_alive=keep_alive)
+                                      options=own_options(ctx, req.options), keep_alive=keep_alive,
+                                      record=record_of(request))
     return reply({"embedding": vectors[0]})
 
 

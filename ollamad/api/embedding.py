@@ -20,6 +20,7 @@ from aiohttp import web
 
 from ollamad.api.common import ApiError, AppContext, runner_json
 from ollamad.api.limits import check_prompt
+from ollamad.api.reqlog import RequestRecord, record_of
 from ollamad.models.catalog import Model
 from ollamad.models.options import Options
 from ollamad.runner.events import UpstreamError, error_of
@@ -121,9 +122,13 @@ async def embed_batch(ctx: AppContext, lease: Lease, part: list[str | list[int]]
 
 
 async def embed_texts(ctx: AppContext, model: Model, name: str, texts: list[str], *, truncate: bool,
-                      options: Options, keep_alive: float | None) -> tuple[list[list[float]], int, float]:
-    """Embed ``texts`` whole (for small requests): (vectors, prompt tokens, seconds queued+loading)."""
-    lease = await _acquire(ctx, model, name, options, keep_alive)
+                      options: Options, keep_alive: float | None,
+                      record: RequestRecord | None = None) -> tuple[list[list[float]], int, float]:
+    """Embed ``texts`` whole (for small requests): (vectors, prompt tokens, seconds queued+loading).
+
+    ``record`` (the request's log line) gets the model, queue wait, load time and token count.
+    """
+    lease = await _acquire(ctx, model, name, options, keep_alive, record)
     vectors: list[list[float]] = []
     tokens = 0
     async with lease:
@@ -132,14 +137,22 @@ async def embed_texts(ctx: AppContext, model: Model, name: str, texts: list[str]
             part, n = await embed_batch(ctx, lease, inputs[start : start + BATCH])
             vectors += part
             tokens += n
+    if record is not None:
+        record.prompt_tokens, record.tokens = tokens, 0
     return vectors, tokens, lease.queued_for
 
 
-async def _acquire(ctx: AppContext, model: Model, name: str, options: Options, keep_alive: float | None) -> Lease:
+async def _acquire(ctx: AppContext, model: Model, name: str, options: Options, keep_alive: float | None,
+                   record: RequestRecord | None = None) -> Lease:
+    if record is not None:
+        record.model = model.name
     if not ctx.catalog.facts(model).embedding:
         raise ApiError(400, f'"{name}" does not support embeddings')
-    return await ctx.scheduler.acquire(model, num_ctx=options.num_ctx, load=options.load_options(),
-                                       keep_alive=keep_alive)
+    lease = await ctx.scheduler.acquire(model, num_ctx=options.num_ctx, load=options.load_options(),
+                                        keep_alive=keep_alive)
+    if record is not None:
+        record.dispatched(model.name, lease.queued_for, lease.runner.ready_at, lease.runner.started_at)
+    return lease
 
 
 Item = Callable[[int, list[float]], bytes]
@@ -158,7 +171,8 @@ async def stream_embeddings(request: web.Request, ctx: AppContext, model: Model,
     body cannot carry an error).
     """
     starts = range(0, len(texts), BATCH)
-    lease = await _acquire(ctx, model, name, options, keep_alive if len(starts) == 1 else None)
+    rec = record_of(request)
+    lease = await _acquire(ctx, model, name, options, keep_alive if len(starts) == 1 else None, rec)
     queued = lease.queued_for
     try:
         inputs = await prepare(ctx, lease, texts, truncate)
@@ -181,6 +195,7 @@ async def stream_embeddings(request: web.Request, ctx: AppContext, model: Model,
                     await resp.write((b"," if index else b"") + item(index, v))
                     index += 1
             await resp.write(tail(tokens, queued))
+            rec.prompt_tokens, rec.tokens = tokens, 0
         except (UpstreamError, ApiError, SchedulerError, aiohttp.ClientError) as e:
             log.warning("embedding cut after the reply began", model=name, error=str(e), done=index)
             if request.transport is not None:

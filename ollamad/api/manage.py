@@ -32,7 +32,7 @@ from ollamad.models.catalog import Model
 from ollamad.models.describe import capabilities, details
 from ollamad.models.ggufmeta import GGUFError, SkippedArray, read_gguf
 from ollamad.models.modelfile import ModelfileError, parse_modelfile
-from ollamad.models.options import check_params
+from ollamad.models.options import OLLAMA_DEFAULTS, check_params
 
 Progress = AsyncIterator[dict[str, Any]]
 
@@ -76,8 +76,15 @@ def parameters_text(params: dict[str, Any]) -> str:
     lines = []
     for key, value in params.items():
         for v in value if isinstance(value, list) else [value]:
-            lines.append(f"{key:<30} {json.dumps(v) if isinstance(v, str) else v}")
+            lines.append(f"{key:<30} {_go_value(v)}")
     return "\n".join(lines)
+
+
+def _go_value(v: Any) -> str:
+    """A value as Go's %#v writes it: quoted strings, 0.9, 40 (not 40.0), true."""
+    if isinstance(v, float) and v.is_integer():
+        return str(int(v))
+    return json.dumps(v) if isinstance(v, str | bool) else str(v)
 
 
 def modelfile_text(model: Model, template: str, params: dict[str, Any]) -> str:
@@ -110,9 +117,11 @@ async def show(request: web.Request) -> web.Response:
     if model.defaults.num_ctx:
         params["num_ctx"] = model.defaults.num_ctx
     template = model.template or facts.chat_template or ""
+    # beyond Ollama (which lists only the model's own): the defaults it answers with, after them
+    shown = {**params, **{k: v for k, v in OLLAMA_DEFAULTS.items() if k not in params}}
     return reply({
         "license": model.license or "", "modelfile": modelfile_text(model, template, params),
-        "parameters": parameters_text(params), "template": template, "system": model.system or "",
+        "parameters": parameters_text(shown), "template": template, "system": model.system or "",
         "details": details(facts), "model_info": model_info(info.metadata, facts.parameter_count, verbose),
         "capabilities": capabilities(facts), "modified_at": iso_time(model.modified),
     })

@@ -6,7 +6,6 @@ import math
 import time
 from typing import Any
 
-import anyio
 from aiohttp import web
 
 from ollamad import __version__
@@ -32,7 +31,7 @@ from ollamad.api.translate import (
     ChatRequest,
     GenerateRequest,
     Message,
-    chat_messages,
+    cap_predict,
     chat_payload,
     completion_payload,
     image_data,
@@ -40,11 +39,13 @@ from ollamad.api.translate import (
     now_iso,
     with_media_markers,
 )
+from ollamad.api.truncate import cut_prompt, fit_messages, limit_of, rendered, tokenize, too_long
 from ollamad.durations import FOREVER
 from ollamad.models.catalog import Model
 from ollamad.models.describe import details
 from ollamad.models.facts import ModelFacts
 from ollamad.models.ggufmeta import GGUFError
+from ollamad.runner.events import UpstreamError
 from ollamad.sched.scheduler import Lease, Scheduler
 
 
@@ -63,7 +64,7 @@ async def tags(request: web.Request) -> web.Response:
     for m in sorted(ctx.catalog.list(), key=lambda m: -m.modified):
         try:  # a bad or vanished file is left out (the catalog logs a bad one once)
             facts = ctx.catalog.facts(m)
-            digest = await anyio.to_thread.run_sync(ctx.catalog.digest, m)
+            digest = ctx.catalog.digest(m)  # known, or "" while the background hash runs: never hashed here
         except (GGUFError, OSError):
             continue
         out.append({
@@ -121,7 +122,7 @@ async def _facts_and_digest(ctx: AppContext, model: Model | None) -> tuple[Model
     if model is None:
         return None, ""
     try:
-        return ctx.catalog.facts(model), await anyio.to_thread.run_sync(ctx.catalog.digest, model)
+        return ctx.catalog.facts(model), ctx.catalog.digest(model)
     except (GGUFError, OSError):
         return None, ""
 
@@ -168,6 +169,8 @@ async def generate(request: web.Request) -> web.StreamResponse:
             raise ApiError(400, str(e)) from None
     if req.suffix:
         check_capable(req.model, facts, "insert")
+    if req.context and not req.raw and facts.vocab and not all(0 <= t < facts.vocab for t in req.context):
+        raise ApiError(400, f"context holds token ids that {req.model} does not have (0..{facts.vocab - 1})")
     if req.system is None and model.system:
         req = req.model_copy(update={"system": model.system})
     req = with_defaults(req, model)
@@ -180,13 +183,53 @@ async def generate(request: web.Request) -> web.StreamResponse:
     _dispatched(request, model, lease)
     async with lease:
         if req.suffix:  # fill in the middle: the prompt is the prefix, no chat template
-            payload = completion_payload(req, "", stream=True)
+            payload = cap_predict(completion_payload(req, "", stream=True), lease.runner.plan.ctx)
             payload.update(input_prefix=req.prompt, input_suffix=req.suffix)
             return await relay(request, ctx, lease, "/infill", payload, req.stream, t0, GenerateShape(req.model))
         prompt = await _generate_prompt(ctx, lease, req, facts, len(images))
-        payload = completion_payload(req, multimodal_prompt(prompt, images), stream=True)
+        if images or req.raw:  # sent as text; a raw prompt is cut only if llama-server refuses it
+            payload = cap_predict(completion_payload(req, multimodal_prompt(prompt, images)), lease.runner.plan.ctx)
+            try:
+                return await relay(request, ctx, lease, "/completion", payload, req.stream, t0,
+                                   GenerateShape(req.model))
+            except UpstreamError as e:
+                if images or not req.truncate or not too_long(e):
+                    raise
+            tokens = await tokenize(ctx, lease, prompt)
+        else:  # as tokens: Ollama returns them with the reply's as ``context``, and takes them back
+            tokens = list(req.context or []) + await tokenize(ctx, lease, prompt, special=not req.context)
+        tokens = _fitted(req, lease, facts, tokens)
+        payload = cap_predict(completion_payload(req, tokens), lease.runner.plan.ctx)
+        if req.raw:
+            return await relay(request, ctx, lease, "/completion", payload, req.stream, t0, GenerateShape(req.model))
+        payload["return_tokens"] = True
         return await relay(request, ctx, lease, "/completion", payload, req.stream, t0,
-                           GenerateShape(req.model))
+                           ContextShape(req.model, tokens))
+
+
+def _fitted(req: GenerateRequest | ChatRequest, lease: Lease, facts: ModelFacts, tokens: list[int]) -> list[int]:
+    """``tokens`` cut to the slot's context as Ollama cuts a prompt; 400 if the request said truncate false."""
+    limit = limit_of(lease)
+    if len(tokens) > limit and not req.truncate:
+        raise ApiError(400, f"input length ({len(tokens)} tokens) exceeds the context length ({limit + 1} tokens)")
+    num_keep = req.options.num_keep if req.options.num_keep is not None else 4
+    return cut_prompt(req.model, tokens, limit, num_keep, facts.bos_token)
+
+
+class ContextShape(GenerateShape):
+    """Generate chunks whose final one carries ``context``: the prompt's tokens and the reply's."""
+
+    def __init__(self, model: str, prompt: list[int]) -> None:
+        super().__init__(model)
+        self.tokens = list(prompt)
+
+    def piece(self, data: bytes) -> bytes | None:
+        chunk = super().piece(data)
+        self.tokens.extend(self.last.tokens)  # also a token that is only part of a character
+        return chunk
+
+    def final(self, total_ns: int, load_ns: int, text: str = "") -> dict[str, Any]:
+        return {**super().final(total_ns, load_ns, text), "context": self.tokens}
 
 
 async def _generate_prompt(ctx: AppContext, lease: Lease, req: GenerateRequest, facts: ModelFacts,
@@ -199,8 +242,6 @@ async def _generate_prompt(ctx: AppContext, lease: Lease, req: GenerateRequest, 
         messages.append({"role": "system", "content": req.system})
     messages.append({"role": "user", "content": with_media_markers(req.prompt, images)})
     return await apply_template(ctx, lease, messages)
-
-
 
 
 async def chat(request: web.Request) -> web.StreamResponse:
@@ -220,6 +261,8 @@ async def chat(request: web.Request) -> web.StreamResponse:
         check_capable(req.model, facts, "tools")
     if model.system and req.messages and not any(m.role == "system" for m in req.messages):
         req = req.model_copy(update={"messages": [Message(role="system", content=model.system), *req.messages]})
+    if not facts.chat_template:  # Ollama's {{ .Prompt }}: the user turns only (plan.PROMPT_ONLY_TEMPLATE)
+        req = req.model_copy(update={"messages": [m for m in req.messages if m.role != "system"]})
     req = with_defaults(req, model)
     keep_alive = parse_keep_alive(req.keep_alive)
     if not req.messages:
@@ -233,14 +276,31 @@ async def chat(request: web.Request) -> web.StreamResponse:
                                         load=req.options.load_options(), keep_alive=keep_alive)
     _dispatched(request, model, lease)
     async with lease:
-        if req.format and not req.tools and not any(m.images for m in req.messages):
-            # As Ollama does: render the template, then constrain only the reply with the grammar
-            prompt = await apply_template(ctx, lease, chat_messages(req))
-            gen = GenerateRequest(model=req.model, prompt=prompt, format=req.format, options=req.options)
-            return await relay(request, ctx, lease, "/completion", completion_payload(gen, prompt), req.stream,
-                               t0, TemplatedChatShape(req.model))
-        return await relay(request, ctx, lease, "/v1/chat/completions", payload, req.stream, t0,
-                           ChatShape(req.model))
+        cap_predict(payload, lease.runner.plan.ctx)
+        templated = bool(req.format and not req.tools and not any(m.images for m in req.messages))
+        try:
+            if templated:  # as Ollama does: render the template, constrain only the reply with the grammar
+                prompt = await apply_template(ctx, lease, payload["messages"])
+                return await _templated_chat(request, ctx, lease, req, prompt, t0)
+            return await relay(request, ctx, lease, "/v1/chat/completions", payload, req.stream, t0,
+                               ChatShape(req.model))
+        except UpstreamError as e:
+            if not req.truncate or not too_long(e) or any(m.images for m in req.messages):
+                raise
+        kept, fits = await fit_messages(ctx, lease, req.model, payload["messages"], req.tools)
+        if fits and not templated:
+            return await relay(request, ctx, lease, "/v1/chat/completions", {**payload, "messages": kept},
+                               req.stream, t0, ChatShape(req.model))
+        tokens = _fitted(req, lease, facts, await tokenize(ctx, lease, await rendered(ctx, lease, kept, req.tools)))
+        return await _templated_chat(request, ctx, lease, req, tokens, t0)
+
+
+async def _templated_chat(request: web.Request, ctx: AppContext, lease: Lease, req: ChatRequest,
+                          prompt: str | list[int], t0: int) -> web.StreamResponse:
+    """A chat sent to /completion as a rendered prompt (text or tokens), answered in chat chunks."""
+    gen = GenerateRequest(model=req.model, format=req.format, options=req.options)
+    payload = cap_predict(completion_payload(gen, prompt), lease.runner.plan.ctx)
+    return await relay(request, ctx, lease, "/completion", payload, req.stream, t0, TemplatedChatShape(req.model))
 
 
 def _dispatched(request: web.Request, model: Model, lease: Lease) -> None:

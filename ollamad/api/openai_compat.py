@@ -25,10 +25,14 @@ from ollamad.api.common import (
 from ollamad.api.embedding import check_count, shorten, stream_embeddings
 from ollamad.api.limits import check_prompt, check_schemas, openai_texts
 from ollamad.api.relay import forward_sse
-from ollamad.api.translate import check_tools
+from ollamad.api.reqlog import record_of
+from ollamad.api.translate import cap_predict, check_tools, tool_choice
+from ollamad.api.truncate import fit_openai, too_long
 from ollamad.models.catalog import Model
-from ollamad.models.options import Options
-from ollamad.runner.events import error_of
+from ollamad.models.facts import ModelFacts
+from ollamad.models.options import Options, deterministic, with_ollama_defaults
+from ollamad.models.plan import request_context
+from ollamad.runner.events import UpstreamError, error_of
 
 # OpenAI parameter names that llama-server takes as they are, and Ollama's names for the rest
 _OLLAMA_TO_OPENAI = {"num_predict": "max_tokens"}
@@ -72,7 +76,10 @@ class EmbeddingRequest(BaseModel):
 
 
 def upstream_payload(body: dict[str, Any], defaults: dict[str, object]) -> dict[str, Any]:
-    """The client's OpenAI body for llama-server, with the model's default options under it (pure)."""
+    """The client's OpenAI body for llama-server, with the model's default options under it (pure).
+
+    ValueError for a ``tool_choice`` llama-server cannot honour.
+    """
     payload: dict[str, Any] = {}
     try:
         sampling = Options.model_validate(defaults).sampling() if defaults else {}
@@ -84,7 +91,22 @@ def upstream_payload(body: dict[str, Any], defaults: dict[str, object]) -> dict[
     if "max_completion_tokens" in payload:
         payload["max_tokens"] = payload.pop("max_completion_tokens")
     payload.pop("model", None)
+    payload.setdefault("cache_prompt", not deterministic(payload))
+    if "tool_choice" in payload:
+        payload["tool_choice"], tools = tool_choice(payload["tool_choice"], payload.get("tools"))
+        if tools is not None:
+            payload["tools"] = tools
     return payload
+
+
+def _payload(body: dict[str, Any], model: Model, facts: ModelFacts, ctx: AppContext) -> dict[str, Any]:
+    """upstream_payload with Ollama's defaults under the model's, num_predict capped as Ollama does."""
+    try:
+        payload = upstream_payload(body, with_ollama_defaults(model.defaults.options))
+    except ValueError as e:
+        raise ApiError(400, str(e)) from None
+    num_ctx = request_context(facts, None, model.defaults, ctx.scheduler.plan_settings)
+    return cap_predict(payload, num_ctx)
 
 
 async def _forward(request: web.Request, ctx: AppContext, model: Model, name: str, path: str,
@@ -121,10 +143,24 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     if any(isinstance(m.get("content"), list) and any(isinstance(p, dict) and p.get("type") == "image_url"
                                                       for p in m["content"]) for m in req.messages):
         check_capable(req.model, facts, "vision")
-    payload = upstream_payload(body, model.defaults.options)
-    if model.system and not any(m.get("role") == "system" for m in req.messages):
+    payload = _payload(body, model, facts, ctx)
+    if not facts.chat_template:  # Ollama's {{ .Prompt }}: the user turns only (plan.PROMPT_ONLY_TEMPLATE)
+        payload["messages"] = [m for m in req.messages if m.get("role") != "system"]
+    elif model.system and not any(m.get("role") == "system" for m in req.messages):
         payload["messages"] = [{"role": "system", "content": model.system}, *req.messages]
-    return await _forward(request, ctx, model, req.model, "/v1/chat/completions", payload)
+    return await _send(request, ctx, model, req.model, "/v1/chat/completions", payload)
+
+
+async def _send(request: web.Request, ctx: AppContext, model: Model, name: str, path: str,
+                payload: dict[str, Any]) -> web.StreamResponse:
+    """_forward; a body llama-server refuses as longer than the context is cut as Ollama cuts it."""
+    record_of(request).model = model.name
+    try:
+        return await _forward(request, ctx, model, name, path, payload)
+    except UpstreamError as e:
+        if not too_long(e):
+            raise
+    return await _forward(request, ctx, model, name, path, await fit_openai(ctx, model, name, path, payload))
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
@@ -137,8 +173,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
     check_capable(req.model, facts, "generate" if facts.embedding else "completion")
     if req.suffix:
         check_capable(req.model, facts, "insert")
-    payload = upstream_payload(body, model.defaults.options)
-    return await _forward(request, ctx, model, req.model, "/v1/completions", payload)
+    payload = _payload(body, model, facts, ctx)
+    return await _send(request, ctx, model, req.model, "/v1/completions", payload)
 
 
 def encode_base64(vector: list[float]) -> str:

@@ -51,6 +51,7 @@ class CompletionEvent(msgspec.Struct):
     stop_type: str | None = None
     timings: dict[str, Any] | None = None
     tokens_evaluated: int | None = None
+    tokens: list[int] = []  # with return_tokens (generate's ``context``)
     error: Any = None
 
 

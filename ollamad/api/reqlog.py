@@ -40,6 +40,7 @@ class RequestRecord:
     prompt_tokens: int | None = None
     tokens: int | None = None
     cut: str | None = None  # why the server ended it early ("drain timeout")
+    pieces: int = 0  # streamed pieces (about one token each): the count when no final chunk came
 
     def dispatched(self, model: str, queued_for: float, ready_at: float, started_at: float) -> None:
         """Split the lease's wait into queue and load time (runner start/ready are monotonic)."""
@@ -50,6 +51,8 @@ class RequestRecord:
         self.queue_wait = queued_for - self.load_time
 
     def first_token(self) -> None:
+        """A piece of the reply was made (called for each one): the first sets ttft; all are counted."""
+        self.pieces += 1
         if self.ttft is None:
             self.ttft = time.monotonic() - self.started
 
@@ -101,6 +104,8 @@ def request_log(metrics: Metrics, cutting: Callable[[], bool] = lambda: False) -
 
 def _done(metrics: Metrics, request: web.Request, rec: RequestRecord, status: int) -> None:
     seconds = time.monotonic() - rec.started
+    if rec.tokens is None and rec.pieces:  # cut short (the client left): what was made until then
+        rec.tokens = rec.pieces
     route = route_of(request)
     metrics.request_done(RequestOutcome(route, status, seconds, rec.model, rec.ttft, rec.tokens,
                                         rec.prompt_tokens))

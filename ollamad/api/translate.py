@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, ValidationError
 
-from ollamad.models.options import Options
+from ollamad.models.options import PREDICT_PER_CTX, Options, deterministic
 
 
 class _Function(BaseModel):
@@ -82,6 +82,7 @@ class _Base(BaseModel):
     format: Annotated[str | dict[str, Any] | None, AfterValidator(_check_format)] = None
     options: Options = Field(default_factory=lambda: Options())
     keep_alive: float | str | None = None
+    truncate: StrictBool = True  # Ollama's: False answers 400 instead of dropping what does not fit
 
 
 class GenerateRequest(_Base):
@@ -153,10 +154,11 @@ def durations(timings: dict[str, Any] | None, total_ns: int, load_ns: int,
     }
 
 
-def completion_payload(req: GenerateRequest, prompt: str | dict[str, Any],
+def completion_payload(req: GenerateRequest, prompt: str | list[int] | dict[str, Any],
                        stream: bool = True) -> dict[str, Any]:
-    payload: dict[str, Any] = {"prompt": prompt, "stream": stream, "cache_prompt": True}
+    payload: dict[str, Any] = {"prompt": prompt, "stream": stream}
     payload.update(req.options.sampling())
+    payload["cache_prompt"] = not deterministic(payload)
     payload.update(format_param(req.format))
     if stream:
         payload["timings_per_token"] = False
@@ -237,6 +239,7 @@ def chat_payload(req: ChatRequest, stream: bool = True) -> dict[str, Any]:
     if stream:
         payload["stream_options"] = {"include_usage": True}
     payload.update(req.options.sampling())
+    payload["cache_prompt"] = not deterministic(payload)
     if "n_predict" in payload:
         payload["max_tokens"] = payload.pop("n_predict")
     fmt = format_param(req.format)
@@ -264,3 +267,35 @@ def ollama_tool_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
             parsed = {"_raw": args}
         out.append({"function": {"name": fn.get("name", ""), "arguments": parsed}})
     return out
+
+
+def cap_predict(payload: dict[str, Any], ctx: int) -> dict[str, Any]:
+    """As Ollama: no limit (-1), or one above 10 x the context, becomes 10 x the context, so a
+    generation that shifts its context still ends (pure; ``payload`` is changed and returned)."""
+    key = "max_tokens" if "max_tokens" in payload or "messages" in payload else "n_predict"
+    cap = PREDICT_PER_CTX * ctx
+    n = payload.get(key)
+    if not isinstance(n, int) or n < 0 or n > cap:
+        payload[key] = cap
+    return payload
+
+
+def tool_choice(value: Any, tools: list[dict[str, Any]] | None) -> tuple[Any, list[dict[str, Any]] | None]:
+    """OpenAI ``tool_choice`` as llama-server takes it: (choice, tools); ValueError says what is wrong.
+
+    llama-server knows only "auto", "none" and "required"; a named function becomes "required"
+    with only that function offered, which is what naming it means.
+    """
+    if value is None or value in ("auto", "none", "required"):
+        return value, tools
+    if isinstance(value, str):
+        raise ValueError(f"invalid tool_choice {value!r}: use \"auto\", \"none\", \"required\" or "
+                         '{"type": "function", "function": {"name": ...}}')
+    fn = value.get("function") if isinstance(value, dict) else None
+    name = fn.get("name") if isinstance(fn, dict) else None
+    if not isinstance(value, dict) or value.get("type") != "function" or not isinstance(name, str) or not name:
+        raise ValueError('invalid tool_choice: an object must be {"type": "function", "function": {"name": ...}}')
+    named = [t for t in tools or [] if (t.get("function") or {}).get("name") == name]
+    if not named:
+        raise ValueError(f"tool_choice names the function {name!r}, which is not in tools")
+    return "required", named

@@ -9,6 +9,7 @@ turned into paths, so a request cannot name a file outside the folder.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -66,15 +67,15 @@ class Model:
 
 
 class Catalog:
-    def __init__(self, folder: Path, config_path: Path | None = None) -> None:
+    def __init__(self, folder: Path, config_path: Path | None = None, digest_cache: Path | None = None) -> None:
         self.folder = folder
         self.config_path = config_path
         self._models: dict[str, Model] = {}
         self._aliases: dict[str, str] = {}
         self._facts: dict[tuple[Path, int, float], ModelFacts] = {}
         self._bad: dict[tuple[Path, int, float], GGUFError] = {}  # logged once, not read again
-        self._digests: dict[tuple[Path, int, float], str] = {}
-        self._lock = threading.Lock()
+        self._digests = DigestCache(digest_cache)
+        self._hashing = threading.Lock()  # one background hasher at a time
 
     def scan(self) -> dict[str, Model]:
         """Re-read the folder; returns the new table (old entries are replaced)."""
@@ -97,6 +98,7 @@ class Catalog:
                     models[model.name] = model
         config = load_model_config(self.config_path)
         self._models, self._aliases = apply_config(models, config)
+        threading.Thread(target=self.warm, name="ollamad-warm", daemon=True).start()
         return self._models
 
     def _from_manifest(self, m: store.Manifest) -> Model | None:
@@ -170,22 +172,91 @@ class Catalog:
         return facts
 
     def digest(self, model: Model) -> str:
-        """sha256 of the file (blocking; call from a worker thread), cached by size and mtime."""
-        if model.digest:
-            return model.digest
-        st = model.path.stat()
-        key = (model.path, st.st_size, st.st_mtime)
+        """The model's digest if known, else "" (never hashes: a request must not wait on that).
+
+        Store models have theirs up front; a plain file's sha256 is computed by hash_missing in the
+        background after a scan and kept, by path, size and mtime, across restarts.
+        """
+        return model.digest or self._digests.get(model.path)
+
+    def warm(self) -> None:
+        """Read every model's header and hash the files whose digest is unknown (a worker thread),
+        so that no request pays for either: /api/tags answers from what is known."""
+        for model in list(self._models.values()):
+            with contextlib.suppress(GGUFError, OSError):
+                self.facts(model)
+        self.hash_missing()
+
+    def hash_missing(self) -> None:
+        """sha256 every plain model file whose digest is not known yet (blocking: a worker thread)."""
+        if not self._hashing.acquire(blocking=False):
+            return  # another thread is at it; it picks up what this scan added
+        tried: set[Path] = set()
+        try:
+            while todo := [m for m in self._models.values() if not self.digest(m) and m.path not in tried]:
+                for model in sorted(todo, key=lambda m: m.size):  # small ones are listed whole soonest
+                    tried.add(model.path)
+                    with contextlib.suppress(OSError):  # unreadable now: listed without a digest
+                        self._digests.put(model.path, hash_file(model.path))
+                self._digests.save()
+        finally:
+            self._hashing.release()
+
+
+def hash_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class DigestCache:
+    """sha256 of model files keyed by path, size and mtime; saved as JSON (``path`` None: in memory)."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._known: dict[str, tuple[int, int, str]] = {}
+        if path is not None:
+            try:
+                raw = json.loads(path.read_text())
+                self._known = {k: (int(v[0]), int(v[1]), str(v[2])) for k, v in raw.items()}
+            except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError):
+                self._known = {}
+
+    @staticmethod
+    def _stamp(path: Path) -> tuple[int, int] | None:
+        try:
+            st = path.stat()
+        except OSError:
+            return None
+        return st.st_size, st.st_mtime_ns
+
+    def get(self, path: Path) -> str:
+        stamp = self._stamp(path)
         with self._lock:
-            if key in self._digests:
-                return self._digests[key]
-        h = hashlib.sha256()
-        with open(model.path, "rb") as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
-        digest = h.hexdigest()
+            entry = self._known.get(str(path))
+        return entry[2] if entry is not None and entry[:2] == stamp else ""
+
+    def put(self, path: Path, digest: str) -> None:
+        stamp = self._stamp(path)
+        if stamp is not None:
+            with self._lock:
+                self._known[str(path)] = (*stamp, digest)
+
+    def save(self) -> None:
+        if self.path is None:
+            return
         with self._lock:
-            self._digests[key] = digest
-        return digest
+            data = json.dumps({k: list(v) for k, v in self._known.items()})
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text(data)
+            tmp.replace(self.path)
+        except OSError:
+            pass
 
 
 def apply_config(models: dict[str, Model], config: ModelConfig) -> tuple[dict[str, Model], dict[str, str]]:

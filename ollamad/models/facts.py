@@ -33,6 +33,7 @@ class ModelFacts:
     layer_weight_bytes: int = 0  # tensors of the repeating blocks (blk.N.*): what -ngl moves
     fim: bool = False  # fill-in-the-middle tokens: generate with a suffix (llama-server /infill)
     context_clamped: bool = False  # the file's context_length was absurd: llama-server must be told train_ctx
+    bos_token: int | None = None  # the token llama.cpp puts before a prompt, if it adds one
 
     @property
     def kv_width(self) -> int:
@@ -91,6 +92,7 @@ def facts_from_gguf(info: GGUFInfo, projector: GGUFInfo | None = None) -> ModelF
         recurrent_bytes_per_seq=recurrent,
         vocab=vocab_size(info),
         layer_weight_bytes=sum(t.n_bytes for t in info.tensors if t.name.startswith("blk.")),
+        bos_token=_bos(info),
         fim=all(f"tokenizer.ggml.fim_{k}_token_id" in info.metadata for k in ("pre", "suf", "mid")),
         context_clamped=file_ctx > MAX_TRAIN_CTX,
     )
@@ -103,3 +105,10 @@ def vocab_size(info: GGUFInfo) -> int:
     if isinstance(tokens, list):
         return len(tokens)
     return _int(info.arch("vocab_size"))
+
+
+def _bos(info: GGUFInfo) -> int | None:
+    bos = info.metadata.get("tokenizer.ggml.bos_token_id")
+    if info.metadata.get("tokenizer.ggml.add_bos_token") is True and isinstance(bos, int):
+        return bos
+    return None

@@ -8,6 +8,27 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 
 from ollamad.models.plan import MIN_BATCH, LoadOptions
 
+# Ollama's api.DefaultOptions() for the per-request options: what a model answers with when neither
+# the request, the per-model settings nor the model's params layer says otherwise. llama-server's own
+# defaults differ (top_p 0.95, min_p 0.05, repeat_penalty 1.0), so ollamad always sends these.
+OLLAMA_DEFAULTS: dict[str, object] = {
+    "num_keep": 4, "temperature": 0.8, "top_k": 40, "top_p": 0.9, "min_p": 0.0, "typical_p": 1.0,
+    "repeat_last_n": 64, "repeat_penalty": 1.1, "presence_penalty": 0.0, "frequency_penalty": 0.0,
+    "seed": -1, "num_predict": -1,
+}  # fmt: skip
+PREDICT_PER_CTX = 10  # as Ollama: num_predict -1 (or more) is capped at 10 x num_ctx (context shift)
+
+
+def with_ollama_defaults(options: dict[str, object]) -> dict[str, object]:
+    """``options`` (model params, per-model settings) over Ollama's defaults (pure)."""
+    return {**OLLAMA_DEFAULTS, **options}
+
+
+def deterministic(sampling: dict[str, Any]) -> bool:
+    """A fixed seed or greedy sampling: the answer must not depend on llama-server's prompt cache."""
+    seed, temp = sampling.get("seed"), sampling.get("temperature")
+    return (isinstance(seed, int) and seed >= 0) or temp == 0
+
 
 class Options(BaseModel):
     """Ollama's ``options``: typed so a wrong type is a 400 naming the field; unknown keys ignored."""

@@ -18,6 +18,15 @@ MIN_CTX = 4
 VISION_MIN_CTX = 2048
 AUTO_PARALLEL = 4
 MIN_BATCH = 32  # llama-server aborts with a batch below its slot count, and fails with a batch of 1
+# Ollama renders a model without a chat template with ``{{ .Prompt }}``: each turn's user text, no
+# role markers (consecutive user messages joined by a blank line). The same as a Jinja template for
+# llama-server, whose own fallback would be chatml. System messages are left out by the routes
+# (llama-server would fold them into the first user message).
+PROMPT_ONLY_TEMPLATE = (
+    '{%- set ns = namespace(prev="") -%}{%- for m in messages -%}{%- if m.role == "user" -%}'
+    '{%- if ns.prev == "user" -%}{{ "\n\n" }}{%- endif -%}{{ m.content }}{%- endif -%}'
+    "{%- set ns.prev = m.role -%}{%- endfor -%}"
+)
 
 
 @dataclass(frozen=True)
@@ -77,6 +86,7 @@ class RunnerPlan:
     rpc: tuple[str, ...] = ()
     remote: tuple[int, ...] = ()
     tensor_split: tuple[float, ...] = ()
+    prompt_only: bool = False  # no chat template: Ollama's ``{{ .Prompt }}``
 
     @property
     def total_ctx(self) -> int:
@@ -99,6 +109,10 @@ class RunnerPlan:
             args += ["--embeddings", "--ubatch-size", str(self.load.num_batch or self.ctx)]
             if self.load.num_batch is None:
                 args += ["--batch-size", str(self.ctx)]
+        else:  # as Ollama: a generation that reaches the end of the context shifts it (num_keep)
+            args += ["--context-shift"]
+        if self.prompt_only and not self.embedding:
+            args += ["--chat-template", PROMPT_ONLY_TEMPLATE]
         if self.projector is not None:
             args += ["--mmproj", str(self.projector)]
         ngl = self.load.num_gpu if self.load.num_gpu is not None else self.n_gpu_layers
@@ -181,6 +195,7 @@ def plan_candidates(model: str, path: Path, facts: ModelFacts, settings: PlanSet
             embedding=facts.embedding, kv_cache_type=_effective_kv(settings),
             flash_attention=settings.flash_attention, threads=settings.threads,
             estimate=est.total, detail=est, notes=notes, kv_overrides=overrides,
+            prompt_only=not facts.embedding and not facts.chat_template,
         ))
     return tuple(plans)
 

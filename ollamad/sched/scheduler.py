@@ -24,13 +24,7 @@ from ollamad.memory.accountant import Accountant
 from ollamad.memory.fit import MemorySnapshot
 from ollamad.memory.workers import WorkerPool
 from ollamad.models.catalog import Catalog, Model
-from ollamad.models.plan import (
-    LoadOptions,
-    ModelDefaults,
-    RunnerPlan,
-    plan_candidates,
-    request_context,
-)
+from ollamad.models.plan import LoadOptions, ModelDefaults, RunnerPlan, plan_candidates, request_context
 from ollamad.runner.child import Runner, RunnerError, describe_exit
 from ollamad.runner.leftovers import ChildRecords
 from ollamad.runner.upstream import runner_session
@@ -287,7 +281,7 @@ class Scheduler:
     def _spawn(self, fn: Callable[..., Any], *args: Any) -> None:
         if self._tg is None:
             raise RuntimeError("scheduler is not running")
-        self._tg.start_soon(fn, *args)
+        self._tg.start_soon(_detached, fn, *args)
 
     def _dispatch(self, action: Dispatch, now: float) -> None:
         waiter = self._waiters[action.request_id]
@@ -448,3 +442,9 @@ class Scheduler:
     def busy(self) -> int:
         """Requests waiting or in flight."""
         return self.state.waiting() + sum(r.in_flight for r in self.state.runners.values())
+
+
+async def _detached(fn: Callable[..., Any], *args: Any) -> None:
+    """A scheduler task without the log context (``request_id``) of the request that started it."""
+    structlog.contextvars.clear_contextvars()
+    await fn(*args)

@@ -117,7 +117,7 @@ def test_shorten_renormalises() -> None:
 def test_openai_helpers() -> None:
     payload = upstream_payload({"model": "m", "messages": [], "temperature": 0.2, "max_completion_tokens": 9},
                                {"temperature": 0.7, "top_k": 5, "num_predict": 3, "nonsense": 1})
-    assert payload == {"temperature": 0.2, "top_k": 5, "max_tokens": 9, "messages": []}
+    assert payload == {"temperature": 0.2, "top_k": 5, "max_tokens": 9, "messages": [], "cache_prompt": True}
     raw = base64.b64decode(encode_base64([1.0, -2.5]))
     assert struct.unpack("<2f", raw) == (1.0, -2.5)
 
@@ -189,3 +189,20 @@ def test_api_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> N
     s = load_settings()
     assert s.create_dirs == (Path("/srv/ggufs"), Path("/data/models"))
     assert s.model_settings == Path("/etc/ollamad/models.toml")
+
+
+def test_skip_strings_walks_across_buffer_boundaries() -> None:
+    import io
+
+    from ollamad.models.ggufmeta import GGUFError, _Reader
+
+    words = [b"a", b"", b"x" * (3 << 19), *(b"tok%d" % i for i in range(300_000)), b"end"]
+    data = b"".join(struct.pack("<Q", len(w)) + w for w in words)
+    f = io.BytesIO(data + b"MARK")
+    _Reader(f, len(data) + 4).skip_strings(len(words))
+    assert f.read() == b"MARK"
+    with pytest.raises(GGUFError, match="past the end"):
+        _Reader(io.BytesIO(data[:100]), 100).skip_strings(len(words))
+    bogus = struct.pack("<Q", 1 << 62) + b"x"
+    with pytest.raises(GGUFError, match="past the end"):
+        _Reader(io.BytesIO(bogus), len(bogus)).skip_strings(1)

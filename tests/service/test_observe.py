@@ -136,7 +136,7 @@ def test_client_that_goes_away_is_logged_as_499_and_frees_its_slot(daemon_factor
     assert json.loads(resp.readline())["done"] is False
     conn.close()
     gone = wait_for_log(d, lambda e: e.get("event") == "request" and e.get("status") == 499)
-    assert gone["model"] == "tiny:latest" and gone["tokens"] is None
+    assert gone["model"] == "tiny:latest" and gone["tokens"] >= 1  # what it made before the cut
     deadline = time.monotonic() + 10
     while value(m := scrape(d), "ollamad_in_flight", model="tiny:latest") != 0:
         assert time.monotonic() < deadline
