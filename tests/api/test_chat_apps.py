@@ -125,13 +125,20 @@ async def test_tags_answers_at_once_and_digests_come_from_the_background(tmp_pat
     assert body["models"][0]["digest"] == "ab" * 32
 
     # a restart finds it in the cache (keyed by path, size and mtime): nothing is hashed again
+    hashed: list[Path] = []
+
     def no_hash(path: Path) -> str:
+        hashed.append(path)
         raise AssertionError("hashed a file whose digest was cached")
 
     monkeypatch.setattr(catalog_mod, "hash_file", no_hash)
     again = Catalog(folder, digest_cache=cache)
     again.scan()
     assert again.digest(again.list()[0]) == "ab" * 32
+    for t in threading.enumerate():  # its background pass must be over (a hash there would raise)
+        if t.name == "ollamad-warm":
+            t.join(10)
+    assert hashed == []
     (folder / "tiny.gguf").write_bytes((folder / "tiny.gguf").read_bytes() + b"\0")  # changed: unknown again
     monkeypatch.setattr(catalog_mod, "hash_file", lambda p: "cd" * 32)
     changed = Catalog(folder, digest_cache=cache)
