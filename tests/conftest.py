@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
 import signal
 import socket
 import subprocess
@@ -212,3 +213,28 @@ def child_get(child: dict[str, Any], path: str) -> Any:
                                  headers={"Authorization": f"Bearer {child['key']}"} if child["key"] else {})
     with urllib.request.urlopen(req, timeout=10) as r:
         return json.load(r)
+
+
+# --- systemd-analyze, for the unit checks (tests/test_unit.py, tests/test_unit_worker.py) ---
+def _install_systemd() -> str | None:
+    """Why systemd-analyze is unavailable, or None once it is there."""
+    if shutil.which("systemd-analyze"):
+        return None
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        return "systemd-analyze is missing and apt-get cannot install it here (not root or no apt-get)"
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for cmd in (["apt-get", "update"], ["apt-get", "install", "-y", "--no-install-recommends", "systemd"]):
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        if r.returncode != 0:
+            return f"{' '.join(cmd)} failed: {r.stderr.strip()[-300:]}"
+    return None if shutil.which("systemd-analyze") else "systemd-analyze still missing after installing systemd"
+
+
+@pytest.fixture(scope="module")
+def analyze() -> str:
+    why = _install_systemd()
+    if why is not None:
+        pytest.skip(f"skipping the systemd-analyze checks: {why}")
+    path = shutil.which("systemd-analyze")
+    assert path is not None
+    return path

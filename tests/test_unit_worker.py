@@ -13,23 +13,12 @@ import pytest
 
 from ollamad.cli import EX_CONFIG
 from ollamad.settings import Settings, env_name, load_settings
-from tests.test_unit import _install_systemd
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "ollamad-worker.service"
 NAME = "ollamad-worker.service"
 MAX_EXPOSURE = 2.0
 pytestmark = pytest.mark.timeout(900)  # the first test may install the systemd package
-
-
-@pytest.fixture(scope="module")
-def analyze() -> str:
-    why = _install_systemd()
-    if why is not None:
-        pytest.skip(f"skipping the systemd-analyze checks: {why}")
-    path = shutil.which("systemd-analyze")
-    assert path is not None
-    return path
 
 
 @pytest.fixture
