@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
+import threading
 import time
 import urllib.request
-from typing import Any
+from typing import Any, Self
 
 import psutil
+from aiohttp import web
 
 from tests.conftest import Daemon, runner_key
 
@@ -79,3 +82,37 @@ def wait_for(cond: Any, timeout: float = 30, step: float = 0.02) -> Any:
 
 def queued(d: Daemon) -> int:
     return int(d.get("/api/ps")[1]["queue"]["waiting"])
+
+
+class ThreadedApp:
+    """An aiohttp app (from ``make_app``) served on 127.0.0.1 in a thread of its own, for the
+    daemon to reach as a remote peer (a model registry); ``port`` is known once entered."""
+
+    def __init__(self) -> None:
+        self.port = 0
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+
+    def make_app(self) -> web.Application:
+        raise NotImplementedError
+
+    async def _main(self) -> None:
+        runner = web.AppRunner(self.make_app())
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self._stop = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        self._ready.set()
+        await self._stop.wait()
+        await runner.cleanup()
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        assert self._ready.wait(10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)

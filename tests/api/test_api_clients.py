@@ -13,10 +13,12 @@ from typing import Any
 import ollama
 import openai
 import pytest
+from aiohttp import web
 
 from ollamad.models import store
 from ollamad.models.testmodels import write_all
 from tests.conftest import Daemon
+from tests.streams import ThreadedApp
 
 pytestmark = pytest.mark.real
 
@@ -315,23 +317,14 @@ def test_malformed_requests_are_400_naming_the_problem(shared_daemon: Daemon, me
     assert needle in message
 
 
-class LocalRegistry:
+class LocalRegistry(ThreadedApp):
     """A small Ollama-compatible registry (manifests and blobs over HTTP) on loopback, in a thread."""
 
     def __init__(self, root: Path) -> None:
-        import threading
-
+        super().__init__()
         self.root = root
-        self.port = 0
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._stop: Any = None
 
-    def _run(self) -> None:
-        import asyncio
-
-        from aiohttp import web
-
+    def make_app(self) -> web.Application:
         async def manifest(request: web.Request) -> web.StreamResponse:
             ns, model, tag = (request.match_info[k] for k in ("ns", "model", "tag"))
             path = self.root / "manifests" / "registry.ollama.ai" / ns / model / tag
@@ -345,31 +338,10 @@ class LocalRegistry:
                 return web.Response(status=404)
             return web.FileResponse(path)
 
-        async def main() -> None:
-            app = web.Application()
-            app.router.add_get("/v2/{ns}/{model}/manifests/{tag}", manifest)
-            app.router.add_get("/v2/{ns}/{model}/blobs/{digest}", blob)
-            runner = web.AppRunner(app)
-            await runner.setup()
-            site = web.TCPSite(runner, "127.0.0.1", 0)
-            await site.start()
-            self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-            self._stop = asyncio.Event()
-            self._loop = asyncio.get_running_loop()
-            self._ready.set()
-            await self._stop.wait()
-            await runner.cleanup()
-
-        asyncio.run(main())
-
-    def __enter__(self) -> LocalRegistry:
-        self._thread.start()
-        assert self._ready.wait(10)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(10)
+        app = web.Application()
+        app.router.add_get("/v2/{ns}/{model}/manifests/{tag}", manifest)
+        app.router.add_get("/v2/{ns}/{model}/blobs/{digest}", blob)
+        return app
 
 
 def test_pull_from_local_registry(client: ollama.Client, daemon: Daemon, api_models: Path, tmp_path: Path) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import threading
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,52 +19,34 @@ from ollamad.api.registry import PullPolicy
 from ollamad.models import store
 from tests.conftest import Daemon, free_port
 from tests.models.test_gguf_hostile import nested
+from tests.streams import ThreadedApp
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-class Registry:
+class Registry(ThreadedApp):
     """Serves ``routes`` (path -> handler); counts the requests it got."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.routes: dict[str, Handler] = {}
         self.hits: list[str] = []
-        self.port = 0
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
 
     async def _any(self, request: web.Request) -> web.StreamResponse:
         self.hits.append(request.path)
         handler = self.routes.get(request.path)
         return await handler(request) if handler else web.Response(status=404)
 
-    async def _main(self) -> None:
+    def make_app(self) -> web.Application:
         app = web.Application()
         app.router.add_get("/{tail:.*}", self._any)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        self.port = free_port()
-        await web.TCPSite(runner, "127.0.0.1", self.port).start()
-        self._stop = asyncio.Event()
-        self._loop = asyncio.get_running_loop()
-        self._ready.set()
-        await self._stop.wait()
-        await runner.cleanup()
+        return app
 
     def serve(self, model: str, manifest: Any, blobs: dict[str, bytes]) -> None:
         raw = manifest if isinstance(manifest, bytes) else json.dumps(manifest).encode()
         self.routes[f"/v2/library/{model}/manifests/latest"] = _const(raw)
         for digest, data in blobs.items():
             self.routes[f"/v2/library/{model}/blobs/{digest}"] = _const(data)
-
-    def __enter__(self) -> Registry:
-        self._thread.start()
-        assert self._ready.wait(10)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(10)
 
 
 def _const(body: bytes) -> Handler:
