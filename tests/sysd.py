@@ -27,11 +27,18 @@ import tomllib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import pytest
+
+from ollamad.models.testmodels import write_all
+from ollamad.runner.binary import built_binary
+from ollamad.settings import load_settings
+
 SUITE = "bookworm"
 PACKAGES = ("systemd", "systemd-sysv", "dbus", "python3", "python3-venv", "python3-wheel-whl", "procps",
             "libgomp1", "curl", "sudo")
 MARKER = ".ollamad-sysroot"
 ADMIN = "admin"      # the admin who runs `sudo scripts/install.sh` (uid 1000)
+RUNNERS_INSIDE = f"/home/{ADMIN}/.cache/ollamad/runners"  # where `sudo install.sh` must find the build
 OTHER = "mallory"    # another local user (uid 1001)
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 PROJECT = Path(__file__).resolve().parent.parent
@@ -245,3 +252,22 @@ def main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv))
+
+
+@contextlib.contextmanager
+def booted(tmp: pytest.TempPathFactory, name: str, models: tuple[str, ...]) -> Iterator[Container]:
+    """A booted container with the checkout, the wheels, the runner build (where `sudo install.sh`
+    looks for it) and these generated models (at /srv/models) bound in; the test is skipped with
+    the reason where the tier cannot run, and fails where the llama-server build is missing."""
+    if reason := why_not():
+        pytest.skip(f"systemd tier skipped: {reason}")
+    runners = load_settings().runners_dir
+    if not built_binary(runners).is_file():
+        pytest.fail(f"no llama-server build in {runners} (scripts/setup.sh builds it)")
+    root, wheel_dir = sysroot(), wheels()
+    folder = tmp.mktemp(f"{name}-models")
+    write_all(folder, models)
+    log = tmp.mktemp(name) / "boot.log"
+    with Container(root, {PROJECT: "/project", wheel_dir: "/wheels", runners: RUNNERS_INSIDE,
+                          folder: "/srv/models"}, log) as c:
+        yield c

@@ -20,16 +20,13 @@ from typing import Any, TypeVar
 
 import pytest
 
-from ollamad.models.testmodels import write_all
-from ollamad.runner.binary import built_binary
-from ollamad.settings import load_settings
 from tests import sysd
 
 pytestmark = [pytest.mark.systemd, pytest.mark.timeout(300)]
 
 URL = "http://127.0.0.1:11434"
 ADMIN = sysd.ADMIN
-RUNNERS_INSIDE = f"/home/{ADMIN}/.cache/ollamad/runners"  # where `sudo install.sh` must find the build
+RUNNERS_INSIDE = sysd.RUNNERS_INSIDE
 FAKE = "/usr/local/lib/ollamad-test/llama-server"  # the fake llama-server, slowed down, for drain tests
 FAKE_DROP_IN = "/etc/systemd/system/ollamad.service.d/test-fake.conf"
 T = TypeVar("T")
@@ -37,17 +34,7 @@ T = TypeVar("T")
 
 @pytest.fixture(scope="module")
 def box(tmp_path_factory: pytest.TempPathFactory) -> Iterator[sysd.Container]:
-    if reason := sysd.why_not():
-        pytest.skip(f"systemd tier skipped: {reason}")
-    runners = load_settings().runners_dir
-    if not built_binary(runners).is_file():
-        pytest.fail(f"no llama-server build in {runners} (scripts/setup.sh builds it)")
-    root, wheels = sysd.sysroot(), sysd.wheels()
-    models = tmp_path_factory.mktemp("sysd-models")
-    write_all(models, ("tiny",))
-    log = tmp_path_factory.mktemp("sysd") / "boot.log"
-    with sysd.Container(root, {sysd.PROJECT: "/project", wheels: "/wheels", runners: RUNNERS_INSIDE,
-                               models: "/srv/models"}, log) as c:
+    with sysd.booted(tmp_path_factory, "sysd", ("tiny",)) as c:
         yield c
 
 

@@ -12,15 +12,11 @@ from typing import Any, TypeVar
 
 import pytest
 
-from ollamad.models.testmodels import write_all
-from ollamad.runner.binary import built_binary
-from ollamad.settings import load_settings
 from tests import sysd
 
 pytestmark = [pytest.mark.systemd, pytest.mark.timeout(300)]
 
 ADMIN = sysd.ADMIN
-RUNNERS_INSIDE = f"/home/{ADMIN}/.cache/ollamad/runners"
 WORKER = "127.0.0.1:50052"
 PROBE = ("import asyncio, sys; from ollamad.memory.workers import probe_worker; "
          f"print(asyncio.run(probe_worker('{WORKER}')).state)")
@@ -29,16 +25,7 @@ T = TypeVar("T")
 
 @pytest.fixture(scope="module")
 def box(tmp_path_factory: pytest.TempPathFactory) -> Iterator[sysd.Container]:
-    if reason := sysd.why_not():
-        pytest.skip(f"systemd tier skipped: {reason}")
-    runners = load_settings().runners_dir
-    if not built_binary(runners).is_file():
-        pytest.fail(f"no llama-server build in {runners} (scripts/setup.sh builds it)")
-    models = tmp_path_factory.mktemp("sysd-worker-models")
-    write_all(models, ("small",))
-    log = tmp_path_factory.mktemp("sysd-worker") / "boot.log"
-    with sysd.Container(sysd.sysroot(), {sysd.PROJECT: "/project", sysd.wheels(): "/wheels",
-                                          runners: RUNNERS_INSIDE, models: "/srv/models"}, log) as c:
+    with sysd.booted(tmp_path_factory, "sysd-worker", ("small",)) as c:
         r = c.run(["sudo", "/project/scripts/install.sh"], user=ADMIN, check=False, timeout=240)
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
         yield c
