@@ -8,12 +8,15 @@ import json
 import threading
 import time
 import urllib.request
-from typing import Any, Self
+from collections.abc import Callable
+from typing import Any, Self, TypeVar
 
 import psutil
 from aiohttp import web
 
 from tests.conftest import Daemon, runner_key
+
+T = TypeVar("T")
 
 
 class Stream:
@@ -70,14 +73,20 @@ def busy_slots(proc: psutil.Process) -> int:
     return sum(1 for s in slots if s.get("is_processing"))
 
 
-def wait_for(cond: Any, timeout: float = 30, step: float = 0.02) -> Any:
+def wait_until(fn: Callable[[], T], what: str = "condition", timeout: float = 30, step: float = 0.1) -> T:
+    """``fn()`` once it is truthy; AssertionError naming ``what`` after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
+    while True:
+        value = fn()
         if value:
             return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(step)
-    raise AssertionError(f"condition not met within {timeout}s")
+
+
+def wait_for(cond: Any, timeout: float = 30, step: float = 0.02) -> Any:
+    return wait_until(cond, "condition", timeout, step)
 
 
 def queued(d: Daemon) -> int:

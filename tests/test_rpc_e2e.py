@@ -18,6 +18,7 @@ import pytest
 
 from tests.conftest import Daemon, free_port, model_plan, runner_children
 from tests.rpcworkers import Worker
+from tests.streams import wait_until
 
 pytestmark = pytest.mark.timeout(240)
 MiB = 1024**2
@@ -35,16 +36,6 @@ def rpc_argv(d: Daemon) -> list[str]:
     (child,) = [c for c in runner_children(d) if c["model"].endswith("small.gguf")]
     argv: list[str] = child["argv"]
     return argv[argv.index("--rpc") + 1].split(",") if "--rpc" in argv else []
-
-
-def wait_for(check: Any, what: str, timeout: float = 20.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = check()
-        if got:
-            return got
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def worker_state(d: Daemon, endpoint: str) -> str:
@@ -107,10 +98,10 @@ def test_a_model_too_big_here_runs_over_two_workers(tmp_path: Path, daemon_facto
 
         # it comes back: the next load uses it again
         w2b = Worker(w2.port, tmp_path / "w2b.log")
-        wait_for(lambda: worker_state(d, w2.endpoint) == "up", "the worker to be seen up again")
+        wait_until(lambda: worker_state(d, w2.endpoint) == "up", "the worker to be seen up again", timeout=20)
         status, _ = d.post("/api/generate", {"model": "small", "keep_alive": 0})
         assert status == 200
-        wait_for(lambda: not d.get("/api/ps")[1]["models"], "the model to unload")
+        wait_until(lambda: not d.get("/api/ps")[1]["models"], "the model to unload", timeout=20)
         assert generate(d) == expected
         assert sorted(rpc_argv(d)) == sorted([w1.endpoint, w2.endpoint])
     finally:

@@ -14,13 +14,14 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
 from tests import sysd
+from tests.streams import wait_until
 
 pytestmark = [pytest.mark.systemd, pytest.mark.timeout(300)]
 
@@ -29,7 +30,6 @@ ADMIN = sysd.ADMIN
 RUNNERS_INSIDE = sysd.RUNNERS_INSIDE
 FAKE = "/usr/local/lib/ollamad-test/llama-server"  # the fake llama-server, slowed down, for drain tests
 FAKE_DROP_IN = "/etc/systemd/system/ollamad.service.d/test-fake.conf"
-T = TypeVar("T")
 
 
 @pytest.fixture(scope="module")
@@ -56,17 +56,6 @@ def api(c: sysd.Container, path: str, body: Any = None, user: str = "root") -> t
 
 def show(c: sysd.Container, prop: str) -> str:
     return sh(c, f"systemctl show -p {prop} --value ollamad").strip()
-
-
-def wait_until(fn: Callable[[], T], timeout: float = 30, what: str = "condition") -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.1)
 
 
 def runner_argv(c: sysd.Container) -> list[list[str]]:

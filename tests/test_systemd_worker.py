@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
 from tests import sysd
+from tests.streams import wait_until
 
 pytestmark = [pytest.mark.systemd, pytest.mark.timeout(300)]
 
@@ -20,7 +21,6 @@ ADMIN = sysd.ADMIN
 WORKER = "127.0.0.1:50052"
 PROBE = ("import asyncio, sys; from ollamad.memory.workers import probe_worker; "
          f"print(asyncio.run(probe_worker('{WORKER}')).state)")
-T = TypeVar("T")
 
 
 @pytest.fixture(scope="module")
@@ -33,17 +33,6 @@ def box(tmp_path_factory: pytest.TempPathFactory) -> Iterator[sysd.Container]:
 
 def sh(c: sysd.Container, cmd: str, check: bool = True) -> str:
     return c.run(cmd, check=check).stdout
-
-
-def wait_until(fn: Callable[[], T], what: str, timeout: float = 30) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
 
 
 def probe(c: sysd.Container) -> str:
