@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     try:
         commands[args.command](args)
+        sys.stdout.flush()  # here, not at exit: a closed pipe then raises where it is caught
     except BrokenPipeError:
         # the reader went away (`ollamad run chat | head -c 300`): stop quietly, as cat does; stdout
         # goes to /dev/null so that the flush at exit does not raise again

@@ -73,6 +73,7 @@ class Catalog:
         self._models: dict[str, Model] = {}
         self._aliases: dict[str, str] = {}
         self._facts: dict[tuple[Path, int, float], ModelFacts] = {}
+        self._facts_lock = threading.Lock()
         self._bad: dict[tuple[Path, int, float], GGUFError] = {}  # logged once, not read again
         self._digests = DigestCache(digest_cache)
         self._hashing = threading.Lock()  # one background hasher at a time
@@ -153,23 +154,24 @@ class Catalog:
 
     def facts(self, model: Model) -> ModelFacts:
         """GGUF facts for ``model`` (header only, cached while the file is unchanged)."""
-        st = model.path.stat()
-        key = (model.path, st.st_size, st.st_mtime)
-        facts = self._facts.get(key)
-        if facts is not None:
+        with self._facts_lock:  # the background warm-up and a request: one reads, one logs
+            st = model.path.stat()
+            key = (model.path, st.st_size, st.st_mtime)
+            facts = self._facts.get(key)
+            if facts is not None:
+                return facts
+            if key in self._bad:
+                raise self._bad[key]
+            try:
+                proj = read_gguf(model.projector) if model.projector else None
+                facts = facts_from_gguf(read_gguf(model.path), proj)
+            except (GGUFError, ValueError, TypeError, ArithmeticError) as e:
+                err = e if isinstance(e, GGUFError) else GGUFError(f"invalid model file {model.path.name}: {e}")
+                self._bad[key] = err
+                log.warning("skipping a model whose file cannot be read", model=model.name, error=str(err))
+                raise err from None
+            self._facts[key] = facts
             return facts
-        if key in self._bad:
-            raise self._bad[key]
-        try:
-            proj = read_gguf(model.projector) if model.projector else None
-            facts = facts_from_gguf(read_gguf(model.path), proj)
-        except (GGUFError, ValueError, TypeError, ArithmeticError) as e:
-            err = e if isinstance(e, GGUFError) else GGUFError(f"invalid model file {model.path.name}: {e}")
-            self._bad[key] = err
-            log.warning("skipping a model whose file cannot be read", model=model.name, error=str(err))
-            raise err from None
-        self._facts[key] = facts
-        return facts
 
     def digest(self, model: Model) -> str:
         """The model's digest if known, else "" (never hashes: a request must not wait on that).
