@@ -126,7 +126,7 @@ class Result:
     status: int
     wait: float = 0.0  # ollamad's load_duration (queue wait + load), seconds
     chunks: int = 0
-    seed: int = 0
+    seed: int | None = 0
     error: str = ""
 
 
@@ -270,35 +270,45 @@ def mean(values: list[float]) -> float:
 ROUTES = ("generate", "chat", "v1chat", "completion")  # /api/generate, /api/chat, /v1/chat/completions, /completion
 
 
-async def ask(s: aiohttp.ClientSession, url: str, route: str, model: str, prompt: str, n: int, seed: int,
-              stream: bool) -> Result:
+# Ollama's sampling defaults (what ollamad sends when a request names none), by the names that
+# Ollama's options, llama-server's /completion and its /v1/chat/completions share
+OLLAMA_SAMPLING: dict[str, Any] = {"temperature": 0.8, "top_k": 40, "top_p": 0.9, "min_p": 0.0, "typical_p": 1.0,
+                                   "repeat_last_n": 64, "repeat_penalty": 1.1, "presence_penalty": 0.0,
+                                   "frequency_penalty": 0.0}
+
+
+async def ask(s: aiohttp.ClientSession, url: str, route: str, model: str, prompt: str, n: int, seed: int | None,
+              stream: bool, sampling: dict[str, Any] | None = None) -> Result:
     """One request; tokens are the server's own count (eval_count, usage, or timings).
 
+    ``seed`` None: none sent. ``sampling``: the same sampling settings sent on every route.
     A pooled connection that llama-server closed without notice (before any data) is retried.
     """
     for _ in range(3):
         try:
-            return await _ask(s, url, route, model, prompt, n, seed, stream)
+            return await _ask(s, url, route, model, prompt, n, seed, stream, sampling or {})
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
             continue
-    return await _ask(s, url, route, model, prompt, n, seed, stream)
+    return await _ask(s, url, route, model, prompt, n, seed, stream, sampling or {})
 
 
-def _body(route: str, model: str, prompt: str, n: int, seed: int, stream: bool) -> tuple[str, dict[str, Any]]:
+def _body(route: str, model: str, prompt: str, n: int, seed: int | None, stream: bool,
+          sampling: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     messages = [{"role": "user", "content": prompt}]
+    settings = {**sampling, **({} if seed is None else {"seed": seed})}
     if route == "generate":  # raw: the same prompt as /completion gets (no template)
         return "/api/generate", {"model": model, "prompt": prompt, "stream": stream, "raw": True,
-                                 "options": {"num_predict": n, "seed": seed}}
+                                 "options": {"num_predict": n, **settings}}
     if route == "chat":
         return "/api/chat", {"model": model, "messages": messages, "stream": stream,
-                             "options": {"num_predict": n, "seed": seed}}
+                             "options": {"num_predict": n, **settings}}
     if route == "v1chat":
-        body: dict[str, Any] = {"model": model, "messages": messages, "max_tokens": n, "seed": seed, "stream": stream}
+        body: dict[str, Any] = {"model": model, "messages": messages, "max_tokens": n, "stream": stream, **settings}
         if stream:
             body["stream_options"] = {"include_usage": True}
         return "/v1/chat/completions", body
-    return "/completion", {"model": model, "prompt": prompt, "n_predict": n, "seed": seed, "stream": stream,
-                           "cache_prompt": True}
+    return "/completion", {"model": model, "prompt": prompt, "n_predict": n, "stream": stream,
+                           "cache_prompt": True, **settings}
 
 
 def _tokens(obj: dict[str, Any]) -> int:
@@ -309,9 +319,9 @@ def _tokens(obj: dict[str, Any]) -> int:
     return int((obj.get("timings") or {}).get("predicted_n", 0))
 
 
-async def _ask(s: aiohttp.ClientSession, url: str, route: str, model: str, prompt: str, n: int, seed: int,
-               stream: bool) -> Result:
-    path, body = _body(route, model, prompt, n, seed, stream)
+async def _ask(s: aiohttp.ClientSession, url: str, route: str, model: str, prompt: str, n: int, seed: int | None,
+               stream: bool, sampling: dict[str, Any]) -> Result:
+    path, body = _body(route, model, prompt, n, seed, stream, sampling)
     t0 = time.monotonic()
     async with s.post(url + path, json=body) as r:
         if r.status != 200:

@@ -9,15 +9,21 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from benchlib import Proc, Run, ask, bare_server, ollamad, pct, router, run_clients
+from benchlib import OLLAMA_SAMPLING, Proc, Run, ask, bare_server, ollamad, pct, router, run_clients
 
 REAL = Path(os.environ.get("OLLAMAD_MODELS_CACHE", Path.home() / ".cache" / "ollamad" / "models")) \
     / "SmolLM2-135M-Instruct.Q4_1.gguf"
 STORY = "Write a long story about a dragon who learns to bake bread."
-# (route through ollamad, stream); straight to llama-server and the router the OpenAI routes go as
-# they are, /api/chat as the /v1/chat/completions it becomes, /api/generate (raw) as /completion
-ROWS = (("v1chat", True), ("v1chat", False), ("chat", True), ("chat", False), ("generate", True),
-        ("generate", False))
+# (route through ollamad, stream, seeded); straight to llama-server and the router the OpenAI routes
+# go as they are, /api/chat as the /v1/chat/completions it becomes, /api/generate (raw) as /completion.
+# Every request names the same sampling settings (Ollama's defaults), so all three paths sample alike.
+# Seeded rows: every path generates the same tokens. ollamad evaluates a seeded request's prompt anew
+# (same seed, same answer: llama-server's prompt cache changes the numerics), so there the direct and
+# router requests ask for that too (cache_prompt false): the same work upstream on every path; the
+# seeded chat row also measures llama-server with its cache ("direct_cached"): what the guarantee costs.
+# The unseeded row is what chat apps send: every path keeps its prompt cache; token counts differ.
+ROWS = (("v1chat", True, True), ("v1chat", False, True), ("chat", True, True), ("chat", False, True),
+        ("generate", True, True), ("generate", False, True), ("chat", True, False))
 UPSTREAM = {"v1chat": "v1chat", "chat": "v1chat", "generate": "completion"}
 PATHS = ("direct", "ollamad", "router")
 
@@ -39,8 +45,8 @@ async def peers(binary: Path, mdir: Path, tmp: Path, quick: bool) -> dict[str, A
     else:
         print(f"[bench] peers: {REAL} missing (scripts/real_models.py fetches it); real-model rows skipped",
               flush=True)
-    for label, path in models.items():
-        out[label] = await _peers(binary, path, tmp, 1 if quick else 2)
+    for label, path in models.items():  # each run at least about a second: 4 requests per client on the fast one
+        out[label] = await _peers(binary, path, tmp, 1 if quick else 3, 4 if label == "fast" else 1)
         out[label]["model"] = path.name
     return out
 
@@ -48,43 +54,51 @@ async def peers(binary: Path, mdir: Path, tmp: Path, quick: bool) -> dict[str, A
 THREADS = 1  # the same for all three: with 2 cores shared, llama-server's threads stall on each other
 
 
-async def _peers(binary: Path, model: Path, tmp: Path, rounds: int) -> dict[str, Any]:
-    np_, ctx, clients, per_client, n = 4, 2048, 4, 1, 96
+async def _peers(binary: Path, model: Path, tmp: Path, rounds: int, per_client: int) -> dict[str, Any]:
+    np_, ctx, clients, n = 4, 2048, 4, 96
     mfolder = folder(m=model)
-    runs: dict[tuple[str, bool, str], Run] = {}
+    runs: dict[tuple[str, bool, bool, str], Run] = {}
     async with (bare_server(binary, model, tmp, np_, ctx, THREADS) as srv,
                 ollamad(binary, mfolder, tmp, OLLAMA_NUM_PARALLEL=str(np_), OLLAMA_CONTEXT_LENGTH=str(ctx),
                         OLLAMA_KEEP_ALIVE="1h", OLLAMAD_THREADS=str(THREADS)) as d,
                 router(binary, mfolder, tmp, np_, ctx, threads=THREADS) as rt):
         urls = {"direct": srv.url, "ollamad": d.url, "router": rt.url}
 
-        def call(path: str, route: str, stream: bool, rnd: int) -> Any:
+        def call(path: str, route: str, stream: bool, seeded: bool, rnd: int) -> Any:
             async def one(s: aiohttp.ClientSession, c: int, i: int) -> Any:
                 r = route if path == "ollamad" else UPSTREAM[route]
-                return await ask(s, urls[path], r, "m", STORY, n, 1000 * rnd + 10 * c + i, stream)
+                sampling = dict(OLLAMA_SAMPLING)
+                if seeded and path in ("direct", "router"):  # not direct_cached
+                    sampling["cache_prompt"] = False
+                seed = 1000 * rnd + 10 * c + i if seeded else None
+                return await ask(s, urls[path.removesuffix("_cached")], r, "m", STORY, n, seed, stream, sampling)
             return one
 
+        def paths(route: str, stream: bool, seeded: bool) -> tuple[str, ...]:
+            return (*PATHS, "direct_cached") if (route, stream, seeded) == ("chat", True, True) else PATHS
+
         for path in PATHS:  # warm-up: loads ollamad's runner and the router's child
-            for route, stream in ROWS:
-                await run_clients(1, 1, call(path, route, stream, 99))
+            for route, stream, seeded in ROWS:
+                await run_clients(1, 1, call(path, route, stream, seeded, 99))
         for rnd in range(rounds):
-            for k, (route, stream) in enumerate(ROWS):
-                shift = (rnd + k) % 3
-                for path in PATHS[shift:] + PATHS[:shift]:
-                    run = await run_clients(clients, per_client, call(path, route, stream, rnd))
-                    runs.setdefault((route, stream, path), Run()).add(run)
+            for k, (route, stream, seeded) in enumerate(ROWS):
+                order = paths(route, stream, seeded)
+                shift = (rnd + k) % len(order)
+                for path in order[shift:] + order[:shift]:
+                    run = await run_clients(clients, per_client, call(path, route, stream, seeded, rnd))
+                    runs.setdefault((route, stream, seeded, path), Run()).add(run)
     rows: dict[str, Any] = {}
-    for route, stream in ROWS:
-        row: dict[str, Any] = {"route": route, "stream": stream}
-        for path in PATHS:
-            run = runs[(route, stream, path)]
+    for route, stream, seeded in ROWS:
+        row: dict[str, Any] = {"route": route, "stream": stream, "seeded": seeded}
+        for path in paths(route, stream, seeded):
+            run = runs[(route, stream, seeded, path)]
             row[path] = {"tokens_per_s": run.tokens_per_s(), "tokens": sum(r.tokens for r in run.ok),
                          "requests": len(run.results), "errors": run.errors()[:3]}
         row["ollamad_ratio"] = row["ollamad"]["tokens_per_s"] / row["direct"]["tokens_per_s"]
         row["router_ratio"] = row["router"]["tokens_per_s"] / row["direct"]["tokens_per_s"]
-        rows[f"{route}_{'stream' if stream else 'whole'}"] = row
-    return {"rows": rows, "rounds": rounds, "clients": clients, "slots": np_, "ctx_per_slot": ctx,
-            "tokens_per_request": n, "threads": THREADS}
+        rows[f"{route}_{'stream' if stream else 'whole'}{'_seeded' if seeded else ''}"] = row
+    return {"rows": rows, "rounds": rounds, "clients": clients, "per_client": per_client, "slots": np_,
+            "ctx_per_slot": ctx, "tokens_per_request": n, "threads": THREADS}
 
 
 async def swap_router(binary: Path, mdir: Path, tmp: Path, quick: bool) -> dict[str, Any]:
@@ -123,29 +137,48 @@ def render_peers(res: dict[str, Any]) -> list[str]:
     lines: list[str] = []
     if "peers" in res:
         lines += ["## 7. Peers: llama-server alone, ollamad, llama.cpp's router mode", "",
-                  "The same requests (same prompt, seeds and 96-token limit; 4 slots of 2048 context, 4 clients) "
-                  "straight to llama-server, through ollamad and through llama-server's own multi-model proxy "
+                  "The same requests (same prompt, 96-token limit, the same sampling settings named in every "
+                  "request: Ollama's defaults; 4 slots of 2048 context, 4 closed-loop clients) straight to "
+                  "llama-server, through ollamad and through llama-server's own multi-model proxy "
                   "(`--models-dir DIR --models-max 1`, same binary), each llama-server on one thread (on 2 "
                   "shared cores, llama-server's threads stall on each other when others run). Rounds interleave "
-                  "the three paths. Straight and through the router, /api/chat goes as the "
+                  "the paths, rotating which goes first. Straight and through the router, /api/chat goes as the "
                   "/v1/chat/completions request it becomes and /api/generate (raw) as /completion. "
+                  "Requests carry seeds (all paths generate the same tokens) except in the row marked no seed. "
                   "Targets: ollamad >= 0.98 x direct and >= the router's ratio.",
                   ""]
         for label, v in res["peers"].items():
-            lines += [f"**{label}** (`{v['model']}`, {v['rounds']} rounds)", "",
+            lines += [f"**{label}** (`{v['model']}`, {v['rounds']} rounds of {v['clients']} clients x "
+                      f"{v.get('per_client', 1)} requests per path and row)", "",
                       "| route | stream | direct tok/s | ollamad tok/s | router tok/s | ollamad / direct | "
                       "router / direct | tokens d / o / r |", "|---|---|---|---|---|---|---|---|"]
             for row in v["rows"].values():
                 errs = sum(len(row[p]["errors"]) for p in PATHS)
-                lines.append(f"| {row['route']} | {row['stream']} | {f(row['direct']['tokens_per_s'])} | "
+                route = row["route"] + ("" if row.get("seeded", True) else " (no seed)")
+                lines.append(f"| {route} | {row['stream']} | {f(row['direct']['tokens_per_s'])} | "
                              f"{f(row['ollamad']['tokens_per_s'])} | {f(row['router']['tokens_per_s'])} | "
                              f"**{f(row['ollamad_ratio'], 3)}** | {f(row['router_ratio'], 3)} | "
                              f"{row['direct']['tokens']} / {row['ollamad']['tokens']} / {row['router']['tokens']}"
                              + (f" ({errs} errors)" if errs else "") + " |")
-            spread = [row["router_ratio"] for row in v["rows"].values()]
-            lines += ["", f"The router's ratio ranges {f(min(spread), 2)} to {f(max(spread), 2)} over these rows, "
-                      "though it adds the same small proxy cost to each: differences between paths smaller than "
-                      "that spread are the machine's noise, not the path's cost.", ""]
+            plain = [row for row in v["rows"].values() if row.get("seeded", True)]
+            o = [r["ollamad_ratio"] for r in plain]
+            rr = [r["router_ratio"] for r in plain]
+            lines += ["", f"Seeded rows: ollamad / direct from {f(min(o), 3)} to {f(max(o), 3)}, router / direct "
+                      f"from {f(min(rr), 3)} to {f(max(rr), 3)}; "
+                      "the two proxies add a small, fixed cost per request and per token, so their spread "
+                      "over the rows is the machine's noise."]
+            for row in v["rows"].values():
+                if "direct_cached" in row:
+                    cached = row["direct_cached"]["tokens_per_s"]
+                    lines += ["", "Seeded rows: every path generates the same tokens, and ollamad evaluates a "
+                              "seeded request's prompt anew (`cache_prompt` false: with llama-server's prompt "
+                              "cache the same seed can give another answer), so the direct and router requests "
+                              "ask for the same: the same work upstream. Straight to llama-server with its prompt "
+                              f"cache, the seeded streamed chats ran at {f(cached)} tok/s: the guarantee costs "
+                              f"{f(100 * (1 - row['direct']['tokens_per_s'] / cached), 0)}% on this short prompt. "
+                              "The unseeded row is what chat apps send: every path keeps its prompt cache, and "
+                              "the answers, so the token counts, differ."]
+            lines.append("")
     if "swap_router" in res:
         s = res["swap_router"]
         lines += ["## 8. Model swapping against the router (two 10 MB models, room for one, 8 closed-loop clients "
