@@ -22,7 +22,7 @@ from ollamad.models import real, store
 from ollamad.models.catalog import Catalog
 from ollamad.models.config import ModelConfigError
 from ollamad.models.testmodels import write_llama
-from ollamad.runner.binary import check_runs, find_llama_server
+from ollamad.runner.binary import PROMPT_CANCEL, check_runs, find_llama_server, patches
 from ollamad.runner.child import child_environment
 from ollamad.runner.leftovers import ChildRecords
 from ollamad.runner.upstream import runner_session
@@ -89,7 +89,8 @@ async def serve(settings: Settings, *, on_ready: Callable[[AppContext], None] | 
     async with anyio.create_task_group() as tg:
         await tg.start(scheduler.run)
         async with runner_session(timeout=aiohttp.ClientTimeout(total=None)) as session:
-            ctx = AppContext(settings, catalog, scheduler, session)
+            fixes = patches(binary)
+            ctx = AppContext(settings, catalog, scheduler, session, one_answer=PROMPT_CANCEL in fixes)
             # drain() already waited for requests; what is left when cleanup runs gets cut
             # keepalive_timeout also bounds how long a request's head may take (listener.py)
             runner = web.AppRunner(make_app(ctx), handler_cancellation=True, access_log=None,
@@ -101,7 +102,7 @@ async def serve(settings: Settings, *, on_ready: Callable[[AppContext], None] | 
             with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
                 await site.start()
                 log.info("listening", host=host, port=port, version=__version__, llama_server=str(binary),
-                         llama_server_version=binary_version,
+                         llama_server_version=binary_version, llama_server_patches=sorted(fixes),
                          models=str(settings.models), count=len(catalog.list()), open_files=fd_limit,
                          max_connections=max_connections)
                 tg.start_soon(watch_stalled_writers, runner.server, settings.write_timeout)

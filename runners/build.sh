@@ -37,6 +37,7 @@ mkdir -p "$RUNNERS_DIR"
 exec 9>"$RUNNERS_DIR/.lock"
 flock 9   # one build at a time per cache
 
+patches=()
 if [ -n "${LLAMA_CPP_SRC:-}" ]; then
   src=$(cd "$LLAMA_CPP_SRC" && pwd) || die "LLAMA_CPP_SRC=$LLAMA_CPP_SRC is not a folder"
   [ -f "$src/CMakeLists.txt" ] && [ -d "$src/tools/server" -o -d "$src/examples/server" ] \
@@ -48,7 +49,12 @@ if [ -n "${LLAMA_CPP_SRC:-}" ]; then
     version="llama.cpp-$(find "$src" -name '*.c*' -o -name '*.h' -o -name CMakeLists.txt | sort | xargs cat | sha256sum | cut -c1-10)"
   fi
 else
+  # fixes of our own, applied to the downloaded source (never to a LLAMA_CPP_SRC checkout):
+  # runners/patches/*.patch, named in the key and listed in the build's PATCHES file
+  here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+  for p in "$here"/patches/*.patch; do [ -f "$p" ] && patches+=("$p"); done
   version="llama-cpp-python-$LLAMA_CPP_PYTHON_VERSION"
+  [ ${#patches[@]} -gt 0 ] && version="$version-p$(cat "${patches[@]}" | sha256sum | cut -c1-6)"
 fi
 
 key="$version-$backend-$flags_hash"
@@ -73,6 +79,11 @@ if [ -z "${LLAMA_CPP_SRC:-}" ]; then
       || tar -xzf "$work"/sdist/llama-cpp-python-*.tar.gz -C "$work"
     [ -d "$work/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION" ] && \
       mv "$work/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION" "$work/llama-cpp-python-$LLAMA_CPP_PYTHON_VERSION"
+    for p in "${patches[@]}"; do
+      say "applying $(basename "$p")"
+      (cd "$src" && patch -p1 --forward --quiet <"$p") \
+        || { rm -rf "$work/llama-cpp-python-$LLAMA_CPP_PYTHON_VERSION"; die "patch $(basename "$p") does not apply to llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION"; }
+    done
   fi
 fi
 
@@ -91,6 +102,8 @@ cp "$work/build/bin/llama-server" "$dest.tmp/bin/"
 [ -x "$work/build/bin/$rpc_target" ] && cp "$work/build/bin/$rpc_target" "$dest.tmp/bin/"
 "$dest.tmp/bin/llama-server" --version >"$dest.tmp/VERSION" 2>&1 || die "the built llama-server does not run"
 printf '%s\n' "${flags[@]}" >"$dest.tmp/FLAGS"
+: >"$dest.tmp/PATCHES"
+for p in "${patches[@]}"; do basename "$p" .patch >>"$dest.tmp/PATCHES"; done
 touch "$dest.tmp/.complete"
 rm -rf "$dest" && mv "$dest.tmp" "$dest"
 ln -sfn "$key" "$RUNNERS_DIR/current"

@@ -108,10 +108,11 @@ async def ollamad(binary: Path, models: Path, logdir: Path, src: Path | None = N
 
 @contextlib.asynccontextmanager
 async def bare_server(binary: Path, model: Path, logdir: Path, parallel: int, ctx: int,
-                      threads: int = 0) -> AsyncIterator[Proc]:
+                      threads: int = 0, extra: tuple[str, ...] = ()) -> AsyncIterator[Proc]:
     port = free_port()
     argv = [str(binary), "--model", str(model), "--host", "127.0.0.1", "--port", str(port), "--parallel",
-            str(parallel), "--ctx-size", str(parallel * ctx), "--no-webui", "--fit", "off", "--flash-attn", "off"]
+            str(parallel), "--ctx-size", str(parallel * ctx), "--no-webui", "--fit", "off", "--flash-attn", "off",
+            *extra]
     if threads:
         argv += ["--threads", str(threads)]
     async with spawned(argv, port, logdir / f"llama-server-{port}.log", "/health", start_new_session=True) as proc:
@@ -356,11 +357,11 @@ async def _ask(s: aiohttp.ClientSession, url: str, route: str, model: str, promp
 
 @contextlib.asynccontextmanager
 async def router(binary: Path, models: Path, logdir: Path, parallel: int, ctx: int,
-                 models_max: int = 1, threads: int = 0) -> AsyncIterator[Proc]:
+                 models_max: int = 1, threads: int = 0, extra: tuple[str, ...] = ()) -> AsyncIterator[Proc]:
     """llama.cpp's own multi-model proxy (router mode), same binary: each DIR/NAME.gguf is model NAME."""
     port = free_port()
     argv = [str(binary), "--models-dir", str(models), "--models-max", str(models_max), "--host", "127.0.0.1",
             "--port", str(port), "--parallel", str(parallel), "--ctx-size", str(parallel * ctx), "--no-webui",
-            "--fit", "off", "--flash-attn", "off"] + (["--threads", str(threads)] if threads else [])
+            "--fit", "off", "--flash-attn", "off", *extra] + (["--threads", str(threads)] if threads else [])
     async with spawned(argv, port, logdir / f"router-{port}.log", "/health", start_new_session=True) as proc:
         yield proc

@@ -34,7 +34,7 @@ from typing import Any
 from aiohttp import web
 
 state: dict[str, Any] = {"ready": False, "in_flight": 0, "peak": 0, "total": 0, "hang": False, "prompts": [],
-                         "dropped": 0, "streamed": [], "payloads": []}
+                         "dropped": 0, "streamed": [], "payloads": [], "abandoned": 0}
 served_on: set[int] = set()  # connections (their handlers' ids) that carried a completion
 
 
@@ -177,6 +177,9 @@ async def stream_tokens(request: web.Request, chat: bool) -> web.StreamResponse:
                 await asyncio.sleep(3600)
             if delay:
                 await asyncio.sleep(delay)
+            if not stream and (request.transport is None or request.transport.is_closing()):
+                state["abandoned"] += 1  # as llama-server with runners/patches/0001: a one answer's
+                return resp  # client gone, the task stops
             tok = f"t{i} ".ljust(int(os.environ.get("FAKE_TOKEN_BYTES", 0)), "x")
             text.append(tok)
             if stream:
@@ -198,6 +201,8 @@ async def stream_tokens(request: web.Request, chat: bool) -> web.StreamResponse:
         else:
             events = [{"content": "" if stream else "".join(text), "stop": True, "stop_type": "limit",
                        "model": ARGS.model, "timings": timings, "tokens_evaluated": 3, "tokens_predicted": n}]
+            if not stream and body.get("return_tokens"):  # the one answer carries every token
+                events[0]["tokens"] = [ord(c) for c in "".join(text)]
             if os.environ.get("FAKE_FINAL_PAD"):  # llama-server's final event echoes the prompt
                 events[0]["prompt"] = "p" * int(os.environ["FAKE_FINAL_PAD"])
         if not stream:
@@ -207,6 +212,10 @@ async def stream_tokens(request: web.Request, chat: bool) -> web.StreamResponse:
         if chat:
             await resp.write(b"data: [DONE]\n\n")
         return resp
+    except asyncio.CancelledError:  # the connection closed (aiohttp cancels the handler)
+        if not body.get("stream", False):
+            state["abandoned"] += 1
+        raise
     finally:
         state["in_flight"] -= 1
 

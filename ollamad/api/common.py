@@ -50,6 +50,9 @@ class AppContext:
     session: aiohttp.ClientSession | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     cutting: bool = False  # the drain timeout ran out: streams still running are being cut
+    # the runner stops a one-answer request when its client goes away (runners/patches/):
+    # native stream:false requests ask for one answer instead of a stream gathered here
+    one_answer: bool = False
     streams: set[anyio.CancelScope] = field(default_factory=set)
 
     def cut_streams(self) -> int:
@@ -290,10 +293,13 @@ async def upstream(ctx: AppContext, lease: Lease, path: str, payload: dict[str, 
     headers) within OLLAMAD_ACCEPT_TIMEOUT: llama-server compiles a format's grammar before it
     answers, and a runner stuck there (while /health says ok) is replaced."""
     assert ctx.session is not None
-    limit = ctx.settings.accept_timeout if payload.get("stream") else math.inf
+    stream = bool(payload.get("stream"))
+    limit = ctx.settings.accept_timeout if stream else math.inf
+    # llama-server closes the connection after a streamed reply (without saying so): never pool it
+    headers = {**lease.runner.headers, "Connection": "close"} if stream else lease.runner.headers
     try:
         with anyio.fail_after(limit):
-            resp = await ctx.session.post(f"{lease.runner.url}{path}", json=payload, headers=lease.runner.headers)
+            resp = await ctx.session.post(f"{lease.runner.url}{path}", json=payload, headers=headers)
     except TimeoutError:
         lease.lost(f"did not accept a request within {limit:g}s")
         raise UpstreamError(500, f"llama-server did not accept the request within {limit:g}s "

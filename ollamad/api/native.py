@@ -9,6 +9,7 @@ from typing import Any
 from aiohttp import web
 
 from ollamad import __version__
+from ollamad.api.chunks import ChatShape, GenerateShape, TemplatedChatShape
 from ollamad.api.common import (
     CTX,
     ApiError,
@@ -25,7 +26,7 @@ from ollamad.api.common import (
     with_defaults,
 )
 from ollamad.api.limits import check_prompt, check_schemas
-from ollamad.api.relay import ChatShape, GenerateShape, TemplatedChatShape, relay
+from ollamad.api.relay import relay
 from ollamad.api.reqlog import record_of
 from ollamad.api.translate import (
     ChatRequest,

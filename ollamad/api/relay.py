@@ -3,10 +3,12 @@
 - Native streams: each event is decoded into a small typed struct (msgspec reads only the
   fields named here and skips the rest) and the NDJSON chunk is written from prefixes made once
   per request; every event that one read brings is written to the client in one write.
-- Native requests with ``stream: false`` are streamed from llama-server all the same and
-  gathered here (in batches, one decode per event, nothing written per token): llama-server
-  stops a streamed task within a write of its client going away, but in a one-answer request
-  it noticed a closed connection only after 6 to 160 s (measured, this build), holding the slot.
+- Native requests with ``stream: false`` ask llama-server for one answer when its build has
+  runners/patches/0001 (``ctx.one_answer``): nothing per token on either side, and a client
+  that goes away still stops the task within about a second. Without the fix, llama-server
+  noticed a one-answer client gone only after 6 to 160 s while other slots streamed (measured),
+  holding the slot: such requests are streamed from llama-server all the same and gathered here
+  (one decode per event, nothing written per token).
 - ``/v1`` streams are llama-server's own bytes with the ``model`` field (and the fingerprint
   beside it) replaced: no parse-and-rebuild.
 """
@@ -21,202 +23,14 @@ import msgspec
 import structlog
 from aiohttp import web
 
+from ollamad.api.chunks import Shape, encode
 from ollamad.api.common import CUT_BY_SHUTDOWN, NDJSON, AppContext, cuttable, dumps, reply, upstream
 from ollamad.api.reqlog import RequestRecord, record_of
-from ollamad.api.translate import done_reason, durations, ollama_tool_calls
-from ollamad.runner.events import UpstreamError, error_of, event_error, sse_blocks, sse_data
+from ollamad.runner.events import UpstreamError, error_of, sse_blocks, sse_data
 from ollamad.sched.rpcplace import split_note
 from ollamad.sched.scheduler import Lease
 
 log = structlog.get_logger("ollamad.api")
-encode = msgspec.json.Encoder().encode
-_second: list[Any] = [0, b""]
-
-
-def created_at() -> bytes:
-    """UTC now as Ollama writes ``created_at``; the date-time part is formatted once a second."""
-    t = time.time()
-    sec = int(t)
-    if sec != _second[0]:
-        _second[0], _second[1] = sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)).encode()
-    return b"%s.%06dZ" % (_second[1], int((t - sec) * 1e6))
-
-
-# --- what the relay reads of llama-server's events (everything else is skipped unread) ------
-class CompletionEvent(msgspec.Struct):
-    """A /completion or /infill event, streamed or the one answer."""
-
-    content: str = ""
-    stop: bool = False
-    stop_type: str | None = None
-    timings: dict[str, Any] | None = None
-    tokens_evaluated: int | None = None
-    tokens: list[int] = []  # with return_tokens (generate's ``context``)
-    error: Any = None
-
-
-class ToolCall(msgspec.Struct):
-    index: int = 0
-    function: dict[str, Any] | None = None
-
-
-class Message(msgspec.Struct):
-    """A chat delta."""
-
-    content: str | None = None
-    reasoning_content: str | None = None
-    tool_calls: list[ToolCall] | None = None
-
-
-class Choice(msgspec.Struct):
-    delta: Message | None = None
-    finish_reason: str | None = None
-
-
-class ChatEvent(msgspec.Struct):
-    choices: list[Choice] = []
-    timings: dict[str, Any] | None = None
-    usage: dict[str, Any] | None = None
-    error: Any = None
-
-
-_completion = msgspec.json.Decoder(CompletionEvent)
-_chat = msgspec.json.Decoder(ChatEvent)
-
-
-def _decode(decoder: msgspec.json.Decoder[Any], data: bytes) -> Any:
-    try:
-        ev = decoder.decode(data)
-    except msgspec.DecodeError as e:
-        raise UpstreamError(500, f"llama-server sent an event the relay cannot read: {e}") from None
-    if ev.error is not None and not getattr(ev, "choices", None):
-        raise event_error(data)
-    return ev
-
-
-# --- the shapes of Ollama's chunks --------------------------------------------------------
-class GenerateShape:
-    """Generate chunks from a /completion stream or answer."""
-
-    def __init__(self, model: str) -> None:
-        self.model = model
-        self.head = b'{"model":' + encode(model) + b',"created_at":"'
-        self.last = CompletionEvent()
-        self.text: list[str] = []  # the reply so far, when gathered (``keep``) rather than sent
-        self.keep = False
-
-    def piece(self, data: bytes) -> bytes | None:
-        """The NDJSON chunk for one event (None: nothing to send); remembers the last event."""
-        ev = self.last = _decode(_completion, data)
-        if not ev.content:
-            return None
-        if self.keep:
-            self.text.append(ev.content)
-            return None
-        return self.chunk(ev.content)
-
-    def chunk(self, content: str) -> bytes:
-        return b"".join((self.head, created_at(), b'","response":', encode(content), b',"done":false}\n'))
-
-    def is_final(self) -> bool:
-        return self.last.stop
-
-    def final(self, total_ns: int, load_ns: int, text: str = "") -> dict[str, Any]:
-        ev = self.last
-        return {
-            "model": self.model, "created_at": created_at().decode(), "response": text,
-            "done": True, "done_reason": done_reason(ev.stop_type),
-            **durations(ev.timings, total_ns, load_ns, ev.tokens_evaluated),
-        }
-
-    def whole(self, total_ns: int, load_ns: int) -> dict[str, Any]:
-        """The final object with the gathered reply (``keep``)."""
-        return self.final(total_ns, load_ns, "".join(self.text))
-
-
-class TemplatedChatShape(GenerateShape):
-    """Chat chunks made from a /completion stream (chat with ``format``)."""
-
-    def chunk(self, content: str) -> bytes:
-        return b"".join((self.head, created_at(), b'","message":{"role":"assistant","content":', encode(content),
-                         b'},"done":false}\n'))
-
-    def final(self, total_ns: int, load_ns: int, text: str = "") -> dict[str, Any]:
-        out = super().final(total_ns, load_ns, text)
-        msg = {"role": "assistant", "content": out.pop("response")}
-        return {"model": out.pop("model"), "created_at": out.pop("created_at"), "message": msg, **out}
-
-
-class ChatShape:
-    """Chat chunks from a /v1/chat/completions stream or answer; tool calls are gathered and sent whole."""
-
-    def __init__(self, model: str) -> None:
-        self.model = model
-        self.head = b'{"model":' + encode(model) + b',"created_at":"'
-        self.calls: dict[int, dict[str, Any]] = {}
-        self.finish: str | None = None
-        self.timings: dict[str, Any] | None = None
-        self.prompt_tokens: int | None = None
-        self.text: list[str] = []
-        self.thinking: list[str] = []
-        self.keep = False
-
-    def piece(self, data: bytes) -> bytes | None:
-        ev = _decode(_chat, data)
-        if ev.timings:
-            self.timings = ev.timings
-        if ev.usage:
-            self.prompt_tokens = ev.usage.get("prompt_tokens")
-        if not ev.choices:
-            return None
-        choice = ev.choices[0]
-        self.finish = choice.finish_reason or self.finish
-        delta = choice.delta
-        if delta is None:
-            return None
-        if delta.tool_calls:
-            self._gather(delta.tool_calls)
-        content, thinking = delta.content or "", delta.reasoning_content
-        if self.keep:
-            self.text.append(content)
-            self.thinking.append(thinking or "")
-            return None
-        if thinking:
-            return b"".join((self.head, created_at(), b'","message":{"role":"assistant","content":', encode(content),
-                             b',"thinking":', encode(thinking), b'},"done":false}\n'))
-        if not content:
-            return None
-        return b"".join((self.head, created_at(), b'","message":{"role":"assistant","content":', encode(content),
-                         b'},"done":false}\n'))
-
-    def _gather(self, calls: list[ToolCall]) -> None:
-        for tc in calls:
-            slot = self.calls.setdefault(tc.index, {"function": {"name": "", "arguments": ""}})
-            fn = tc.function or {}
-            slot["function"]["name"] += fn.get("name") or ""
-            args = fn.get("arguments") or ""
-            slot["function"]["arguments"] += args if isinstance(args, str) else encode(args).decode()
-
-    def is_final(self) -> bool:
-        return False  # the chat stream ends with [DONE], after the usage chunk
-
-    def final(self, total_ns: int, load_ns: int, text: str = "", thinking: str = "") -> dict[str, Any]:
-        msg: dict[str, Any] = {"role": "assistant", "content": text}
-        if thinking:
-            msg["thinking"] = thinking
-        if self.calls:
-            msg["tool_calls"] = ollama_tool_calls([self.calls[i] for i in sorted(self.calls)])
-        return {
-            "model": self.model, "created_at": created_at().decode(), "message": msg, "done": True,
-            "done_reason": done_reason(None, self.finish),
-            **durations(self.timings, total_ns, load_ns, self.prompt_tokens),
-        }
-
-    def whole(self, total_ns: int, load_ns: int) -> dict[str, Any]:
-        return self.final(total_ns, load_ns, "".join(self.text), "".join(self.thinking))
-
-
-Shape = GenerateShape | ChatShape
 
 
 async def relay(request: web.Request, ctx: AppContext, lease: Lease, path: str, payload: dict[str, Any],
@@ -241,10 +55,19 @@ async def _relay(request: web.Request, ctx: AppContext, lease: Lease, path: str,
                  stream: bool, t0: int, shape: Shape) -> web.StreamResponse:
     assert ctx.session is not None
     load_ns = int(lease.queued_for * 1e9)
+    if not stream and ctx.one_answer:
+        payload = {k: v for k, v in payload.items() if k not in ("stream_options", "timings_per_token")}
+        payload["stream"] = False
     async with upstream(ctx, lease, path, payload) as up:
         if up.status != 200:
             raise await error_of(up)
         rec = record_of(request)
+        if not stream and ctx.one_answer:
+            shape.answer(await up.read())  # a client that leaves cancels this; the runner stops within ~1 s
+            final = shape.whole(time.monotonic_ns() - t0, load_ns)
+            rec.first_token()
+            rec.finished(final)
+            return reply(final)
         if not stream:
             return await _gather(up, shape, rec, t0, load_ns)
         resp = web.StreamResponse(headers={"Content-Type": NDJSON})

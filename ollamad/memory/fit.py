@@ -141,6 +141,8 @@ class Buffer:
 
 def parse_buffer_line(line: str) -> Buffer | None:
     """A ``<device> <kind> buffer size = X MiB`` line, else None."""
+    if "buffer size" not in line:  # most lines (with --verbosity 4, about one per token): no regex search
+        return None
     m = _BUFFER.search(line)
     if m is None:
         return None

@@ -45,6 +45,19 @@ def check_runs(binary: Path, env: Mapping[str, str], timeout: float = VERSION_TI
     return next((ln for ln in lines if ln.startswith("version")), lines[0] if lines else "unknown")
 
 
+# runners/patches/ fixes the relay relies on when the build has them (its PATCHES file)
+PROMPT_CANCEL = "0001-server-stop-polling-deadline"  # a one-answer request stops within ~1 s of its client
+
+
+def patches(binary: Path) -> frozenset[str]:
+    """The runners/patches/ fixes built into ``binary``: its build's PATCHES file; none if unknown."""
+    try:
+        text = (binary.resolve().parent.parent / "PATCHES").read_text()
+    except OSError:
+        return frozenset()
+    return frozenset(line.strip() for line in text.splitlines() if line.strip())
+
+
 def built_binary(runners_dir: Path) -> Path:
     return runners_dir / "current" / "bin" / "llama-server"
 

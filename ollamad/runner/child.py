@@ -13,15 +13,19 @@ import asyncio
 import contextlib
 import ctypes
 import errno
+import functools
 import os
 import secrets
+import shutil
 import signal
 import socket
+import subprocess
 import tempfile
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 import psutil
@@ -52,6 +56,32 @@ def free_port() -> int:
 def _child_setup() -> None:  # runs in the child between fork and exec
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+@functools.cache
+def _setpriv() -> str | None:
+    """util-linux's setpriv, if it can set the parent-death signal (2.33+), else None."""
+    path = shutil.which("setpriv")
+    if path is None:
+        return None
+    try:
+        done = subprocess.run([path, "--help"], capture_output=True, text=True, timeout=5, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return path if "--pdeathsig" in done.stdout else None
+
+
+def spawn_options(argv: list[str]) -> tuple[list[str], dict[str, Any]]:
+    """``argv`` and the create_subprocess_exec keywords that give the child a parent-death SIGKILL.
+
+    Through ``setpriv --pdeathsig KILL`` (it sets the signal and execs, keeping the pid) where
+    there is one: a ``preexec_fn`` makes Python fork its whole heap instead of vfork, 7 to 10 ms
+    per load measured in the daemon against 1.5 ms this way.
+    """
+    setpriv = _setpriv()
+    if setpriv is not None:
+        return [setpriv, "--pdeathsig", "KILL", "--", *argv], {}
+    return argv, {"preexec_fn": _child_setup}
 
 
 def child_environment(env_pass: tuple[str, ...] = (), extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -146,15 +176,20 @@ class Runner:
             raise RunnerError(f"cannot write the runner's key file in {tempfile.gettempdir()}: {e}") from None
         argv = self.argv()
         self.started_at = self.last_output = time.monotonic()
+        exec_argv, deathsig = spawn_options(argv)
+        if not os.access(argv[0], os.X_OK):  # said here: through setpriv it would be an exit code 127
+            self._forget_key()
+            why = "Permission denied" if os.path.exists(argv[0]) else "No such file or directory"
+            raise RunnerError(f"cannot start {argv[0]}: {why}")
         try:
             self.proc = await asyncio.create_subprocess_exec(
-                *argv,
+                *exec_argv,
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,
                 env=self.child_env(),
                 start_new_session=True,
-                preexec_fn=_child_setup,
+                **deathsig,
             )
         except OSError as e:
             self._forget_key()

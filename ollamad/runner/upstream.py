@@ -18,14 +18,19 @@ import structlog
 log = structlog.get_logger("ollamad.upstream")
 
 KEEPALIVE = 2.0  # seconds a pooled connection is kept; below llama-server's 5 s
-ATTEMPTS = 3  # a request, and twice more on a new connection
+# a request, and again while pooled connections turn out closed: each failure drops one, and
+# several streams ending together leave as many (3 attempts failed once in four suite runs)
+ATTEMPTS = 6
 # Cut before any reply: the runner closed the socket. Not ClientConnectorError (a subclass of
 # ClientOSError): a refused connection means the runner is gone, and is reported at once.
 CLOSED_UNDER_US = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, aiohttp.ClientConnectionResetError)
 
 
 async def resend_when_closed(req: aiohttp.ClientRequest, handler: aiohttp.ClientHandlerType) -> aiohttp.ClientResponse:
-    """Client middleware: send ``req`` again when the connection closed before the reply began."""
+    """Client middleware: send ``req`` again when the connection closed before the reply began.
+
+    The daemon's streamed requests say ``Connection: close`` (api/common.upstream), so their
+    connections never return to the pool; this covers the rest (idle closes, other callers)."""
     for attempt in range(1, ATTEMPTS):
         try:
             return await handler(req)

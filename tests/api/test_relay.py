@@ -13,8 +13,10 @@ from typing import Any
 
 import pytest
 
-from ollamad.api.relay import ChatShape, GenerateShape, ModelField, TemplatedChatShape
+from ollamad.api.chunks import ChatShape, GenerateShape, TemplatedChatShape
+from ollamad.api.relay import ModelField
 from ollamad.models.testmodels import write_all, write_llama
+from ollamad.runner.binary import PROMPT_CANCEL, patches
 from ollamad.runner.events import UpstreamError, sse_blocks, sse_data
 from tests.conftest import Daemon, fake_with
 from tests.streams import busy_slots, child_get, runners, wait_for
@@ -193,6 +195,56 @@ def test_client_gone_cancels_a_stream_false_request(daemon_factory: Any, models_
     assert child_get(child, "/fake/stats")[1]["total"] == 2  # the loading request sent nothing upstream
 
 
+def _with_fix(tmp_path: Path, **knobs: str) -> Path:
+    """A fake llama-server in a build folder whose PATCHES file names runners/patches/0001."""
+    bin_dir = tmp_path / "build" / "bin"
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "build" / "PATCHES").write_text(PROMPT_CANCEL + "\n")
+    return fake_with(bin_dir, **knobs)
+
+
+def test_with_the_fix_stream_false_asks_for_one_answer(daemon_factory: Any, models_dir: Path,
+                                                       tmp_path: Path) -> None:
+    assert patches(_with_fix(tmp_path)) == {PROMPT_CANCEL} and patches(fake_with(tmp_path)) == set()
+    d = daemon_factory(_with_fix(tmp_path), models_dir)
+    status, body = d.post("/api/generate", {"model": "tiny", "prompt": "hi", "stream": False,
+                                            "options": {"num_predict": 3}})
+    assert status == 200 and body["response"] == "t0 t1 t2 " and body["eval_count"] == 3 and body["done"]
+    assert body["prompt_eval_count"] == 3 and body["done_reason"] == "length"
+    assert body["context"][-9:] == [ord(c) for c in "t0 t1 t2 "]  # the prompt's tokens, then the reply's
+    status, body = d.post("/api/chat", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
+                                        "stream": False, "options": {"num_predict": 2}})
+    assert status == 200 and body["message"] == {"role": "assistant", "content": "t0 t1 "}
+    assert body["done_reason"] == "length" and body["eval_count"] == 2
+    status, body = d.post("/api/chat", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
+                                        "stream": False, "format": "json", "options": {"num_predict": 2}})
+    assert status == 200 and body["message"]["content"] == "t0 t1 "
+    status, chunks = d.post("/api/generate", {"model": "tiny", "prompt": "hi", "options": {"num_predict": 2}})
+    assert [c["response"] for c in chunks] == ["t0 ", "t1 ", ""]
+    (child,) = runners(d)
+    stats = child_get(child, "/fake/stats")[1]
+    assert stats["streamed"] == [False, False, False, True]
+    assert all("stream_options" not in p and "timings_per_token" not in p for p in stats["payloads"][:3])
+
+
+def test_with_the_fix_a_client_gone_stops_a_one_answer_request(daemon_factory: Any, models_dir: Path,
+                                                               tmp_path: Path) -> None:
+    d = daemon_factory(_with_fix(tmp_path, FAKE_TOKEN_DELAY="0.05"), models_dir)
+    assert d.post("/api/generate", {"model": "tiny", "prompt": "", "stream": False})[0] == 200  # loaded
+    (child,) = runners(d)
+    for path, body in (("/api/generate", {"model": "tiny", "prompt": "hi", "stream": False,
+                                          "options": {"num_predict": 1000}}),
+                       ("/api/chat", {"model": "tiny", "messages": [{"role": "user", "content": "x"}],
+                                      "stream": False, "options": {"num_predict": 1000}})):
+        conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=10)
+        conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+        wait_for(lambda: child_get(child, "/fake/stats")[1]["in_flight"] == 1)
+        conn.close()
+        wait_for(lambda: child_get(child, "/fake/stats")[1]["in_flight"] == 0, timeout=5, step=0.01)
+    stats = child_get(child, "/fake/stats")[1]
+    assert stats["abandoned"] == 2 and stats["streamed"] == [False, False]  # the loading request sent none
+
+
 # --- through the daemon, real llama-server -----------------------------------------------
 @pytest.fixture(scope="module")
 def relay_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -225,6 +277,16 @@ def test_real_answers_are_the_same_streamed_or_not(daemon_factory: Any, llama_se
                                                  "stream_options": {"include_usage": True}})):
         streamed = _text(d, path, {**body, "stream": True})
         assert streamed and _text(d, path, {**body, "stream": False}) == streamed, path
+    ask = {"model": "tiny", "prompt": "hi", "options": {"num_predict": 12, "seed": 5}}
+    status, whole = d.post("/api/generate", {**ask, "stream": False})
+    status2, chunks = d.post("/api/generate", {**ask, "stream": True})
+    assert status == status2 == 200 and whole["eval_count"] == chunks[-1]["eval_count"] == 12
+    # the one answer's context is the prompt's tokens and every generated one; llama-server's stream
+    # never sends the token of a character it holds back until complete, so that context lacks it
+    n_prompt = len(whole["context"]) - 12
+    assert whole["context"][:n_prompt] == chunks[-1]["context"][:n_prompt]
+    generated = iter(whole["context"][n_prompt:])
+    assert all(t in generated for t in chunks[-1]["context"][n_prompt:])  # in order, some left out
     status, raw = d.request("POST", "/v1/chat/completions", {"model": "chat:latest", "messages": msgs,
                                                               "max_tokens": 4, "stream": True})
     events = _events(raw)
@@ -235,17 +297,24 @@ def test_real_answers_are_the_same_streamed_or_not(daemon_factory: Any, llama_se
 @pytest.mark.real
 def test_real_client_gone_frees_the_slot_of_a_stream_false_request(daemon_factory: Any, llama_server: Path,
                                                                    relay_models: Path) -> None:
-    d = daemon_factory(llama_server, relay_models, OLLAMA_NUM_PARALLEL="1")
+    """While another slot streams: the hard case for a one-answer request (runners/patches/0001)."""
+    d = daemon_factory(llama_server, relay_models, OLLAMA_NUM_PARALLEL="2")
     long = {"num_predict": 100000, "num_ctx": 8192, "seed": 1}
     assert d.post("/api/generate", {"model": "endless", "prompt": "", "options": long, "stream": False})[0] == 200
     (child,) = runners(d)
+    streaming = http.client.HTTPConnection("127.0.0.1", d.port, timeout=10)
+    streaming.request("POST", "/api/generate", json.dumps({"model": "endless", "prompt": "go", "options": long}),
+                      {"Content-Type": "application/json"})
+    wait_for(lambda: busy_slots(child) == 1)
     msgs = [{"role": "user", "content": "x"}]
     for path, body in (("/api/generate", {"model": "endless", "prompt": "hi", "options": long, "stream": False}),
                        ("/api/chat", {"model": "endless", "messages": msgs, "options": long, "stream": False})):
         conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=10)
         conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
-        wait_for(lambda: busy_slots(child) == 1)
+        wait_for(lambda: busy_slots(child) == 2)
         time.sleep(0.2)  # generating, no byte sent to the client yet
         conn.close()
-        wait_for(lambda: busy_slots(child) == 0, timeout=5, step=0.01)
+        wait_for(lambda: busy_slots(child) == 1, timeout=5, step=0.01)
+    streaming.close()
+    wait_for(lambda: busy_slots(child) == 0, timeout=5, step=0.01)
     assert runners(d) == [child]
