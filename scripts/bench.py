@@ -364,7 +364,9 @@ def render(res: dict[str, Any], meta: dict[str, Any]) -> str:
                   "Both paths get the same prompt and the same seeds, picked so that the first token is whole "
                   "text: the generated models' byte tokens otherwise hold back the first content for a "
                   "varying number of tokens. TTFT added is the median, over requests, of the difference with "
-                  "the same request sent directly; the difference of the two p50s is beside it.", "",
+                  "the same request sent directly; the difference of the two p50s is beside it. The direct "
+                  "request names the sampling settings ollamad sends (Ollama's defaults) and, as ollamad does "
+                  "for a seeded request, asks llama-server not to reuse its prompt cache.", "",
                   "| slots | requests | direct tok/s | ollamad tok/s | ratio (target >= 0.97) | "
                   "TTFT p50 direct / ollamad ms | TTFT added, paired median ms (target <= 3) | "
                   "difference of p50s ms | TTFT p99 direct / ollamad ms |", "|---|---|---|---|---|---|---|---|---|"]

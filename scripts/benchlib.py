@@ -160,7 +160,7 @@ async def stream_ollama(s: aiohttp.ClientSession, url: str, model: str, prompt: 
     t0 = time.monotonic()
     ttft = 0.0
     chunks = 0
-    body = {"model": model, "prompt": prompt, "options": {"num_predict": n, "seed": seed}, **extra}
+    body = {"model": model, "prompt": prompt, "options": {"num_predict": n, "seed": seed, **OLLAMA_SAMPLING}, **extra}
     async with s.post(url + "/api/generate", json=body) as r:
         if r.status != 200:
             return Result(0, time.monotonic() - t0, 0, r.status, seed=seed, error=(await r.text())[:300])
@@ -196,7 +196,8 @@ async def stream_direct(s: aiohttp.ClientSession, url: str, prompt: str, n: int,
 async def _stream_direct(s: aiohttp.ClientSession, url: str, prompt: str, n: int, seed: int) -> Result:
     t0 = time.monotonic()
     ttft = 0.0
-    body = {"prompt": prompt, "n_predict": n, "seed": seed, "stream": True, "cache_prompt": True}
+    # what ollamad sends for a seeded request: the same sampling, and no prompt cache
+    body = {"prompt": prompt, "n_predict": n, "seed": seed, "stream": True, "cache_prompt": False, **OLLAMA_SAMPLING}
     final: dict[str, Any] = {}
     chunks = 0
     async with s.post(url + "/completion", json=body) as r:

@@ -50,7 +50,8 @@ async def peers(binary: Path, mdir: Path, tmp: Path, quick: bool) -> dict[str, A
         print(f"[bench] peers: {REAL} missing (scripts/real_models.py fetches it); real-model rows skipped",
               flush=True)
     for label, path in models.items():  # each run at least about a second: 4 requests per client on the fast one
-        out[label] = await _peers(binary, path, tmp, 1 if quick else 3, 4 if label == "fast" else 1)
+        out[label] = await _peers(binary, path, tmp, 1 if quick else (6 if label == "fast" else 3),
+                                  4 if label == "fast" else 1)
         out[label]["model"] = path.name
     return out
 
