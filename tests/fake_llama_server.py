@@ -28,6 +28,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import time
 from typing import Any
 
@@ -251,6 +252,16 @@ async def main() -> None:
     if not only or (ARGS.model and only in ARGS.model):
         await asyncio.sleep(env_float("FAKE_START_DELAY", 0.0))
     state["ready"] = True
+    if os.environ.get("FAKE_STUCK_ON_TERM"):  # as llama-server when its shutdown hangs: the first
+        terms: list[int] = []  # SIGTERM does nothing, a second ends it at once (exit code 1)
+
+        def on_term() -> None:
+            terms.append(1)
+            if len(terms) > 1:
+                print("Received second interrupt, terminating immediately.", flush=True)
+                os._exit(1)
+
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, on_term)
     print(f"srv  llama_server: listening on http://{ARGS.host}:{ARGS.port}", flush=True)
     await asyncio.Event().wait()
 

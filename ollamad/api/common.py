@@ -293,13 +293,10 @@ async def upstream(ctx: AppContext, lease: Lease, path: str, payload: dict[str, 
     headers) within OLLAMAD_ACCEPT_TIMEOUT: llama-server compiles a format's grammar before it
     answers, and a runner stuck there (while /health says ok) is replaced."""
     assert ctx.session is not None
-    stream = bool(payload.get("stream"))
-    limit = ctx.settings.accept_timeout if stream else math.inf
-    # llama-server closes the connection after a streamed reply (without saying so): never pool it
-    headers = {**lease.runner.headers, "Connection": "close"} if stream else lease.runner.headers
+    limit = ctx.settings.accept_timeout if payload.get("stream") else math.inf
     try:
         with anyio.fail_after(limit):
-            resp = await ctx.session.post(f"{lease.runner.url}{path}", json=payload, headers=headers)
+            resp = await ctx.session.post(f"{lease.runner.url}{path}", json=payload, headers=lease.runner.headers)
     except TimeoutError:
         lease.lost(f"did not accept a request within {limit:g}s")
         raise UpstreamError(500, f"llama-server did not accept the request within {limit:g}s "
