@@ -8,7 +8,9 @@
   that goes away still stops the task within about a second. Without the fix, llama-server
   noticed a one-answer client gone only after 6 to 160 s while other slots streamed (measured),
   holding the slot: such requests are streamed from llama-server all the same and gathered here
-  (one decode per event, nothing written per token).
+  (one decode per event, nothing written per token). So are requests with a grammar (a format,
+  tools): llama-server compiles it before it answers, and only a streamed request shows, by
+  its headers, that it got past that within OLLAMAD_ACCEPT_TIMEOUT.
 - ``/v1`` streams are llama-server's own bytes with the ``model`` field (and the fingerprint
   beside it) replaced: no parse-and-rebuild.
 """
@@ -31,6 +33,7 @@ from ollamad.sched.rpcplace import split_note
 from ollamad.sched.scheduler import Lease
 
 log = structlog.get_logger("ollamad.api")
+CONSTRAINED = ("json_schema", "grammar", "response_format", "tools")
 
 
 async def relay(request: web.Request, ctx: AppContext, lease: Lease, path: str, payload: dict[str, Any],
@@ -55,14 +58,17 @@ async def _relay(request: web.Request, ctx: AppContext, lease: Lease, path: str,
                  stream: bool, t0: int, shape: Shape) -> web.StreamResponse:
     assert ctx.session is not None
     load_ns = int(lease.queued_for * 1e9)
-    if not stream and ctx.one_answer:
+    # a grammar (format, tools) is compiled before llama-server answers: such requests stay
+    # streamed, so that OLLAMAD_ACCEPT_TIMEOUT replaces a runner stuck compiling one
+    one_answer = not stream and ctx.one_answer and not any(k in payload for k in CONSTRAINED)
+    if one_answer:
         payload = {k: v for k, v in payload.items() if k not in ("stream_options", "timings_per_token")}
         payload["stream"] = False
     async with upstream(ctx, lease, path, payload) as up:
         if up.status != 200:
             raise await error_of(up)
         rec = record_of(request)
-        if not stream and ctx.one_answer:
+        if one_answer:
             shape.answer(await up.read())  # a client that leaves cancels this; the runner stops within ~1 s
             final = shape.whole(time.monotonic_ns() - t0, load_ns)
             rec.first_token()

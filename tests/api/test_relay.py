@@ -223,8 +223,9 @@ def test_with_the_fix_stream_false_asks_for_one_answer(daemon_factory: Any, mode
     assert [c["response"] for c in chunks] == ["t0 ", "t1 ", ""]
     (child,) = runners(d)
     stats = child_get(child, "/fake/stats")[1]
-    assert stats["streamed"] == [False, False, False, True]
-    assert all("stream_options" not in p and "timings_per_token" not in p for p in stats["payloads"][:3])
+    # a format's grammar compiles before llama-server answers: that one stays streamed (accept timeout)
+    assert stats["streamed"] == [False, False, True, True]
+    assert all("stream_options" not in p and "timings_per_token" not in p for p in stats["payloads"][:2])
 
 
 def test_with_the_fix_a_client_gone_stops_a_one_answer_request(daemon_factory: Any, models_dir: Path,
