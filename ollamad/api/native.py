@@ -48,6 +48,7 @@ from ollamad.models.facts import ModelFacts
 from ollamad.models.ggufmeta import GGUFError
 from ollamad.runner.events import UpstreamError
 from ollamad.sched.scheduler import Lease, Scheduler
+from ollamad.sched.workerlink import held
 
 
 # --- simple routes ----------------------------------------------------------------------
@@ -112,8 +113,10 @@ async def ps_body(ctx: AppContext) -> dict[str, Any]:
             "estimated_size": r.plan.estimate, **memory,
         })
     body: dict[str, Any] = {"models": models, "queue": {"waiting": sched.state.waiting(), "max": sched.state.max_queue}}
-    if sched.workers is not None:  # OLLAMAD_RPC_WORKERS: what the last check of each said
-        body["rpc_workers"] = [{"endpoint": w.endpoint, "state": w.state, "free": w.free, "error": w.error}
+    if sched.workers is not None:  # OLLAMAD_RPC_WORKERS: what the last check of each said, but a
+        in_use = held(sched.state)  # worker a runner uses now is held, whenever that check ran
+        body["rpc_workers"] = [{"endpoint": w.endpoint, "free": w.free, "error": w.error,
+                                "state": "held" if w.endpoint in in_use and w.state != "down" else w.state}
                                for w in sched.workers.status.values()]
     return body
 
