@@ -56,7 +56,6 @@ async def peers(binary: Path, mdir: Path, tmp: Path, quick: bool) -> dict[str, A
     return out
 
 
-EXTRA_ENV: dict[str, str] = {}  # for experiments: more settings for the swap workload's daemon
 THREADS = 1  # the same for all three: with 2 cores shared, llama-server's threads stall on each other
 
 
@@ -124,7 +123,7 @@ async def swap_router(binary: Path, mdir: Path, tmp: Path, quick: bool) -> dict[
     for rnd in range(rounds):
         for path in (("ollamad", "router") if rnd % 2 == 0 else ("router", "ollamad")):
             server: Any = (ollamad(binary, mfolder, tmp, OLLAMA_MAX_LOADED_MODELS="1", OLLAMA_NUM_PARALLEL="2",
-                                   OLLAMA_CONTEXT_LENGTH="1024", **EXTRA_ENV) if path == "ollamad" else
+                                   OLLAMA_CONTEXT_LENGTH="1024") if path == "ollamad" else
                            router(binary, mfolder, tmp, 2, 1024, extra=extra))
             async with server as p:
                 url = p.url
