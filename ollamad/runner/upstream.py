@@ -29,7 +29,7 @@ CLOSED_UNDER_US = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, aioht
 async def resend_when_closed(req: aiohttp.ClientRequest, handler: aiohttp.ClientHandlerType) -> aiohttp.ClientResponse:
     """Client middleware: send ``req`` again when the connection closed before the reply began.
 
-    (Sending streamed requests with ``Connection: close`` instead cost 250 µs of daemon CPU per
+    (Sending streamed requests with ``Connection: close`` instead cost ~300 µs of daemon CPU per
     request in scripts/bench.py's relay section, with a runner that keeps connections open.)"""
     for attempt in range(1, ATTEMPTS):
         try:
