@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -127,12 +128,17 @@ async def swap_router(binary: Path, mdir: Path, tmp: Path, quick: bool) -> dict[
                            router(binary, mfolder, tmp, 2, 1024, extra=extra))
             async with server as p:
                 url = p.url
+                events: list[tuple[str, float, float]] = []  # (model, first token, end), monotonic
 
-                async def one(s: aiohttp.ClientSession, c: int, i: int, url: str = url) -> Any:
-                    return await ask(s, url, "v1chat", "ab"[(c + i) % 2], STORY, 16, None, True, sampling)
+                async def one(s: aiohttp.ClientSession, c: int, i: int, url: str = url,
+                              events: list[tuple[str, float, float]] = events) -> Any:
+                    model, t0 = "ab"[(c + i) % 2], time.monotonic()
+                    r = await ask(s, url, "v1chat", model, STORY, 16, None, True, sampling)
+                    events.append((model, t0 + r.ttft, t0 + r.total))
+                    return r
 
                 run = await run_clients(clients, per_client, one)
-                runs[path].append({"run": run, "loads": _loads(p, path)})
+                runs[path].append({"run": run, "loads": _loads(p, path), **phases(events)})
     for path, done in runs.items():
         ok = [r for d in done for r in d["run"].ok]
         out[path] = {"ok": len(ok), "errors": sum(len(d["run"].results) - len(d["run"].ok) for d in done),
@@ -140,8 +146,24 @@ async def swap_router(binary: Path, mdir: Path, tmp: Path, quick: bool) -> dict[
                      "loads": sum(d["loads"] for d in done) / rounds,
                      "total_s": sum(d["run"].wall for d in done) / rounds,
                      "total_s_each": [d["run"].wall for d in done], "tokens": sum(r.tokens for r in ok),
-                     "wait_p50_s": pct([r.ttft for r in ok], 50), "wait_p99_s": pct([r.ttft for r in ok], 99)}
+                     "wait_p50_s": pct([r.ttft for r in ok], 50), "wait_p99_s": pct([r.ttft for r in ok], 99),
+                     "switch_ms": sum(d["switch_ms"] for d in done) / rounds,
+                     "serve_ms": sum(d["serve_ms"] for d in done) / rounds}
     return out
+
+
+def phases(events: list[tuple[str, float, float]]) -> dict[str, float]:
+    """Mean switch gap (one model's last reply done to the next model's first token) and mean
+    serve time (a model's first token to its last reply done), from the clients' clocks."""
+    spans: list[list[Any]] = []  # [model, first token, last end]
+    for model, first, end in sorted(events, key=lambda e: e[1]):
+        if spans and spans[-1][0] == model:
+            spans[-1][2] = max(spans[-1][2], end)
+        else:
+            spans.append([model, first, end])
+    gaps = [spans[k][1] - spans[k - 1][2] for k in range(1, len(spans))]
+    return {"switch_ms": 1000 * sum(gaps) / max(len(gaps), 1),
+            "serve_ms": 1000 * sum(sp[2] - sp[1] for sp in spans) / max(len(spans), 1)}
 
 
 def _loads(p: Proc, path: str) -> int:
@@ -207,13 +229,20 @@ def render_peers(res: dict[str, Any]) -> list[str]:
                   f"the same sampling on both) per run, {rounds} runs per path, alternating which goes first; "
                   "loads and total time are per run (mean; each run's total beside it), wait is the time to the "
                   "first token over all runs.", "",
-                  "| path | ok | errors | loads | total s | each run s | wait p50 s | wait p99 s |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| path | ok | errors | loads | total s | each run s | wait p50 s | wait p99 s | switch ms | "
+                  "serve ms |", "|---|---|---|---|---|---|---|---|---|---|"]
         for p in ("ollamad", "router"):
             v = s[p]
             each = ", ".join(f(x, 2) for x in v.get("total_s_each", [v["total_s"]]))
             lines.append(f"| {p} | {v['ok']} | {v['errors']} | {f(v['loads'], 1)} | {f(v['total_s'], 2)} | {each} | "
-                         f"{f(v['wait_p50_s'], 2)} | {f(v['wait_p99_s'], 2)} |")
+                         f"{f(v['wait_p50_s'], 2)} | {f(v['wait_p99_s'], 2)} | {f(v.get('switch_ms', 0))} | "
+                         f"{f(v.get('serve_ms', 0))} |")
+        lines += ["", "Switch: from one model's last reply to the next model's first token (stop, load, first "
+                  "token), mean per switch. Serve: from a model's first token to its last reply (8 requests on 2 "
+                  "slots), mean per load. Both from the clients' clocks, per run, averaged over the runs. "
+                  "The router forwards every queued request to its child at once, so llama-server starts the next "
+                  "one the moment a slot frees; ollamad keeps them in its own queue (FIFO, OLLAMA_MAX_QUEUE, "
+                  "never more than OLLAMA_NUM_PARALLEL in flight) and sends each when a slot frees."]
         lines += ["", "Target: fewer loads than the router and total time no worse. Neither can load less than "
                   "7 times here: the clients start split 4 and 4 over the two models, so whichever loads first, "
                   "the other half needs its model second, and each of those clients then needs 5 more "

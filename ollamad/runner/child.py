@@ -36,7 +36,7 @@ from ollamad.models.plan import RunnerPlan
 log = structlog.get_logger("ollamad.runner")
 
 PR_SET_PDEATHSIG = 1
-SECOND_TERM_AFTER = 1.0  # seconds after the first SIGTERM before a second one
+SECOND_TERM_AFTER = 0.5  # seconds after the first SIGTERM before a second one (an idle one exits in 3-55 ms)
 HEALTH_POLL = 0.02  # seconds between /health polls while loading
 # Lines llama-server prints as it becomes ready: /health is asked at once, not at the next poll.
 READY_LINES = ("model loaded", "listening on", "all slots are idle")
@@ -285,7 +285,7 @@ class Runner:
         """SIGTERM the process group; again after SECOND_TERM_AFTER; SIGKILL after stop_grace; reap.
 
         llama-server exits within a few ms of a SIGTERM when idle, but its shutdown sometimes
-        hangs (4 of 32 runs of the swap benchmark's daemon: killed only at the 10 s grace,
+        hangs (4 of 32 runs of the swap benchmark's daemon were killed only at the 10 s grace,
         with every request for the next model waiting); a second SIGTERM ends it at once
         ("Received second interrupt, terminating immediately"). The scheduler stops only runners
         with nothing in flight, and the drain waits for requests first, so nothing is cut.
