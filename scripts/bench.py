@@ -513,8 +513,14 @@ def render(res: dict[str, Any], meta: dict[str, Any]) -> str:
               "and the same cache use, the SmolLM2 rows went from 0.77-0.88 of direct to about 1.0; a model "
               "without a chat template now gets ollamad's prompt-only template on all three paths. What the "
               "seeded guarantee costs is measured beside it (section 7).",
+              "- **A shutdown that hangs.** In 4 of 32 runs of section 8's daemon a llama-server did not exit on "
+              "SIGTERM and was killed at the 10 s grace, every request for the next model waiting (p99 wait "
+              "10.1 s). llama-server ends at once on a second interrupt; the daemon now sends one after 0.5 s "
+              "(an idle llama-server exits 3 to 55 ms after the first). The cause inside llama-server is not known.",
               "- **Spawning a runner.** A `preexec_fn` (the parent-death signal) made Python fork its whole heap: "
-              "7.8 ms median per spawn in a daemon-sized process; through `setpriv --pdeathsig KILL` 1.5 ms.",
+              "7.8 ms median per spawn in a daemon-sized process; through `setpriv --pdeathsig KILL` 1.5 ms. "
+              "Under the hardened systemd unit setpriv cannot apply its capabilities, and the daemon keeps the "
+              "slower way there.",
               "- **What a token costs at real pace.** With each token on its own read (a real llama-server) the "
               "daemon spends 70 to 90 µs of CPU per streamed token, against about 21 µs in section 3, where one "
               "read brings many. py-spy, busy samples only: socket sends 34%, the new connection each streamed "
