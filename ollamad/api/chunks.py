@@ -52,26 +52,15 @@ class Message(msgspec.Struct):
 
 
 class Choice(msgspec.Struct):
-    delta: Message | None = None
+    delta: Message | None = None  # in a streamed event
+    message: Message | None = None  # in the one answer
     finish_reason: str | None = None
 
 
 class ChatEvent(msgspec.Struct):
+    """A /v1/chat/completions event, streamed or the one answer."""
+
     choices: list[Choice] = []
-    timings: dict[str, Any] | None = None
-    usage: dict[str, Any] | None = None
-    error: Any = None
-
-
-class AnswerChoice(msgspec.Struct):
-    message: Message | None = None
-    finish_reason: str | None = None
-
-
-class ChatAnswer(msgspec.Struct):
-    """A /v1/chat/completions one answer."""
-
-    choices: list[AnswerChoice] = []
     timings: dict[str, Any] | None = None
     usage: dict[str, Any] | None = None
     error: Any = None
@@ -79,7 +68,6 @@ class ChatAnswer(msgspec.Struct):
 
 _completion = msgspec.json.Decoder(CompletionEvent)
 _chat = msgspec.json.Decoder(ChatEvent)
-_chat_answer = msgspec.json.Decoder(ChatAnswer)
 
 
 def _decode(decoder: msgspec.json.Decoder[Any], data: bytes) -> Any:
@@ -93,6 +81,13 @@ def _decode(decoder: msgspec.json.Decoder[Any], data: bytes) -> Any:
 
 
 # --- the shapes of Ollama's chunks --------------------------------------------------------
+def message_chunk(head: bytes, content: str, thinking: str | None = None) -> bytes:
+    """A chat chunk: ``head`` (the model, up to ``created_at``'s opening quote), then the message."""
+    extra = b',"thinking":' + encode(thinking) if thinking else b""
+    return b"".join((head, created_at(), b'","message":{"role":"assistant","content":', encode(content), extra,
+                     b'},"done":false}\n'))
+
+
 class GenerateShape:
     """Generate chunks from a /completion stream or answer."""
 
@@ -141,8 +136,7 @@ class TemplatedChatShape(GenerateShape):
     """Chat chunks made from a /completion stream (chat with ``format``)."""
 
     def chunk(self, content: str) -> bytes:
-        return b"".join((self.head, created_at(), b'","message":{"role":"assistant","content":', encode(content),
-                         b'},"done":false}\n'))
+        return message_chunk(self.head, content)
 
     def final(self, total_ns: int, load_ns: int, text: str = "") -> dict[str, Any]:
         out = super().final(total_ns, load_ns, text)
@@ -184,13 +178,9 @@ class ChatShape:
             self.text.append(content)
             self.thinking.append(thinking or "")
             return None
-        if thinking:
-            return b"".join((self.head, created_at(), b'","message":{"role":"assistant","content":', encode(content),
-                             b',"thinking":', encode(thinking), b'},"done":false}\n'))
-        if not content:
+        if not content and not thinking:
             return None
-        return b"".join((self.head, created_at(), b'","message":{"role":"assistant","content":', encode(content),
-                         b'},"done":false}\n'))
+        return message_chunk(self.head, content, thinking)
 
     def _gather(self, calls: list[ToolCall]) -> None:
         for tc in calls:
@@ -220,7 +210,7 @@ class ChatShape:
 
     def answer(self, data: bytes) -> None:
         """Take llama-server's one answer (a request with stream false) as the whole reply."""
-        ev = _decode(_chat_answer, data)
+        ev = _decode(_chat, data)
         self.keep = True
         self.timings = ev.timings
         if ev.usage:

@@ -79,19 +79,11 @@ async def _relay(request: web.Request, ctx: AppContext, lease: Lease, path: str,
         resp = web.StreamResponse(headers={"Content-Type": NDJSON})
         await resp.prepare(request)
         out: list[bytes] = []
-        done = False
         with cuttable(ctx) as scope:
             try:
                 async for batch in sse_data(up):
-                    for data in batch:
-                        chunk = shape.piece(data)
-                        if chunk is not None:
-                            out.append(chunk)
-                        if shape.is_final():
-                            done = True
-                            break
-                    if done:
-                        break
+                    if _take(shape, batch, out):
+                        break  # the final event: its chunks go out with the final object
                     if out:  # all that one read brought, in one write
                         rec.first_token()
                         await resp.write(out[0] if len(out) == 1 else b"".join(out))
@@ -116,20 +108,28 @@ async def _relay(request: web.Request, ctx: AppContext, lease: Lease, path: str,
         return resp
 
 
+def _take(shape: Shape, batch: list[bytes], out: list[bytes]) -> bool:
+    """Add the chunks of one read's events to ``out``; True once the final event is among them
+    (the events after it are left unread)."""
+    for data in batch:
+        chunk = shape.piece(data)
+        if chunk is not None:
+            out.append(chunk)
+        if shape.is_final():
+            return True
+    return False
+
+
 async def _gather(up: aiohttp.ClientResponse, shape: Shape, rec: RequestRecord, t0: int,
                   load_ns: int) -> web.Response:
     """The whole reply as one object: events decoded as they come, nothing written per token."""
     shape.keep = True
+    unused: list[bytes] = []  # ``keep``: pieces add to shape.text, no chunk is made
     async for batch in sse_data(up):
-        for data in batch:
-            shape.piece(data)
-            if shape.is_final():
-                break
-        else:
-            if shape.text:
-                rec.first_token()
-            continue
-        break
+        if _take(shape, batch, unused):
+            break
+        if shape.text:
+            rec.first_token()
     final = shape.whole(time.monotonic_ns() - t0, load_ns)
     rec.first_token()
     rec.finished(final)

@@ -76,6 +76,15 @@ def _setpriv() -> str | None:
     return path if done.returncode == 0 else None
 
 
+async def _exited(proc: asyncio.subprocess.Process, seconds: float) -> bool:
+    """Whether ``proc`` exits within ``seconds``."""
+    try:
+        await asyncio.wait_for(asyncio.shield(proc.wait()), seconds)
+    except TimeoutError:
+        return False
+    return True
+
+
 def _cannot_exec(path: str) -> str | None:
     """Why ``path`` cannot be executed, as strerror says it, or None if it can."""
     if os.access(path, os.X_OK):
@@ -298,18 +307,13 @@ class Runner:
             descendants = _descendants(proc.pid)  # before signalling: orphans are lost later
             self._signal_group(signal.SIGTERM)
             first = min(SECOND_TERM_AFTER, self.stop_grace)
-            try:
-                await asyncio.wait_for(asyncio.shield(proc.wait()), first)
-            except TimeoutError:
+            if not await _exited(proc, first):
                 self._log().info("runner slow to stop; sending SIGTERM again", after=first)
                 self._signal_group(signal.SIGTERM)
-                try:
-                    await asyncio.wait_for(asyncio.shield(proc.wait()), max(self.stop_grace - first, 0.1))
-                except TimeoutError:
+                if not await _exited(proc, max(self.stop_grace - first, 0.1)):
                     self._log().warning("runner did not stop in time; killing", grace=self.stop_grace)
                     self._signal_group(signal.SIGKILL)
-                    with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(asyncio.shield(proc.wait()), 5)
+                    await _exited(proc, 5)
             for child in descendants:
                 with contextlib.suppress(psutil.Error):
                     child.kill()
