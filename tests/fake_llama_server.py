@@ -178,9 +178,6 @@ async def stream_tokens(request: web.Request, chat: bool) -> web.StreamResponse:
                 await asyncio.sleep(3600)
             if delay:
                 await asyncio.sleep(delay)
-            if not stream and (request.transport is None or request.transport.is_closing()):
-                state["abandoned"] += 1  # as llama-server with runners/patches/0001: a one answer's
-                return resp  # client gone, the task stops
             tok = f"t{i} ".ljust(int(os.environ.get("FAKE_TOKEN_BYTES", 0)), "x")
             text.append(tok)
             if stream:

@@ -179,6 +179,15 @@ def test_v1_stream_is_passed_through_with_the_clients_model_name(daemon_factory:
     assert events[-2]["usage"]["completion_tokens"] == 5 and raw.endswith(b"\n\ndata: [DONE]\n\n")
 
 
+def _leave_midway(d: Daemon, child: Any, path: str, body: dict[str, Any]) -> None:
+    """Send a request, go away once the fake runs it, and see the fake stop it within 5 s."""
+    conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=10)
+    conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+    wait_for(lambda: child_get(child, "/fake/stats")[1]["in_flight"] == 1)
+    conn.close()
+    wait_for(lambda: child_get(child, "/fake/stats")[1]["in_flight"] == 0, timeout=5, step=0.01)
+
+
 def test_client_gone_cancels_a_stream_false_request(daemon_factory: Any, models_dir: Path, tmp_path: Path) -> None:
     d = daemon_factory(fake_with(tmp_path, FAKE_TOKEN_DELAY="0.05"), models_dir)
     assert d.post("/api/generate", {"model": "tiny", "prompt": "", "stream": False})[0] == 200  # loaded
@@ -187,11 +196,7 @@ def test_client_gone_cancels_a_stream_false_request(daemon_factory: Any, models_
                                           "options": {"num_predict": 1000}}),
                        ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}],
                                                  "max_tokens": 1000})):
-        conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=10)
-        conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
-        wait_for(lambda: child_get(child, "/fake/stats")[1]["in_flight"] == 1)
-        conn.close()
-        wait_for(lambda: child_get(child, "/fake/stats")[1]["in_flight"] == 0, timeout=5, step=0.01)
+        _leave_midway(d, child, path, body)
     assert child_get(child, "/fake/stats")[1]["total"] == 2  # the loading request sent nothing upstream
 
 
@@ -237,11 +242,7 @@ def test_with_the_fix_a_client_gone_stops_a_one_answer_request(daemon_factory: A
                                           "options": {"num_predict": 1000}}),
                        ("/api/chat", {"model": "tiny", "messages": [{"role": "user", "content": "x"}],
                                       "stream": False, "options": {"num_predict": 1000}})):
-        conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=10)
-        conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
-        wait_for(lambda: child_get(child, "/fake/stats")[1]["in_flight"] == 1)
-        conn.close()
-        wait_for(lambda: child_get(child, "/fake/stats")[1]["in_flight"] == 0, timeout=5, step=0.01)
+        _leave_midway(d, child, path, body)
     stats = child_get(child, "/fake/stats")[1]
     assert stats["abandoned"] == 2 and stats["streamed"] == [False, False]  # the loading request sent none
 
