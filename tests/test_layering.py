@@ -1,6 +1,6 @@
 """The package layout's rule: imports point one way, api -> service -> sched -> (runner, memory)
--> models, everything may import the shared vocabulary (settings, durations), and no module
-import circle exists (function-level imports included)."""
+-> models, everything may import the shared vocabulary (settings, durations) and the process
+tree (procs), and no module import circle exists (function-level imports included)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "ollamad"
-SHARED = {"ollamad", "ollamad.settings", "ollamad.durations"}  # importable from anywhere
+SHARED = {"ollamad", "ollamad.settings", "ollamad.durations", "ollamad.procs"}  # importable from anywhere
 # which layers each layer may import, besides itself and SHARED
 MAY_IMPORT = {
     "api": {"service", "sched", "runner", "memory", "models"},
@@ -96,7 +96,7 @@ def cycles(g: dict[str, set[str]]) -> list[list[str]]:
 
 def test_every_module_sits_in_a_known_place() -> None:
     top = {p.stem for p in PKG.glob("*.py")}
-    assert top == {"__init__", "settings", "durations", "app", "cli"}
+    assert top == {"__init__", "settings", "durations", "procs", "app", "cli"}
     packages = {p.name for p in PKG.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
     assert packages == set(MAY_IMPORT)
     for name in packages:

@@ -17,6 +17,7 @@ import psutil
 import structlog
 
 from ollamad.memory.fit import GpuInfo, MemorySnapshot, ProcessUse
+from ollamad.procs import descendants
 
 log = structlog.get_logger("ollamad.memory")
 
@@ -116,8 +117,7 @@ class MemoryProbe:
 def process_rss(pid: int) -> int:
     """RSS of ``pid`` and its descendants; 0 when it is gone."""
     try:
-        proc = psutil.Process(pid)
-        procs = [proc, *proc.children(recursive=True)]
+        procs = [psutil.Process(pid), *descendants(pid)]
     except (psutil.Error, ValueError):
         return 0
     total = 0

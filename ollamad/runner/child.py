@@ -32,6 +32,7 @@ import psutil
 import structlog
 
 from ollamad.models.plan import RunnerPlan
+from ollamad.procs import descendants
 
 log = structlog.get_logger("ollamad.runner")
 
@@ -114,13 +115,6 @@ def child_environment(env_pass: tuple[str, ...] = (), extra: dict[str, str] | No
 
 def _matches(name: str, patterns: tuple[str, ...]) -> bool:
     return any(name == p or (p.endswith("*") and name.startswith(p[:-1])) for p in patterns)
-
-
-def _descendants(pid: int) -> list[psutil.Process]:
-    try:
-        return list(psutil.Process(pid).children(recursive=True))
-    except psutil.Error:
-        return []
 
 
 def describe_exit(code: int | None) -> str:
@@ -304,7 +298,7 @@ class Runner:
         if proc is None:
             return
         if proc.returncode is None:
-            descendants = _descendants(proc.pid)  # before signalling: orphans are lost later
+            kids = descendants(proc.pid)  # before signalling: orphans are lost later
             self._signal_group(signal.SIGTERM)
             first = min(SECOND_TERM_AFTER, self.stop_grace)
             if not await _exited(proc, first):
@@ -314,7 +308,7 @@ class Runner:
                     self._log().warning("runner did not stop in time; killing", grace=self.stop_grace)
                     self._signal_group(signal.SIGKILL)
                     await _exited(proc, 5)
-            for child in descendants:
+            for child in kids:
                 with contextlib.suppress(psutil.Error):
                     child.kill()
         self._forget_key()
@@ -325,9 +319,9 @@ class Runner:
         self.stopping = True
         if self.proc is None or self.proc.returncode is not None:
             return
-        descendants = _descendants(self.proc.pid)
+        kids = descendants(self.proc.pid)
         self._signal_group(signal.SIGKILL)
-        for child in descendants:
+        for child in kids:
             with contextlib.suppress(psutil.Error):
                 child.kill()
 
