@@ -1,8 +1,8 @@
 """The daemon's HTTP client to its runners: pooled connections, and a request the runner's
 closing of a kept-alive connection cut before any reply is sent again on a new one.
 
-llama-server (cpp-httplib) closes a connection after a streamed reply without saying so
-(no ``Connection: close``), and closes idle ones after 5 s. A request that goes out on such a
+llama-server closes idle connections after 5 s, and, unless built with runners/patches/0002,
+every connection after a streamed reply, without saying so (no ``Connection: close``). A request that goes out on such a
 socket in the moment before its close is seen fails with "Server disconnected" or "Can not
 write request body": the runner never read it, so it is safe to send again. Go's net/http
 does the same for a request nothing was written for on a reused connection.

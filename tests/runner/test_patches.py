@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import socket
 import time
 from pathlib import Path
 
@@ -11,7 +13,7 @@ import aiohttp
 import pytest
 
 from ollamad.models.testmodels import write_llama
-from ollamad.runner.binary import PROMPT_CANCEL, patches
+from ollamad.runner.binary import PROMPT_CANCEL, STREAM_KEEP_ALIVE, patches
 from ollamad.runner.child import Runner
 from ollamad.runner.upstream import runner_session
 from tests.conftest import model_plan
@@ -62,5 +64,54 @@ async def test_a_one_answer_request_stops_soon_after_its_client_while_another_sl
             streaming.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await streaming
+        finally:
+            await runner.stop()
+
+
+def _reply(sock: socket.socket) -> bytes:
+    """One chunked HTTP reply, read to its last chunk; what came before a close if it closed."""
+    data = b""
+    while not data.partition(b"\r\n\r\n")[2].endswith(b"\r\n0\r\n\r\n"):  # the body's last chunk
+        more = sock.recv(65536)
+        if not more:
+            break
+        data += more
+    return data
+
+
+@pytest.mark.real
+async def test_a_streamed_reply_leaves_its_connection_open(llama_server: Path, tmp_path: Path) -> None:
+    """0002: cpp-httplib took the stream provider's last ``false`` for a cancel and closed the
+    connection after every streamed reply, so each streamed request the daemon relays needed a
+    new connection (12% of its CPU while streaming, py-spy). With the patch a second request on
+    the same socket is answered; without it the socket is closed after the first."""
+    if STREAM_KEEP_ALIVE not in patches(llama_server):
+        pytest.skip(f"{llama_server} is not built by runners/build.sh with runners/patches/ (no PATCHES file)")
+    write_llama(tmp_path / "m.gguf", name="m")
+    runner = Runner(model_plan(tmp_path, "m", num_parallel=1, ctx=1024), str(llama_server))
+    async with runner_session() as session:
+        await runner.start(session)
+        try:
+            body = json.dumps({"prompt": "hi", "n_predict": 4, "stream": True}).encode()
+            auth = "".join(f"{k}: {v}\r\n" for k, v in runner.headers.items())
+            request = (f"POST /completion HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}Content-Type: application/json\r\n"
+                       f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+            port = int(runner.url.rsplit(":", 1)[1])
+
+            def twice() -> tuple[bytes, bytes]:
+                with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                    sock.sendall(request)
+                    first = _reply(sock)
+                    try:
+                        sock.sendall(request)
+                        second = _reply(sock)
+                    except OSError:
+                        second = b""
+                    return first, second
+
+            first, second = await asyncio.to_thread(twice)
+            assert first.startswith(b"HTTP/1.1 200") and b'"stop":true' in first
+            assert second.startswith(b"HTTP/1.1 200") and b'"stop":true' in second, \
+                "the connection was closed after a streamed reply"
         finally:
             await runner.stop()
