@@ -4,13 +4,14 @@ through llama.cpp's own multi-model proxy (router mode, ``--models-dir``, same b
 from __future__ import annotations
 
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-from benchlib import OLLAMA_SAMPLING, Proc, Run, ask, bare_server, ollamad, pct, router, run_clients
+from benchlib import OLLAMA_SAMPLING, Proc, Run, ask, bare_server, cpu_seconds, ollamad, pct, router, run_clients
 
 from ollamad.models.facts import facts_from_gguf
 from ollamad.models.ggufmeta import read_gguf
@@ -64,6 +65,7 @@ async def _peers(binary: Path, model: Path, tmp: Path, rounds: int, per_client: 
     np_, ctx, clients, n = 4, 2048, 4, 96
     mfolder = folder(m=model)
     runs: dict[tuple[str, bool, bool, str], Run] = {}
+    per_round: dict[tuple[str, bool, bool, str], list[float]] = {}  # tokens/s of each round
     # a model without a chat template: ollamad renders chats as Ollama does ({{ .Prompt }}), llama-server
     # by itself with chatml; the same template on all three paths keeps the prompts alike
     extra = () if facts_from_gguf(read_gguf(model)).chat_template else ("--chat-template", PROMPT_ONLY_TEMPLATE)
@@ -96,6 +98,7 @@ async def _peers(binary: Path, model: Path, tmp: Path, rounds: int, per_client: 
                 for path in order[shift:] + order[:shift]:
                     run = await run_clients(clients, per_client, call(path, route, stream, seeded, rnd))
                     runs.setdefault((route, stream, seeded, path), Run()).add(run)
+                    per_round.setdefault((route, stream, seeded, path), []).append(run.tokens_per_s())
     rows: dict[str, Any] = {}
     for route, stream, seeded in ROWS:
         row: dict[str, Any] = {"route": route, "stream": stream, "seeded": seeded}
@@ -105,6 +108,12 @@ async def _peers(binary: Path, model: Path, tmp: Path, rounds: int, per_client: 
                          "requests": len(run.results), "errors": run.errors()[:3]}
         row["ollamad_ratio"] = row["ollamad"]["tokens_per_s"] / row["direct"]["tokens_per_s"]
         row["router_ratio"] = row["router"]["tokens_per_s"] / row["direct"]["tokens_per_s"]
+        # each round runs the paths back to back: its ratio is paired, and the median of the rounds'
+        # ratios is not moved by one round that other work on the machine slowed
+        d = per_round[(route, stream, seeded, "direct")]
+        for p in ("ollamad", "router"):
+            row[f"{p}_ratio_rounds"] = [x / y for x, y in zip(per_round[(route, stream, seeded, p)], d, strict=True)]
+            row[f"{p}_ratio_paired"] = statistics.median(row[f"{p}_ratio_rounds"])
         rows[f"{route}_{'stream' if stream else 'whole'}{'_seeded' if seeded else ''}"] = row
     return {"rows": rows, "rounds": rounds, "clients": clients, "per_client": per_client, "slots": np_,
             "ctx_per_slot": ctx, "tokens_per_request": n, "threads": THREADS}
@@ -137,8 +146,10 @@ async def swap_router(binary: Path, mdir: Path, tmp: Path, quick: bool) -> dict[
                     events.append((model, t0 + r.ttft, t0 + r.total))
                     return r
 
+                cpu0 = cpu_seconds(p.pid)
                 run = await run_clients(clients, per_client, one)
-                runs[path].append({"run": run, "loads": _loads(p, path), **phases(events)})
+                runs[path].append({"run": run, "loads": _loads(p, path), "cpu_s": cpu_seconds(p.pid) - cpu0,
+                                   **phases(events)})
     for path, done in runs.items():
         ok = [r for d in done for r in d["run"].ok]
         out[path] = {"ok": len(ok), "errors": sum(len(d["run"].results) - len(d["run"].ok) for d in done),
@@ -148,7 +159,8 @@ async def swap_router(binary: Path, mdir: Path, tmp: Path, quick: bool) -> dict[
                      "total_s_each": [d["run"].wall for d in done], "tokens": sum(r.tokens for r in ok),
                      "wait_p50_s": pct([r.ttft for r in ok], 50), "wait_p99_s": pct([r.ttft for r in ok], 99),
                      "switch_ms": sum(d["switch_ms"] for d in done) / rounds,
-                     "serve_ms": sum(d["serve_ms"] for d in done) / rounds}
+                     "serve_ms": sum(d["serve_ms"] for d in done) / rounds,
+                     "proxy_cpu_s": sum(d["cpu_s"] for d in done) / rounds}
     return out
 
 
@@ -186,28 +198,32 @@ def render_peers(res: dict[str, Any]) -> list[str]:
                   "the paths, rotating which goes first. Straight and through the router, /api/chat goes as the "
                   "/v1/chat/completions request it becomes and /api/generate (raw) as /completion. "
                   "Requests carry seeds (all paths generate the same tokens) except in the row marked no seed. "
-                  "Targets: ollamad >= 0.98 x direct and >= the router's ratio.",
+                  "Targets: ollamad >= 0.98 x direct and >= the router's ratio (median of the rounds' ratios).",
                   ""]
         for label, v in res["peers"].items():
             lines += [f"**{label}** (`{v['model']}`, {v['rounds']} rounds of {v['clients']} clients x "
                       f"{v.get('per_client', 1)} requests per path and row)", "",
-                      "| route | stream | direct tok/s | ollamad tok/s | router tok/s | ollamad / direct | "
-                      "router / direct | tokens d / o / r |", "|---|---|---|---|---|---|---|---|"]
+                      "| route | stream | direct tok/s | ollamad tok/s | router tok/s | ollamad / direct, "
+                      "median of rounds | router / direct, median of rounds | ollamad / direct, all rounds | "
+                      "router / direct, all rounds | tokens d / o / r |", "|---|---|---|---|---|---|---|---|---|---|"]
             for row in v["rows"].values():
                 errs = sum(len(row[p]["errors"]) for p in PATHS)
                 route = row["route"] + ("" if row.get("seeded", True) else " (no seed)")
                 lines.append(f"| {route} | {row['stream']} | {f(row['direct']['tokens_per_s'])} | "
                              f"{f(row['ollamad']['tokens_per_s'])} | {f(row['router']['tokens_per_s'])} | "
-                             f"**{f(row['ollamad_ratio'], 3)}** | {f(row['router_ratio'], 3)} | "
+                             f"**{f(row.get('ollamad_ratio_paired', row['ollamad_ratio']), 3)}** | "
+                             f"{f(row.get('router_ratio_paired', row['router_ratio']), 3)} | "
+                             f"{f(row['ollamad_ratio'], 3)} | {f(row['router_ratio'], 3)} | "
                              f"{row['direct']['tokens']} / {row['ollamad']['tokens']} / {row['router']['tokens']}"
                              + (f" ({errs} errors)" if errs else "") + " |")
             plain = [row for row in v["rows"].values() if row.get("seeded", True)]
-            o = [r["ollamad_ratio"] for r in plain]
-            rr = [r["router_ratio"] for r in plain]
-            lines += ["", f"Seeded rows: ollamad / direct from {f(min(o), 3)} to {f(max(o), 3)}, router / direct "
-                      f"from {f(min(rr), 3)} to {f(max(rr), 3)}; "
-                      "the two proxies add a small, fixed cost per request and per token, so their spread "
-                      "over the rows is the machine's noise."]
+            o = [r.get("ollamad_ratio_paired", r["ollamad_ratio"]) for r in plain]
+            rr = [r.get("router_ratio_paired", r["router_ratio"]) for r in plain]
+            lines += ["", f"Seeded rows, median of rounds: ollamad / direct from {f(min(o), 3)} to {f(max(o), 3)}, "
+                      f"router / direct from {f(min(rr), 3)} to {f(max(rr), 3)}. Each round runs the three paths "
+                      "back to back, so its ratios are paired; the median over rounds is what a round that other "
+                      "work on the machine slowed does not move, and the targets are read from it. The ratio of "
+                      "the totals over all rounds is beside it."]
             for row in v["rows"].values():
                 if "direct_cached" in row:
                     cached = row["direct_cached"]["tokens_per_s"]
@@ -230,19 +246,21 @@ def render_peers(res: dict[str, Any]) -> list[str]:
                   "loads and total time are per run (mean; each run's total beside it), wait is the time to the "
                   "first token over all runs.", "",
                   "| path | ok | errors | loads | total s | each run s | wait p50 s | wait p99 s | switch ms | "
-                  "serve ms |", "|---|---|---|---|---|---|---|---|---|---|"]
+                  "serve ms | proxy CPU s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for p in ("ollamad", "router"):
             v = s[p]
             each = ", ".join(f(x, 2) for x in v.get("total_s_each", [v["total_s"]]))
             lines.append(f"| {p} | {v['ok']} | {v['errors']} | {f(v['loads'], 1)} | {f(v['total_s'], 2)} | {each} | "
                          f"{f(v['wait_p50_s'], 2)} | {f(v['wait_p99_s'], 2)} | {f(v.get('switch_ms', 0))} | "
-                         f"{f(v.get('serve_ms', 0))} |")
+                         f"{f(v.get('serve_ms', 0))} | {f(v['proxy_cpu_s'], 3) if 'proxy_cpu_s' in v else '-'} |")
         lines += ["", "Switch: from one model's last reply to the next model's first token (stop, load, first "
                   "token), mean per switch. Serve: from a model's first token to its last reply (8 requests on 2 "
                   "slots), mean per load. Both from the clients' clocks, per run, averaged over the runs. "
                   "The router forwards every queued request to its child at once, so llama-server starts the next "
                   "one the moment a slot frees; ollamad keeps them in its own queue (FIFO, OLLAMA_MAX_QUEUE, "
-                  "never more than OLLAMA_NUM_PARALLEL in flight) and sends each when a slot frees."]
+                  "never more than OLLAMA_NUM_PARALLEL in flight) and sends each when a slot frees. Proxy CPU: "
+                  "what the daemon, or the router's own process, used per run (user + system), not counting "
+                  "its llama-servers: on two cores it is taken from them and from the clients."]
         lines += ["", "Target: fewer loads than the router and total time no worse. Neither can load less than "
                   "7 times here: the clients start split 4 and 4 over the two models, so whichever loads first, "
                   "the other half needs its model second, and each of those clients then needs 5 more "
