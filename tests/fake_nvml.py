@@ -43,6 +43,11 @@ STATES: dict[str, tuple[FakeGpu, ...]] = {
     "1x24GB": (FakeGpu("NVIDIA GeForce RTX 4090", 24564 * MiB, 420 * MiB),),
     "2x80GB": (FakeGpu("NVIDIA H100 80GB HBM3", 81559 * MiB, 530 * MiB),
                FakeGpu("NVIDIA H100 80GB HBM3", 81559 * MiB, 530 * MiB)),
+    # read on an H100 (driver 580.159.04, CUDA 13.0) with one llama-server (pid 5762) holding a 10 MB
+    # model, all 5 layers offloaded: its buffers are 83 MiB, NVML gives the process 670 MiB (nvidia-smi
+    # the same); NVML's v1 "used" counts the 480 MiB the driver reserves
+    "1x80GB-llama-server": (FakeGpu("NVIDIA H100 80GB HBM3", 85520809984, 1215102976,
+                                    (FakeProcess(5762, 702545920),)),),
     # another program (pid 4242) holds almost all of GPU 0
     "1x24GB-nearly-full": (FakeGpu("NVIDIA GeForce RTX 4090", 24564 * MiB, 23900 * MiB,
                                    (FakeProcess(4242, 23480 * MiB),)),),

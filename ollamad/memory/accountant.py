@@ -14,7 +14,15 @@ from dataclasses import dataclass, field, replace
 import anyio
 import structlog
 
-from ollamad.memory.fit import MemorySnapshot, Placement, Reported, parse_buffer_line, place, processor
+from ollamad.memory.fit import (
+    MemorySnapshot,
+    Placement,
+    Reported,
+    parse_buffer_line,
+    parse_offloaded,
+    place,
+    processor,
+)
 from ollamad.memory.probe import MemoryProbe
 from ollamad.models.estimate import PROCESS_OVERHEAD
 from ollamad.models.plan import RunnerPlan
@@ -35,6 +43,7 @@ class RunnerMemory:
     peak: int = 0
     measured: bool = False
     workers: dict[str, int] = field(default_factory=dict)  # bytes llama-server put on each RPC worker
+    offloaded: tuple[int, int] | None = None  # llama-server's "offloaded N/M layers to GPU"
 
     @property
     def used(self) -> int:
@@ -54,7 +63,21 @@ class RunnerMemory:
 
     @property
     def processor(self) -> str:
+        """Where the model is, as ``ollama ps`` says it: by layers and llama-server's own buffers.
+
+        Not by RSS against NVML's figure: a CUDA process holds a few hundred MB of host memory
+        (the CUDA runtime) and of GPU memory (its context) whatever the model, so a small model
+        all on the GPU read "34%/66% CPU/GPU" on an H100. A CPU build logs "offloaded N/N layers"
+        too, with no GPU buffers: that stays "100% CPU".
+        """
         rpc = self.reported.rpc or sum(self.plan.remote)
+        if not rpc and self.offloaded is not None and self.reported.gpu > 0:
+            layers, of = self.offloaded
+            if layers >= of:
+                return "100% GPU"
+            if layers == 0:
+                return "100% CPU"
+            return processor(self.reported.gpu, self.reported.total)
         return processor(self.size_vram, max(self.used, self.reported.total) + rpc, rpc)
 
 
@@ -118,6 +141,8 @@ class Accountant:
                 rm.reported = rm.reported.add(b)
                 if b.worker is not None:
                     rm.workers[b.worker] = rm.workers.get(b.worker, 0) + b.size
+            elif "offloaded" in line:
+                rm.offloaded = parse_offloaded(line) or rm.offloaded
 
         return on_line
 

@@ -9,17 +9,19 @@ import time
 import urllib.request
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
+from ollamad.api.native import _memory_fields
 from ollamad.memory.accountant import Accountant
-from ollamad.memory.fit import MemorySnapshot, ProcessUse
+from ollamad.memory.fit import MemorySnapshot, Placement, ProcessUse
 from ollamad.memory.probe import MemoryProbe
 from ollamad.models.estimate import PROCESS_OVERHEAD, Estimate, MiB
 from ollamad.models.plan import RunnerPlan
 from tests.conftest import HERE, Daemon, model_plan
-from tests.fake_nvml import FakeNvml, GiB
+from tests.fake_nvml import FakeNvml, FakeProcess, GiB
 
 
 def a_plan(models_dir: Path, name: str = "small") -> RunnerPlan:
@@ -78,6 +80,76 @@ def test_cpu_only_host_places_nothing(models_dir: Path) -> None:
     acct.snapshot = acct.probe.snapshot()
     plan = a_plan(models_dir)
     assert acct.place(1, plan) == (plan, {})
+
+
+# llama-server's lines for the 10 MB generated model, all 5 layers offloaded, recorded on an H100
+# (CUDA build) and on a CPU-only host (a CPU build logs "offloaded 5/5 layers to GPU" as well)
+H100_LOAD = """load_tensors: offloading output layer to GPU
+load_tensors: offloading 3 repeating layers to GPU
+load_tensors: offloaded 5/5 layers to GPU
+load_tensors:   CPU_Mapped model buffer size =     0.25 MiB
+load_tensors:        CUDA0 model buffer size =     9.26 MiB
+llama_context:  CUDA_Host  output buffer size =     0.00 MiB
+llama_kv_cache:      CUDA0 KV buffer size =    32.00 MiB
+sched_reserve:      CUDA0 compute buffer size =    42.51 MiB
+sched_reserve:  CUDA_Host compute buffer size =     9.51 MiB"""
+CPU_LOAD = """load_tensors: offloaded 5/5 layers to GPU
+load_tensors:   CPU_Mapped model buffer size =     9.51 MiB
+llama_context:        CPU  output buffer size =     0.00 MiB
+llama_kv_cache:        CPU KV buffer size =    32.00 MiB
+sched_reserve:        CPU compute buffer size =    43.01 MiB"""
+
+
+def loaded(models_dir: Path, probe: MemoryProbe, lines: str, pid: int, rss: int) -> Accountant:
+    """An accountant that saw one runner load (``lines``) and measured it once (NVML from ``probe``)."""
+    acct = Accountant(probe)
+    on_line = acct.track(1, a_plan(models_dir))
+    for line in lines.splitlines():
+        on_line(f"0.00.307.182 I {line}")
+    measured = probe.snapshot([pid])
+    vram = measured.processes[pid].vram
+    acct.observe(replace(measured, processes={pid: ProcessUse(rss, vram)}), {1: pid}, ready={1})
+    return acct
+
+
+def test_all_layers_on_the_gpu_is_100_percent_gpu(models_dir: Path) -> None:
+    # as measured: NVML gives llama-server 670 MiB (its CUDA context and 83 MiB of buffers), RSS 350 MiB
+    acct = loaded(models_dir, MemoryProbe(FakeNvml.state("1x80GB-llama-server"), cgroup=False), H100_LOAD,
+                  5762, 367304704)
+    rm = acct.runners[1]
+    assert rm.offloaded == (5, 5) and rm.size_vram == 702545920  # /api/ps size_vram: NVML's figure
+    assert rm.processor == "100% GPU"  # was "34%/66% CPU/GPU": the CUDA runtime's RSS counted as CPU
+
+
+# SmolLM2-135M on the same H100 with a request's num_gpu 10 (the placement said all 31 layers)
+H100_PARTIAL = """load_tensors: offloading output layer to GPU
+load_tensors: offloading 9 repeating layers to GPU
+load_tensors: offloaded 10/31 layers to GPU
+load_tensors:   CPU_Mapped model buffer size =    92.10 MiB
+load_tensors:        CUDA0 model buffer size =    47.73 MiB
+llama_context:  CUDA_Host  output buffer size =     0.75 MiB
+llama_kv_cache:        CPU KV buffer size =   252.00 MiB
+llama_kv_cache:      CUDA0 KV buffer size =   108.00 MiB
+sched_reserve:      CUDA0 compute buffer size =    96.70 MiB
+sched_reserve:  CUDA_Host compute buffer size =    11.01 MiB"""
+
+
+def test_partial_offload_splits_by_llama_servers_buffers(models_dir: Path) -> None:
+    # measured: NVML 944 MiB for the process, RSS 832 MiB; the old split of those read "47%/53% CPU/GPU"
+    h100 = FakeNvml.state("1x80GB-llama-server").gpus[0]
+    nvml = FakeNvml((replace(h100, processes=(FakeProcess(1936, 989855744),)),))
+    acct = loaded(models_dir, MemoryProbe(nvml, cgroup=False), H100_PARTIAL, 1936, 872775680)
+    rm = acct.runners[1]
+    assert rm.offloaded == (10, 31) and rm.size_vram == 989855744
+    assert rm.processor == "59%/41% CPU/GPU"  # 252 MiB of llama-server's buffers on the GPU, 356 MiB on the host
+    rm.placement = Placement((0,), 31, 1862631424, 0)  # what the accountant chose before num_gpu overrode it
+    fields = _memory_fields(SimpleNamespace(accountant=acct), 1, rm.holds)  # type: ignore[arg-type]
+    assert fields["n_gpu_layers"] == 10 and fields["gpus"] == [0]  # /api/ps: what llama-server did
+
+
+def test_a_cpu_build_saying_offloaded_stays_100_percent_cpu(models_dir: Path) -> None:
+    acct = loaded(models_dir, MemoryProbe(None), CPU_LOAD, 5762, 62865408)
+    assert acct.runners[1].offloaded == (5, 5) and acct.runners[1].processor == "100% CPU"
 
 
 # --- end to end with the fake llama-server --------------------------------------------------
