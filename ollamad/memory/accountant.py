@@ -24,7 +24,7 @@ from ollamad.memory.fit import (
     processor,
 )
 from ollamad.memory.probe import MemoryProbe
-from ollamad.models.estimate import PROCESS_OVERHEAD
+from ollamad.models.estimate import GPU_CONTEXT, GPU_RUNTIME_HOST, PROCESS_OVERHEAD
 from ollamad.models.plan import RunnerPlan
 
 log = structlog.get_logger("ollamad.memory")
@@ -98,7 +98,9 @@ class Accountant:
         self.spread = spread
         self.snapshot: MemorySnapshot | None = None
         self.runners: dict[int, RunnerMemory] = {}
-        self.corrections: dict[str, float] = {}
+        # per model, and apart for runs on a GPU and on the CPU alone: a CUDA build's runtime
+        # costs host memory also where it is given no GPU (RSS 241 MB for 105 MB planned, H100)
+        self.corrections: dict[tuple[str, bool], float] = {}
         self._poke = anyio.Event()
 
     # --- polling -----------------------------------------------------------------------
@@ -172,19 +174,29 @@ class Accountant:
         base = plan.detail.total if plan.detail is not None else plan.estimate
         if base <= 0 or rm.holds <= 0 or plan.rpc:  # a split's local part is not the whole estimate
             return
+        on_gpu = bool(rm.placement is not None and rm.placement.gpus and rm.placement.n_gpu_layers)
+        if on_gpu:
+            assert rm.placement is not None
+            base += GPU_CONTEXT * len(rm.placement.gpus) + GPU_RUNTIME_HOST  # what correct() adds
         ratio = rm.holds / base
-        known = self.corrections.get(plan.model, 1.0)
+        known = self.corrections.get((plan.model, on_gpu), 1.0)
         if abs(ratio - known) <= TOLERANCE * known:
             return
-        self.corrections[plan.model] = ratio
+        self.corrections[(plan.model, on_gpu)] = ratio
         log.info("estimate corrected from measurement", model=plan.model, estimated=base, measured=rm.holds,
                  rss=rm.rss, vram=rm.vram, reported=rm.reported.total, factor=round(ratio, 3))
 
     # --- planning ----------------------------------------------------------------------
     def correct(self, plan: RunnerPlan) -> RunnerPlan:
-        """The plan with its estimate scaled by what this model measured before."""
-        factor = self.corrections.get(plan.model)
-        return plan if factor is None else replace(plan, estimate=int(plan.estimate * factor))
+        """The plan with what running on a GPU adds (where there are GPUs, unless it is split over
+        RPC workers or asks for no GPU layers), scaled by what this model measured before."""
+        on_gpu = self._on_gpu(plan)
+        factor = self.corrections.get((plan.model, on_gpu), 1.0)
+        extra = GPU_CONTEXT + GPU_RUNTIME_HOST if on_gpu else 0
+        return plan if not extra and factor == 1.0 else replace(plan, estimate=int((plan.estimate + extra) * factor))
+
+    def _on_gpu(self, plan: RunnerPlan) -> bool:
+        return bool(self.snapshot is not None and self.snapshot.gpus and not plan.rpc and plan.load.num_gpu != 0)
 
     def place(self, rid: int, plan: RunnerPlan) -> tuple[RunnerPlan, dict[str, str]]:
         """Pick GPUs and --n-gpu-layers for a runner about to start; its extra environment."""
@@ -193,8 +205,8 @@ class Accountant:
             return plan, ({"CUDA_VISIBLE_DEVICES": ""} if snap is not None and snap.gpus else {})
         if snap is None or not snap.gpus or plan.detail is None:
             return plan, {}
-        p = place(plan.detail, snap, gpu_overhead=self.gpu_overhead, reserve=self.reserve,
-                  spread=self.spread, total=plan.estimate)
+        p = place(plan.detail, snap, gpu_overhead=self.gpu_overhead, reserve=self.reserve, spread=self.spread,
+                  total=plan.estimate, context=GPU_CONTEXT, runtime=GPU_RUNTIME_HOST)
         if p is None:  # the core judged it fits by total; the split says CPU
             p = Placement((), 0, 0, plan.estimate)
         if rid in self.runners:

@@ -81,29 +81,40 @@ def usable(snap: MemorySnapshot, gpu_overhead: int, reserve: int) -> tuple[int, 
 
 
 def place(est: Estimate, snap: MemorySnapshot, *, gpu_overhead: int = 0, reserve: int = 0,
-          spread: bool = False, total: int | None = None) -> Placement | None:
+          spread: bool = False, total: int | None = None, context: int = 0, runtime: int = 0) -> Placement | None:
     """Where ``est`` fits now, best first; None if it does not fit at all.
 
     One GPU that holds it all (the tightest such GPU, to keep big holes for big models);
     else all GPUs together (always with ``spread``); else as many layers as the GPUs hold
     with the rest on the CPU; else the CPU alone.
+
+    ``total`` (default ``est.total``) is the whole need on a CPU-only host; where there are GPUs
+    it includes ``context`` (GPU memory each GPU a runner uses takes before any buffer: one is
+    counted in ``total``, each further GPU adds one) and ``runtime`` (host memory the GPU
+    runtime takes), as Accountant.correct adds them.
     """
-    need = est.total if total is None else total
+    need = (est.total + (context + runtime if snap.gpus else 0)) if total is None else total
     host, per_gpu = usable(snap, gpu_overhead, reserve)
     if not snap.gpus:
         return Placement((), None, 0, need) if need <= host else None
     all_layers = est.layers + 1  # the repeating layers and the output layer
-    holders = sorted((free, g.index) for g, free in zip(snap.gpus, per_gpu, strict=True) if free >= need)
-    if holders and not spread:
-        return Placement((holders[0][1],), all_layers, need, 0)
-    indexes = tuple(g.index for g, free in zip(snap.gpus, per_gpu, strict=True) if free > 0)
-    gpu_room = sum(per_gpu)
-    if gpu_room >= need and indexes:
-        return Placement(indexes, all_layers, need, 0)
-    return _partial(est, need, host, gpu_room, indexes)
+    on_gpu = need - runtime  # the buffers and one GPU's context
+    holders = sorted((free, g.index) for g, free in zip(snap.gpus, per_gpu, strict=True) if free >= on_gpu)
+    if holders and not spread and runtime <= host:
+        return Placement((holders[0][1],), all_layers, on_gpu, runtime)
+    usable_gpus = [(g.index, free) for g, free in zip(snap.gpus, per_gpu, strict=True)
+                   if free > context and runtime <= host]
+    indexes = tuple(i for i, _ in usable_gpus)
+    spread_need = on_gpu + context * (len(indexes) - 1)  # each further GPU has a context of its own
+    if indexes and sum(free for _, free in usable_gpus) >= spread_need:
+        return Placement(indexes, all_layers, spread_need, runtime)
+    bare = need - runtime - context  # without what running on a GPU adds
+    gpu_room = sum(free - context for _, free in usable_gpus)
+    return _partial(est, bare, host, gpu_room, indexes, context * len(indexes), runtime)
 
 
-def _partial(est: Estimate, need: int, host: int, gpu_room: int, indexes: tuple[int, ...]) -> Placement | None:
+def _partial(est: Estimate, need: int, host: int, gpu_room: int, indexes: tuple[int, ...], contexts: int,
+             runtime: int) -> Placement | None:
     """Offload what the GPUs hold layer by layer; the compute buffer goes on the GPU too."""
     per_layer = est.per_layer
     layers = 0
@@ -111,8 +122,8 @@ def _partial(est: Estimate, need: int, host: int, gpu_room: int, indexes: tuple[
         layers = min((gpu_room - est.compute) // per_layer, est.layers)
     if layers == 0:
         return Placement((), 0, 0, need) if need <= host else None
-    gpu = layers * per_layer + est.compute
-    cpu = max(need - layers * per_layer, 0)  # the CPU keeps a compute buffer of its own
+    gpu = layers * per_layer + est.compute + contexts
+    cpu = max(need - layers * per_layer, 0) + runtime  # the CPU keeps a compute buffer of its own
     return Placement(indexes, layers, gpu, cpu) if cpu <= host else None
 
 

@@ -17,6 +17,12 @@ KV_BYTES = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
 MiB = 1024 * 1024
 # RSS of an idle llama-server (CPU build) beyond its buffers, measured on the test models
 PROCESS_OVERHEAD = 16 * MiB
+# A CUDA runner's cost beyond its buffers, measured on an H100 (driver 580, CUDA 13): the context
+# on each GPU it uses (GPU memory: 586 MiB for a runner with 84 MiB of GPU buffers, 693 MiB for
+# SmolLM2's 537) and the CUDA runtime in its host memory (RSS 350 MiB where its host buffers
+# were 14 MiB). Ollama reserves 457 MiB per CUDA GPU for the same reason (cudaMinimumMemory).
+GPU_CONTEXT = 600 * MiB
+GPU_RUNTIME_HOST = 350 * MiB
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from ollamad.api.native import _memory_fields
 from ollamad.memory.accountant import Accountant
 from ollamad.memory.fit import MemorySnapshot, Placement, ProcessUse
 from ollamad.memory.probe import MemoryProbe
-from ollamad.models.estimate import PROCESS_OVERHEAD, Estimate, MiB
+from ollamad.models.estimate import GPU_CONTEXT, GPU_RUNTIME_HOST, PROCESS_OVERHEAD, Estimate, MiB
 from ollamad.models.plan import RunnerPlan
 from tests.conftest import HERE, Daemon, model_plan
 from tests.fake_nvml import FakeNvml, FakeProcess, GiB
@@ -41,7 +41,7 @@ def test_learns_when_measured_differs_and_corrects_later_estimates(models_dir: P
     assert obs.counted == {1: 30 * MiB} and obs.memory == {} and acct.corrections == {}  # still loading
     big = 2 * plan.estimate
     obs = acct.observe(host(100, big), {1: 100}, ready={1})
-    assert obs.memory == {1: big} and acct.corrections["small"] == pytest.approx(2.0, rel=0.01)
+    assert obs.memory == {1: big} and acct.corrections["small", False] == pytest.approx(2.0, rel=0.01)
     assert acct.correct(plan).estimate == pytest.approx(2 * plan.estimate, rel=0.01)
     assert acct.correct(replace(plan, model="other")).estimate == plan.estimate
 
@@ -60,7 +60,7 @@ def test_no_correction_within_tolerance(models_dir: Path) -> None:
 
 @pytest.mark.parametrize(("state", "spread", "visible", "ngl"), [
     ("1x24GB", False, "0", 33), ("2x80GB", False, "0", 33), ("2x80GB", True, "0,1", 33),
-    ("1x24GB-nearly-full", False, "0", 2),
+    ("1x24GB-nearly-full", False, "", 0),  # 664 MiB free: no room for a CUDA context and a compute buffer
 ])
 def test_placement_sets_layers_and_pins_gpus(state: str, spread: bool, visible: str, ngl: int) -> None:
     est = Estimate(weights=4 * GiB, kv=1 * GiB, recurrent=0, compute=256 * MiB, output=0, overhead=0,
@@ -68,6 +68,8 @@ def test_placement_sets_layers_and_pins_gpus(state: str, spread: bool, visible: 
     plan = RunnerPlan(model="m", path=Path("/m.gguf"), num_parallel=1, ctx=2048, estimate=est.total, detail=est)
     acct = Accountant(MemoryProbe(FakeNvml.state(state), cgroup=False), spread=spread)
     acct.snapshot = replace(acct.probe.snapshot(), host_available=64 * GiB)
+    plan = acct.correct(plan)  # as the scheduler plans: what running on a GPU adds
+    assert plan.estimate == est.total + GPU_CONTEXT + GPU_RUNTIME_HOST
     acct.track(1, plan)
     placed, env = acct.place(1, plan)
     assert env["CUDA_VISIBLE_DEVICES"] == visible and placed.n_gpu_layers == ngl
@@ -119,6 +121,33 @@ def test_all_layers_on_the_gpu_is_100_percent_gpu(models_dir: Path) -> None:
     rm = acct.runners[1]
     assert rm.offloaded == (5, 5) and rm.size_vram == 702545920  # /api/ps size_vram: NVML's figure
     assert rm.processor == "100% GPU"  # was "34%/66% CPU/GPU": the CUDA runtime's RSS counted as CPU
+
+
+def test_a_runner_on_the_gpu_is_planned_with_its_cuda_context_and_learns_no_false_factor(models_dir: Path) -> None:
+    """The H100 measurement: llama-server held 670 MiB of GPU memory and 350 MiB RSS for 84 MiB
+    of buffers. Planned without the CUDA context and runtime, the model learnt a factor of 12.27
+    and its next load asked for 1.29 GB, all of it counted as GPU memory."""
+    probe = MemoryProbe(FakeNvml.state("1x80GB-llama-server"), cgroup=False)
+    acct = Accountant(probe)
+    acct.snapshot = probe.snapshot()
+    plan = acct.correct(a_plan(models_dir))
+    assert plan.detail is not None and plan.estimate == plan.detail.total + GPU_CONTEXT + GPU_RUNTIME_HOST
+    on_line = acct.track(1, plan)
+    placed, env = acct.place(1, plan)
+    assert placed.n_gpu_layers == 5 and placed.gpus == (0,)
+    assert env["CUDA_VISIBLE_DEVICES"] == "0" and acct.runners[1].placement is not None
+    assert acct.runners[1].placement.cpu_bytes == GPU_RUNTIME_HOST  # the runtime: host memory, not GPU
+    for line in H100_LOAD.splitlines():
+        on_line(f"0.00.307.182 I {line}")
+    measured = probe.snapshot([5762])
+    acct.observe(replace(measured, processes={5762: ProcessUse(367304704, 702545920)}), {1: 5762}, ready={1})
+    assert acct.corrections == {}  # 1070 MB held against about 1.1 GB planned: within TOLERANCE
+    assert acct.correct(a_plan(models_dir)).estimate == plan.estimate
+    # the same model on the CPU of that host (no room on the GPU): a factor of its own
+    acct.runners[1].placement = Placement((), 0, 0, plan.detail.total)
+    acct.observe(replace(measured, processes={5762: ProcessUse(241037312, 0)}), {1: 5762}, ready={1})
+    assert set(acct.corrections) == {("small", False)}
+    assert acct.correct(a_plan(models_dir)).estimate == plan.estimate  # not applied to a GPU load
 
 
 # SmolLM2-135M on the same H100 with a request's num_gpu 10 (the placement said all 31 layers)

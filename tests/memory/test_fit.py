@@ -63,6 +63,45 @@ def test_placement(state: str, gib: float, spread: bool, overhead: float, host: 
     assert p.gpu_bytes + p.cpu_bytes >= model(gib).total  # nothing is lost in the split
 
 
+# A CUDA context on each GPU used and the runtime's host memory (Accountant passes GPU_CONTEXT
+# and GPU_RUNTIME_HOST; round figures here). total includes one context and the runtime, as
+# Accountant.correct adds them. Worked by hand: model(4.0) is 5.25 GiB.
+CTX, RT = 600 * MiB, 350 * MiB
+CONTEXT_CASES = [
+    # 8 GB card (7882 MiB free): 5.25 GiB + 600 MiB fits on it; the runtime goes to the host
+    ("1x8GB", 4.0, False, (0,), 33, int(5.25 * GiB) + CTX, RT),
+    # 7.25 GiB (7424 MiB) fits in 7882 alone, not with the context (8024): partial. Per layer
+    # (0.95 x 6 + 1) GiB / 32 = 214.4 MiB; (7882 - 600 - 256) / 214.4 = 32.8: the 32 repeating
+    # layers, the output layer stays on the CPU
+    ("1x8GB", 6.0, False, (0,), 32, None, None),
+    # two 80 GB cards, spread: each has a context of its own
+    ("2x80GB", 20.0, True, (0, 1), 33, int(21.25 * GiB) + 2 * CTX, RT),
+    # 664 MiB free: a context (600) and the compute buffer (256) do not fit: CPU only, no context
+    ("1x24GB-nearly-full", 4.0, False, (), 0, 0, int(5.25 * GiB)),
+]
+
+
+@pytest.mark.parametrize(("state", "gib", "spread", "gpus", "ngl", "gpu_bytes", "cpu_bytes"), CONTEXT_CASES)
+def test_placement_counts_a_context_per_gpu_and_the_runtime_on_the_host(
+        state: str, gib: float, spread: bool, gpus: tuple[int, ...], ngl: int, gpu_bytes: int | None,
+        cpu_bytes: int | None) -> None:
+    est = model(gib)
+    p = place(est, snap(state), spread=spread, total=est.total + CTX + RT, context=CTX, runtime=RT)
+    assert p is not None and (p.gpus, p.n_gpu_layers) == (gpus, ngl)
+    if gpu_bytes is not None:
+        assert (p.gpu_bytes, p.cpu_bytes) == (gpu_bytes, cpu_bytes)
+    if p.gpus:  # the GPU part holds a context per GPU; the host part the runtime
+        assert p.gpu_bytes >= CTX * len(p.gpus) and p.cpu_bytes >= RT
+        assert p.gpu_bytes + p.cpu_bytes >= est.total + CTX * len(p.gpus) + RT
+
+
+def test_without_a_context_the_nearly_full_gpu_took_layers_it_has_no_room_for() -> None:
+    """664 MiB free: without counting the context, 2 layers looked as if they fit."""
+    assert place(model(4.0), snap("1x24GB-nearly-full")).n_gpu_layers == 2  # type: ignore[union-attr]
+    p = place(model(4.0), snap("1x24GB-nearly-full"), context=CTX, runtime=RT)
+    assert p is not None and p.n_gpu_layers == 0 and p.gpus == ()
+
+
 def test_tightest_gpu_that_holds_it_is_chosen() -> None:
     s = snap("2x80GB")
     s = replace(s, gpus=(replace(s.gpus[0], free=70 * GiB), replace(s.gpus[1], free=30 * GiB)))
