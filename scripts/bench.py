@@ -482,6 +482,13 @@ def render(res: dict[str, Any], meta: dict[str, Any]) -> str:
                   f"- added over llama-server's own first token: {f(c['added_vs_first_token_ms'], 0)} ms "
                   "(what ollamad itself costs)", ""]
     lines += render_peers(res)
+    gpu = ROOT / "benchmarks-h100.json"  # the peers section run on a lent GPU machine (see its meta)
+    if gpu.exists():
+        g = json.loads(gpu.read_text())
+        lines += render_peers(g["results"], "## 7b. The same peers on an NVIDIA H100 (16 cores)",
+                              f"Run on a GPU machine lent for one session ({g['meta']['date']}): "
+                              f"`{g['meta']['command']}`, llama-server {g['meta']['llama_server']} built with "
+                              "CUDA by `runners/build.sh` there (patches: 0001 only). " + g["meta"].get("note", ""))
     lines += ["## Found and fixed while measuring", "",
               "- **A lost request.** llama-server closes a connection after a streamed reply without a "
               "`Connection: close`; a request sent on it in the moment after a stream ended failed with "

@@ -51,9 +51,11 @@ async def peers(binary: Path, mdir: Path, tmp: Path, quick: bool) -> dict[str, A
     else:
         print(f"[bench] peers: {REAL} missing (scripts/real_models.py fetches it); real-model rows skipped",
               flush=True)
+    # BENCH_PEERS_SCALE: more requests per client and run (a fast GPU makes each run short)
+    scale = int(os.environ.get("BENCH_PEERS_SCALE", "1"))
     for label, path in models.items():  # each run at least about a second: 4 requests per client on the fast one
         out[label] = await _peers(binary, path, tmp, 1 if quick else (6 if label == "fast" else 3),
-                                  4 if label == "fast" else 1)
+                                  (4 if label == "fast" else 1) * scale)
         out[label]["model"] = path.name
     return out
 
@@ -183,14 +185,17 @@ def _loads(p: Proc, path: str) -> int:
     return text.count('"loading model"') if path == "ollamad" else text.count("spawning server instance with name")
 
 
-def render_peers(res: dict[str, Any]) -> list[str]:
+PEERS_HEADING = "## 7. Peers: llama-server alone, ollamad, llama.cpp's router mode"
+
+
+def render_peers(res: dict[str, Any], heading: str = PEERS_HEADING, intro: str | None = None) -> list[str]:
     def f(x: float, d: int = 1) -> str:
         return f"{x:.{d}f}"
 
     lines: list[str] = []
     if "peers" in res:
-        lines += ["## 7. Peers: llama-server alone, ollamad, llama.cpp's router mode", "",
-                  "The same requests (same prompt, 96-token limit, the same sampling settings named in every "
+        lines += [heading, ""] + ([intro, ""] if intro else [])
+        lines += ["The same requests (same prompt, 96-token limit, the same sampling settings named in every "
                   "request: Ollama's defaults; 4 slots of 2048 context, 4 closed-loop clients) straight to "
                   "llama-server, through ollamad and through llama-server's own multi-model proxy "
                   "(`--models-dir DIR --models-max 1`, same binary), each llama-server on one thread (on 2 "
