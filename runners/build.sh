@@ -29,9 +29,13 @@ fi
 flags=(-DCMAKE_BUILD_TYPE=Release -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
        -DLLAMA_CURL=OFF -DGGML_RPC=ON -DBUILD_SHARED_LIBS=OFF)
 [ "$backend" = cuda ] && flags+=(-DGGML_CUDA=ON)
-# GGML_NATIVE (the default) tunes for this CPU, so the CPU's features are part of the key.
+# GGML_NATIVE (the default) tunes for this CPU, so the CPU's features are part of the key; with
+# CUDA it builds for the GPUs present only (seen on an H100: sm_90 alone), so their compute
+# capabilities are part of it too: a build for one GPU does not run on another
 cpu_sig=$(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null | sha256sum | cut -c1-8 || echo any)
-flags_hash=$(printf '%s\n' "${flags[@]}" "$cpu_sig" "$(uname -m)" | sha256sum | cut -c1-10)
+gpu_sig=""
+[ "$backend" = cuda ] && gpu_sig=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | sort -u | paste -sd, || true)
+flags_hash=$(printf '%s\n' "${flags[@]}" "$cpu_sig" "$(uname -m)" ${gpu_sig:+"$gpu_sig"} | sha256sum | cut -c1-10)
 
 mkdir -p "$RUNNERS_DIR"
 exec 9>"$RUNNERS_DIR/.lock"
