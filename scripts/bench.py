@@ -485,7 +485,7 @@ def render(res: dict[str, Any], meta: dict[str, Any]) -> str:
     gpu = ROOT / "benchmarks-h100.json"  # the peers section run on a lent GPU machine (see its meta)
     if gpu.exists():
         g = json.loads(gpu.read_text())
-        lines += render_peers(g["results"], "## 7b. The same peers on an NVIDIA H100 (16 cores)",
+        lines += render_peers(g["results"], "## 9. The peers of section 7 on an NVIDIA H100 (16 cores)",
                               f"Run on a GPU machine lent for one session ({g['meta']['date']}): "
                               f"`{g['meta']['command']}`, llama-server {g['meta']['llama_server']} built with "
                               "CUDA by `runners/build.sh` there (patches: 0001 only). " + g["meta"].get("note", ""))

@@ -265,7 +265,15 @@ def render_peers(res: dict[str, Any], heading: str = PEERS_HEADING, intro: str |
                   "one the moment a slot frees; ollamad keeps them in its own queue (FIFO, OLLAMA_MAX_QUEUE, "
                   "never more than OLLAMA_NUM_PARALLEL in flight) and sends each when a slot frees. Proxy CPU: "
                   "what the daemon, or the router's own process, used per run (user + system), not counting "
-                  "its llama-servers: on two cores it is taken from them and from the clients."]
+                  "its llama-servers: on two cores it is taken from them and from the clients. In an experiment "
+                  "beside this benchmark (the same workload, llama-server's own timings at --verbosity 4, two "
+                  "runs of 48 requests per path), llama-server decoded 12 to 15% slower per token under ollamad "
+                  "(0.73 and 0.87 ms) than under the router (0.64 and 0.79 ms), and a freed slot got its next "
+                  "request from ollamad after 0.8 ms (median; mean 1.5 ms): the serve column is the daemon's "
+                  "CPU more than its queue. Sending each runner one more request per slot than it has "
+                  "(pipelining, with llama-server's own queue holding it) measured no clear gain in three "
+                  "runs of 4 to 6, and was left out: a streamed request's headers come only once it has a slot, "
+                  "so OLLAMAD_ACCEPT_TIMEOUT would take a long wait in that queue for a stuck runner."]
         lines += ["", "Target: fewer loads than the router and total time no worse. Neither can load less than "
                   "7 times here: the clients start split 4 and 4 over the two models, so whichever loads first, "
                   "the other half needs its model second, and each of those clients then needs 5 more "
