@@ -48,6 +48,7 @@ def check_runs(binary: Path, env: Mapping[str, str], timeout: float = VERSION_TI
 # runners/patches/ fixes the relay relies on when the build has them (its PATCHES file)
 PROMPT_CANCEL = "0001-server-stop-polling-deadline"  # a one-answer request stops within ~1 s of its client
 STREAM_KEEP_ALIVE = "0002-server-keep-alive-after-stream"  # a streamed reply leaves its connection open
+STREAM_TOKENS = "0003-server-stream-tokens-of-split-characters"  # a stream's tokens: every generated one
 
 
 def patches(binary: Path) -> frozenset[str]:

@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 
 from ollamad.models.testmodels import write_llama
-from ollamad.runner.binary import PROMPT_CANCEL, STREAM_KEEP_ALIVE, patches
+from ollamad.runner.binary import PROMPT_CANCEL, STREAM_KEEP_ALIVE, STREAM_TOKENS, patches
 from ollamad.runner.child import Runner
 from ollamad.runner.upstream import runner_session
 from tests.conftest import model_plan
@@ -115,3 +115,38 @@ async def test_a_streamed_reply_leaves_its_connection_open(llama_server: Path, t
                 "the connection was closed after a streamed reply"
         finally:
             await runner.stop()
+
+
+@pytest.mark.real
+async def test_a_stream_carries_the_tokens_of_a_character_split_over_several(llama_server: Path,
+                                                                           tmp_path: Path) -> None:
+    """0003: a token that is only part of a UTF-8 character sends no chunk, and its id was in no
+    chunk's ``tokens`` (nor in the final event's): Ollama's ``context`` of a streamed generate
+    lacked it. With the patch the next chunk, or the final event, carries every token since the
+    last chunk: the stream's tokens are the one answer's."""
+    if STREAM_TOKENS not in patches(llama_server):
+        pytest.skip(f"{llama_server} is not built by runners/build.sh with runners/patches/ (no PATCHES file)")
+    write_llama(tmp_path / "m.gguf", name="m")  # random weights: byte tokens, split characters
+    runner = Runner(model_plan(tmp_path, "m", num_parallel=1, ctx=1024), str(llama_server))
+    split_seen = 0
+    async with runner_session() as session:
+        await runner.start(session)
+        try:
+            for seed in range(1, 9):
+                ask = {"prompt": "hi", "n_predict": 16, "seed": seed, "return_tokens": True, "cache_prompt": False}
+                async with session.post(f"{runner.url}/completion", json={**ask, "stream": False},
+                                        headers=runner.headers) as r:
+                    whole = (await r.json())["tokens"]
+                streamed: list[int] = []
+                async with session.post(f"{runner.url}/completion", json={**ask, "stream": True},
+                                        headers=runner.headers) as r:
+                    for line in (await r.read()).decode().splitlines():
+                        if line.startswith("data: "):
+                            event = json.loads(line[6:])
+                            streamed += event.get("tokens", [])
+                            if len(event.get("tokens", [])) > 1 or (event.get("stop") and event.get("tokens")):
+                                split_seen += 1  # tokens that sent no chunk of their own
+                assert len(whole) == 16 and streamed == whole, f"seed {seed}"
+        finally:
+            await runner.stop()
+    assert split_seen, "no seed generated a character split over tokens: the test proved nothing"
