@@ -52,10 +52,13 @@ class Placement:
     n_gpu_layers: int | None  # None: CPU-only host, leave llama-server's default
     gpu_bytes: int
     cpu_bytes: int
+    cuda_bytes: tuple[int, int] = (0, 0)  # of gpu_bytes and cpu_bytes: CUDA's own (contexts, runtime)
 
     @property
     def processor(self) -> str:
-        return processor(self.gpu_bytes, self.gpu_bytes + self.cpu_bytes)
+        """Where the model goes, as ``ollama ps`` says it: CUDA's own memory is not the model's."""
+        gpu, cpu = self.gpu_bytes - self.cuda_bytes[0], self.cpu_bytes - self.cuda_bytes[1]
+        return processor(gpu, gpu + cpu)
 
 
 def processor(vram: int, size: int, rpc: int = 0) -> str:
@@ -101,13 +104,13 @@ def place(est: Estimate, snap: MemorySnapshot, *, gpu_overhead: int = 0, reserve
     on_gpu = need - runtime  # the buffers and one GPU's context
     holders = sorted((free, g.index) for g, free in zip(snap.gpus, per_gpu, strict=True) if free >= on_gpu)
     if holders and not spread and runtime <= host:
-        return Placement((holders[0][1],), all_layers, on_gpu, runtime)
+        return Placement((holders[0][1],), all_layers, on_gpu, runtime, (context, runtime))
     usable_gpus = [(g.index, free) for g, free in zip(snap.gpus, per_gpu, strict=True)
                    if free > context and runtime <= host]
     indexes = tuple(i for i, _ in usable_gpus)
     spread_need = on_gpu + context * (len(indexes) - 1)  # each further GPU has a context of its own
     if indexes and sum(free for _, free in usable_gpus) >= spread_need:
-        return Placement(indexes, all_layers, spread_need, runtime)
+        return Placement(indexes, all_layers, spread_need, runtime, (context * len(indexes), runtime))
     bare = need - runtime - context  # without what running on a GPU adds
     gpu_room = sum(free - context for _, free in usable_gpus)
     return _partial(est, bare, host, gpu_room, indexes, context * len(indexes), runtime)
@@ -124,7 +127,7 @@ def _partial(est: Estimate, need: int, host: int, gpu_room: int, indexes: tuple[
         return Placement((), 0, 0, need) if need <= host else None
     gpu = layers * per_layer + est.compute + contexts
     cpu = max(need - layers * per_layer, 0) + runtime  # the CPU keeps a compute buffer of its own
-    return Placement(indexes, layers, gpu, cpu) if cpu <= host else None
+    return Placement(indexes, layers, gpu, cpu, (contexts, runtime)) if cpu <= host else None
 
 
 # --- llama-server's log ------------------------------------------------------------------

@@ -92,6 +92,9 @@ def test_placement_counts_a_context_per_gpu_and_the_runtime_on_the_host(
         assert (p.gpu_bytes, p.cpu_bytes) == (gpu_bytes, cpu_bytes)
     if p.gpus:  # the GPU part holds a context per GPU; the host part the runtime
         assert p.gpu_bytes >= CTX * len(p.gpus) and p.cpu_bytes >= RT
+        # PROCESSOR as `ollama ps` says it: all layers on the GPU is 100% GPU (it said 33%/67% on
+        # the H100, the runtime's host memory counted as the model's)
+        assert (p.processor == "100% GPU") == (ngl == 33)
         assert p.gpu_bytes + p.cpu_bytes >= est.total + CTX * len(p.gpus) + RT
 
 
