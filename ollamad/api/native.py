@@ -143,8 +143,8 @@ def _memory_fields(sched: Scheduler, rid: int, memory: int) -> dict[str, Any]:
         out.update(measured_size=rm.used, size_rss=rm.rss)
     if rm.placement is not None:
         out.update(gpus=list(rm.placement.gpus), n_gpu_layers=rm.placement.n_gpu_layers)
-    if rm.offloaded is not None and rm.reported.gpu > 0:  # what llama-server did: a request's num_gpu wins
-        out["n_gpu_layers"] = rm.offloaded[0]
+    if rm.gpu_layers is not None:  # what llama-server did: a request's num_gpu wins
+        out["n_gpu_layers"] = rm.gpu_layers
     if rm.plan.rpc:  # split over RPC workers: which, and what is on each (reported, else planned)
         out["rpc_workers"] = [{"endpoint": ep, "size": rm.workers.get(ep, planned), "planned_size": planned}
                               for ep, planned in zip(rm.plan.rpc, rm.plan.remote, strict=True)]

@@ -71,7 +71,8 @@ class RunnerMemory:
         too, with no GPU buffers: that stays "100% CPU".
         """
         rpc = self.reported.rpc or sum(self.plan.remote)
-        if not rpc and self.offloaded is not None and self.reported.gpu > 0:
+        if not rpc and self.gpu_layers is not None:
+            assert self.offloaded is not None
             layers, of = self.offloaded
             if layers >= of:
                 return "100% GPU"
@@ -79,6 +80,12 @@ class RunnerMemory:
                 return "100% CPU"
             return processor(self.reported.gpu, self.reported.total)
         return processor(self.size_vram, max(self.used, self.reported.total) + rpc, rpc)
+
+    @property
+    def gpu_layers(self) -> int | None:
+        """The layers llama-server offloaded, where it put buffers on a GPU (a CPU build logs
+        "offloaded N/N layers" too); None otherwise."""
+        return self.offloaded[0] if self.offloaded is not None and self.reported.gpu > 0 else None
 
 
 @dataclass(frozen=True)
@@ -174,10 +181,9 @@ class Accountant:
         base = plan.detail.total if plan.detail is not None else plan.estimate
         if base <= 0 or rm.holds <= 0 or plan.rpc:  # a split's local part is not the whole estimate
             return
-        on_gpu = bool(rm.placement is not None and rm.placement.gpus and rm.placement.n_gpu_layers)
-        if on_gpu:
-            assert rm.placement is not None
-            base += GPU_CONTEXT * len(rm.placement.gpus) + GPU_RUNTIME_HOST  # what correct() adds
+        cuda = rm.placement.cuda_bytes if rm.placement is not None else (0, 0)
+        on_gpu = cuda[0] > 0  # placed with a context on a GPU
+        base += sum(cuda)  # what correct() and place() add for CUDA itself
         ratio = rm.holds / base
         known = self.corrections.get((plan.model, on_gpu), 1.0)
         if abs(ratio - known) <= TOLERANCE * known:

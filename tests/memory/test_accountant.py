@@ -7,6 +7,7 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -102,12 +103,16 @@ llama_kv_cache:        CPU KV buffer size =    32.00 MiB
 sched_reserve:        CPU compute buffer size =    43.01 MiB"""
 
 
+def feed(on_line: Callable[[str], None], lines: str) -> None:
+    """Recorded llama-server lines, as the runner's output pump hands them over."""
+    for line in lines.splitlines():
+        on_line(f"0.00.307.182 I {line}")
+
+
 def loaded(models_dir: Path, probe: MemoryProbe, lines: str, pid: int, rss: int) -> Accountant:
     """An accountant that saw one runner load (``lines``) and measured it once (NVML from ``probe``)."""
     acct = Accountant(probe)
-    on_line = acct.track(1, a_plan(models_dir))
-    for line in lines.splitlines():
-        on_line(f"0.00.307.182 I {line}")
+    feed(acct.track(1, a_plan(models_dir)), lines)
     measured = probe.snapshot([pid])
     vram = measured.processes[pid].vram
     acct.observe(replace(measured, processes={pid: ProcessUse(rss, vram)}), {1: pid}, ready={1})
@@ -137,8 +142,7 @@ def test_a_runner_on_the_gpu_is_planned_with_its_cuda_context_and_learns_no_fals
     assert placed.n_gpu_layers == 5 and placed.gpus == (0,)
     assert env["CUDA_VISIBLE_DEVICES"] == "0" and acct.runners[1].placement is not None
     assert acct.runners[1].placement.cpu_bytes == GPU_RUNTIME_HOST  # the runtime: host memory, not GPU
-    for line in H100_LOAD.splitlines():
-        on_line(f"0.00.307.182 I {line}")
+    feed(on_line, H100_LOAD)
     measured = probe.snapshot([5762])
     acct.observe(replace(measured, processes={5762: ProcessUse(367304704, 702545920)}), {1: 5762}, ready={1})
     assert acct.corrections == {}  # 1070 MB held against about 1.1 GB planned: within TOLERANCE
