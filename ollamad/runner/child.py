@@ -14,6 +14,7 @@ import contextlib
 import ctypes
 import errno
 import functools
+import logging
 import os
 import secrets
 import shutil
@@ -33,6 +34,7 @@ import structlog
 
 from ollamad.models.plan import RunnerPlan
 from ollamad.procs import descendants
+from ollamad.runner.output import OutputPipe
 
 log = structlog.get_logger("ollamad.runner")
 
@@ -150,6 +152,7 @@ class Runner:
     signal_sent: bool = False
     lines: deque[str] = field(default_factory=lambda: deque(maxlen=200))
     _pump: asyncio.Task[None] | None = None
+    _output: OutputPipe | None = None
     _ready_hint: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -196,11 +199,12 @@ class Runner:
         if why is not None:
             self._forget_key()
             raise RunnerError(f"cannot start {argv[0]}: {why}")
+        self._output = OutputPipe(self._lines)
         try:
             self.proc = await asyncio.create_subprocess_exec(
                 *exec_argv,
                 stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
+                stdout=self._output.child_end,
                 stderr=asyncio.subprocess.STDOUT,
                 env=self.child_env(),
                 start_new_session=True,
@@ -208,17 +212,21 @@ class Runner:
             )
         except OSError as e:
             self._forget_key()
+            self._output.drain()
             raise RunnerError(f"cannot start {argv[0]}: {e.strerror or e}") from None
+        finally:
+            self._output.close_child_end()
         if self.on_spawn is not None:
             self.on_spawn(self)
         self._log().info("runner starting", argv=" ".join(argv))
-        self._pump = asyncio.create_task(self._pump_output())
+        self._pump = asyncio.create_task(self._output.pump())
         try:
             await self._wait_healthy(session)
         except BaseException:
             await self.stop()
             raise
         self.ready_at = time.monotonic()
+        self._output.batch()
         self._log().info("runner ready", seconds=round(self.ready_at - self.started_at, 3))
 
     async def _wait_healthy(self, session: aiohttp.ClientSession) -> None:
@@ -238,35 +246,31 @@ class Runner:
                 await asyncio.wait_for(self._ready_hint.wait(), HEALTH_POLL)
             self._ready_hint.clear()
 
-    async def _pump_output(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        logger = self._log()
-        while True:
-            try:
-                raw = await self.proc.stdout.readline()
-            except ValueError:  # a line over the pipe reader's limit: dropped, the rest still read
-                continue
-            if not raw:
-                return
-            line = raw.decode("utf-8", errors="replace").rstrip()
-            if not line:
-                continue
-            self.last_output = time.monotonic()
-            self.lines.append(line)
-            if self.on_line is not None:
+    def _lines(self, lines: list[str]) -> None:
+        """Lines of llama-server's output (runner/output.py: as they come while loading, then in batches)."""
+        self.last_output = time.monotonic()
+        self.lines.extend(lines)
+        if self.on_line is not None:
+            for line in lines:
                 try:  # the pipe must keep being read, or llama-server blocks writing to it
                     self.on_line(line)
                 except Exception:
-                    logger.exception("reading a llama-server line failed", line=line)
-            if not self.ready_at and any(m in line for m in READY_LINES):
-                self._ready_hint.set()
-            low = line.lower()
-            if "error" in low or "failed" in low:
-                logger.warning("llama-server", line=line)
-            else:  # with --verbosity 4 a load prints ~150 lines: debug; the scheduler sums them up
-                logger.debug("llama-server", line=line)
+                    self._log().exception("reading a llama-server line failed", line=line)
+        if not self.ready_at and any(m in line for line in lines for m in READY_LINES):
+            self._ready_hint.set()
+        low = "\n".join(lines).lower()  # one search for the batch (most have neither word)
+        if "error" in low or "failed" in low:
+            for line in lines:
+                if "error" in line.lower() or "failed" in line.lower():
+                    self._log().warning("llama-server", line=line)
+        if log.is_enabled_for(logging.DEBUG):  # with --verbosity 4 a load prints ~150 lines
+            for line in lines:
+                log.debug("llama-server", line=line, model=self.plan.model, runner_pid=self.pid)
 
     async def _drain_pump(self) -> None:
+        """All the output of a child that ended (or is being stopped), read now."""
+        if self._output is not None and self.proc is not None and self.proc.returncode is not None:
+            self._output.drain()
         if self._pump is not None:
             with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(asyncio.shield(self._pump), 1.0)
