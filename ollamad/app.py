@@ -131,6 +131,7 @@ async def serve(settings: Settings, *, on_ready: Callable[[AppContext], None] | 
                     notifier.status(f"stopping: the drain timeout cut {scheduler.busy()} requests")
                     log.warning("drain timed out; cutting remaining requests", busy=scheduler.busy(), streams=cut)
             await runner.cleanup()
+            ctx.wire.close()
         tg.cancel_scope.cancel()
     notifier.status("stopped")  # else systemctl status keeps showing the last "draining (...)"
     notifier.close()

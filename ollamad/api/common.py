@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 import aiohttp
 import anyio
+import msgspec
 import structlog
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
@@ -31,7 +32,8 @@ from ollamad.models.describe import capabilities
 from ollamad.models.facts import ModelFacts
 from ollamad.models.ggufmeta import GGUFError
 from ollamad.models.options import Options, with_ollama_defaults
-from ollamad.runner.events import UpstreamError, error_of
+from ollamad.runner.events import UpstreamError, cut, error_from, error_of
+from ollamad.runner.wire import Reply, RunnerClient
 from ollamad.sched.scheduler import Lease, Scheduler, SchedulerError
 from ollamad.settings import LOAD_OPTIONS, Settings
 
@@ -48,6 +50,7 @@ class AppContext:
     catalog: Catalog
     scheduler: Scheduler
     session: aiohttp.ClientSession | None = None
+    wire: RunnerClient = field(default_factory=RunnerClient)  # the streams' client (runner/wire.py)
     extra: dict[str, Any] = field(default_factory=dict)
     cutting: bool = False  # the drain timeout ran out: streams still running are being cut
     # the runner stops a one-answer request when its client goes away (runners/patches/):
@@ -286,6 +289,9 @@ def iso_time(ts: float) -> str:
     return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
+LOOPBACK = "127.0.0.1"  # where runners listen (runner/child.py)
+
+
 @contextlib.asynccontextmanager
 async def upstream(ctx: AppContext, lease: Lease, path: str, payload: dict[str, Any],
                    ) -> AsyncIterator[aiohttp.ClientResponse]:
@@ -303,6 +309,32 @@ async def upstream(ctx: AppContext, lease: Lease, path: str, payload: dict[str, 
                                  "(OLLAMAD_ACCEPT_TIMEOUT); the runner is replaced") from None
     async with resp:
         yield resp
+
+
+async def pushed(ctx: AppContext, lease: Lease, path: str, payload: dict[str, Any]) -> Reply:
+    """POST a streamed request to the lease's runner over runner/wire.py; the reply once its headers
+    came (within OLLAMAD_ACCEPT_TIMEOUT, as ``upstream``); its body is for api/stream.py."""
+    limit = ctx.settings.accept_timeout
+    runner = lease.runner
+    try:
+        with anyio.fail_after(limit):
+            return await ctx.wire.request(LOOPBACK, runner.port, path, msgspec.json.encode(payload), runner.headers)
+    except TimeoutError:
+        lease.lost(f"did not accept a request within {limit:g}s")
+        raise UpstreamError(500, f"llama-server did not accept the request within {limit:g}s "
+                                 "(OLLAMAD_ACCEPT_TIMEOUT); the runner is replaced") from None
+    except OSError as e:  # refused, or cut before any reply on a new connection
+        lease.lost(str(e))
+        raise UpstreamError(500, f"llama-server is not answering: {e or type(e).__name__}") from None
+
+
+async def error_reply(reply: Reply) -> UpstreamError:
+    """The UpstreamError a non-200 reply's whole body says (read here)."""
+    try:
+        await reply.done
+    except OSError as e:
+        return cut(e)
+    return error_from(reply.status, reply.body().decode(errors="replace"))
 
 
 async def runner_json(ctx: AppContext, lease: Lease, path: str, payload: dict[str, Any]) -> Any:

@@ -16,6 +16,8 @@ from ollamad.api.common import (
     AppContext,
     check_capable,
     dumps,
+    error_reply,
+    pushed,
     read_json,
     reply,
     resolve,
@@ -24,7 +26,7 @@ from ollamad.api.common import (
 )
 from ollamad.api.embedding import check_count, shorten, stream_embeddings
 from ollamad.api.limits import check_prompt, check_schemas, openai_texts
-from ollamad.api.relay import forward_sse
+from ollamad.api.relay import forward_pushed
 from ollamad.api.reqlog import record_of
 from ollamad.api.translate import cap_predict, check_tools, tool_choice
 from ollamad.api.truncate import fit_openai, too_long
@@ -113,15 +115,22 @@ async def _forward(request: web.Request, ctx: AppContext, model: Model, name: st
                    payload: dict[str, Any]) -> web.StreamResponse:
     lease = await ctx.scheduler.acquire(model)
     assert ctx.session is not None
+    if payload.get("stream"):
+        async with lease:
+            streamed = await pushed(ctx, lease, path, payload)
+            if streamed.status != 200:
+                try:
+                    raise await error_reply(streamed)
+                finally:
+                    streamed.abort()
+            return await forward_pushed(request, ctx, lease, streamed, name)
     async with lease, upstream(ctx, lease, path, payload) as up:
         if up.status != 200:
             raise await error_of(up)
-        if not payload.get("stream"):
-            body = await up.json()
-            body["model"] = name
-            body["system_fingerprint"] = "fp_ollama"
-            return reply(body)
-        return await forward_sse(request, ctx, lease, up, name)
+        body = await up.json()
+        body["model"] = name
+        body["system_fingerprint"] = "fp_ollama"
+        return reply(body)
 
 
 def _check_costs(ctx: AppContext, body: dict[str, Any], texts: Iterable[str]) -> None:

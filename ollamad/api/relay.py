@@ -26,9 +26,21 @@ import structlog
 from aiohttp import web
 
 from ollamad.api.chunks import Shape, encode
-from ollamad.api.common import CUT_BY_SHUTDOWN, NDJSON, AppContext, cuttable, dumps, reply, upstream
+from ollamad.api.common import (
+    CUT_BY_SHUTDOWN,
+    NDJSON,
+    AppContext,
+    cuttable,
+    dumps,
+    error_reply,
+    pushed,
+    reply,
+    upstream,
+)
 from ollamad.api.reqlog import RequestRecord, record_of
-from ollamad.runner.events import UpstreamError, error_of, sse_blocks, sse_data
+from ollamad.api.stream import StreamRelay
+from ollamad.runner.events import UpstreamError, data_of, error_of, sse_data
+from ollamad.runner.wire import Reply
 from ollamad.sched.rpcplace import split_note
 from ollamad.sched.scheduler import Lease
 
@@ -64,6 +76,8 @@ async def _relay(request: web.Request, ctx: AppContext, lease: Lease, path: str,
     if one_answer:
         payload = {k: v for k, v in payload.items() if k not in ("stream_options", "timings_per_token")}
         payload["stream"] = False
+    if stream:
+        return await _stream(request, ctx, lease, path, payload, t0, load_ns, shape)
     async with upstream(ctx, lease, path, payload) as up:
         if up.status != 200:
             raise await error_of(up)
@@ -74,38 +88,62 @@ async def _relay(request: web.Request, ctx: AppContext, lease: Lease, path: str,
             rec.first_token()
             rec.finished(final)
             return reply(final)
-        if not stream:
-            return await _gather(up, shape, rec, t0, load_ns)
+        return await _gather(up, shape, rec, t0, load_ns)
+
+
+async def _stream(request: web.Request, ctx: AppContext, lease: Lease, path: str, payload: dict[str, Any],
+                  t0: int, load_ns: int, shape: Shape) -> web.StreamResponse:
+    """NDJSON chunks written as llama-server's events arrive (api/stream.py); the final object
+    with the chunks of the read that brought the final event."""
+    reply = await pushed(ctx, lease, path, payload)
+    complete = False
+    try:
+        if reply.status != 200:
+            raise await error_reply(reply)
+        rec = record_of(request)
         resp = web.StreamResponse(headers={"Content-Type": NDJSON})
         await resp.prepare(request)
-        out: list[bytes] = []
+        await resp.write(b"")  # the headers, now: the chunks go to the connection from here on
+        held: list[bytes] = []  # the final event's read: written with the final object
+
+        def translate(block: bytes) -> tuple[bytes, bool]:
+            batch, done = data_of(block)
+            out: list[bytes] = []
+            if _take(shape, batch, out) or done:
+                held.extend(out)
+                return b"", True
+            return out[0] if len(out) == 1 else b"".join(out), False
+
+        relay = StreamRelay(request, resp, reply, translate, rec)
+        error: UpstreamError | None = None
         with cuttable(ctx) as scope:
             try:
-                async for batch in sse_data(up):
-                    if _take(shape, batch, out):
-                        break  # the final event: its chunks go out with the final object
-                    if out:  # all that one read brought, in one write
-                        rec.first_token()
-                        await resp.write(out[0] if len(out) == 1 else b"".join(out))
-                        out.clear()
+                await relay.run()
             except UpstreamError as e:
-                log.warning("stream cut", model=shape.model, error=e.message)
-                if e.lost:
-                    lease.lost(e.message)
-                out.append(dumps({"error": e.message + split_note(lease.runner.plan, e.lost)}))
-                await resp.write(b"".join(out))
-                return resp
+                error = e
+        error = error or relay.failed
+        if error is not None:
+            log.warning("stream cut", model=shape.model, error=error.message)
+            if error.lost:
+                lease.lost(error.message)
+            held.append(dumps({"error": error.message + split_note(lease.runner.plan, error.lost)}))
+            await resp.write(b"".join(held))
+            return resp
         if scope.cancelled_caught:  # the drain timeout ran out: say so instead of just closing
             rec.cut = "drain timeout"
-            out.append(dumps({"error": CUT_BY_SHUTDOWN}))
-            await resp.write(b"".join(out))
+            held.append(dumps({"error": CUT_BY_SHUTDOWN}))
+            await resp.write(b"".join(held))
             return resp
         final = shape.final(time.monotonic_ns() - t0, load_ns)
         rec.first_token()
         rec.finished(final)
-        out.append(dumps(final))
-        await resp.write(b"".join(out))
+        held.append(dumps(final))
+        await resp.write(b"".join(held))
+        complete = relay.ended or reply.done.done()  # the rest of the reply, if any, is its end
         return resp
+    finally:
+        if not complete:
+            reply.abort()
 
 
 def _take(shape: Shape, batch: list[bytes], out: list[bytes]) -> bool:
@@ -206,27 +244,34 @@ class ModelField:
         return b"data: " + encode(ev)
 
 
-async def forward_sse(request: web.Request, ctx: AppContext, lease: Lease, up: aiohttp.ClientResponse,
-                      name: str) -> web.StreamResponse:
-    """Relay a /v1 stream: llama-server's events as they are but for the model field."""
-    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-    await resp.prepare(request)
-    field = ModelField(name)
-    rec = record_of(request)
-    message = None
-    with cuttable(ctx) as scope:
-        try:
-            async for block in sse_blocks(up):
-                rec.first_token()
-                await resp.write(field(block))
-        except UpstreamError as e:
-            if e.lost:
-                lease.lost(e.message)
-            message = e.message + split_note(lease.runner.plan, e.lost)
-    if scope.cancelled_caught:  # the drain timeout ran out
-        rec.cut = "drain timeout"
-        message = CUT_BY_SHUTDOWN
-    if message is not None:
-        err = {"error": {"message": message, "type": "api_error", "param": None, "code": None}}
-        await resp.write(b"data: " + encode(err) + b"\n\ndata: [DONE]\n\n")
-    return resp
+async def forward_pushed(request: web.Request, ctx: AppContext, lease: Lease, reply: Reply,
+                         name: str) -> web.StreamResponse:
+    """Relay a /v1 stream as its events arrive (api/stream.py): llama-server's events as they are
+    but for the model field."""
+    complete = False
+    try:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+        await resp.write(b"")  # the headers, now: the events go to the connection from here on
+        field = ModelField(name)
+        relay = StreamRelay(request, resp, reply, lambda block: (field(block), False), record_of(request))
+        message = None
+        with cuttable(ctx) as scope:
+            try:
+                await relay.run()
+            except UpstreamError as e:
+                if e.lost:
+                    lease.lost(e.message)
+                message = e.message + split_note(lease.runner.plan, e.lost)
+        if scope.cancelled_caught:  # the drain timeout ran out
+            record_of(request).cut = "drain timeout"
+            message = CUT_BY_SHUTDOWN
+        if message is not None:
+            err = {"error": {"message": message, "type": "api_error", "param": None, "code": None}}
+            await resp.write(b"data: " + encode(err) + b"\n\ndata: [DONE]\n\n")
+        else:
+            complete = reply.done.done()
+        return resp
+    finally:
+        if not complete:
+            reply.abort()

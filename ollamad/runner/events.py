@@ -25,7 +25,11 @@ class UpstreamError(Exception):
 
 async def error_of(resp: aiohttp.ClientResponse) -> UpstreamError:
     """Turn a non-200 llama-server answer into an UpstreamError with its message."""
-    text = await resp.text(errors="replace")
+    return error_from(resp.status, await resp.text(errors="replace"))
+
+
+def error_from(status: int, text: str) -> UpstreamError:
+    """An UpstreamError from a non-200 answer's status and body: 4xx kept, anything else 500."""
     message = text
     try:
         body = json.loads(text)
@@ -33,8 +37,7 @@ async def error_of(resp: aiohttp.ClientResponse) -> UpstreamError:
         message = err.get("message", text) if isinstance(err, dict) else str(err)
     except (ValueError, AttributeError):
         pass
-    status = resp.status if 400 <= resp.status < 500 else 500
-    return UpstreamError(status, message or f"llama-server answered {resp.status}")
+    return UpstreamError(status if 400 <= status < 500 else 500, message or f"llama-server answered {status}")
 
 
 def event_error(data: bytes) -> UpstreamError:
@@ -55,40 +58,66 @@ def cut(e: BaseException) -> UpstreamError:
 CUT = (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, ConnectionResetError)
 
 
+class SseSplitter:
+    """Whole events (``data: ...`` lines, each ending in a blank line) from the pieces of a body."""
+
+    def __init__(self) -> None:
+        self.tail = b""
+
+    def feed(self, data: bytes) -> bytes | None:
+        """The whole events this piece completes (llama-server's bytes), or None."""
+        if self.tail:
+            data = self.tail + data
+        end = data.rfind(b"\n\n")
+        if end < 0:
+            self.tail = data
+            return None
+        self.tail = data[end + 2:]
+        return data[: end + 2]
+
+    def rest(self) -> bytes | None:
+        """At the body's end: a last event without its blank line, or None."""
+        tail, self.tail = self.tail, b""
+        return tail + b"\n\n" if tail.strip() else None
+
+
 async def sse_blocks(resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
-    """Whole events (``data: ...`` lines, each ending in a blank line) as they arrive, as many as one
-    read brings; raise UpstreamError on a cut stream. The bytes are llama-server's own."""
-    tail = b""
+    """Whole events as they arrive, as many as one read brings; raise UpstreamError on a cut
+    stream. The bytes are llama-server's own."""
+    sse = SseSplitter()
     try:
         async for data in resp.content.iter_any():
-            if tail:
-                data = tail + data
-            end = data.rfind(b"\n\n")
-            if end < 0:
-                tail = data
-                continue
-            tail = data[end + 2:]
-            yield data[: end + 2]
+            block = sse.feed(data)
+            if block is not None:
+                yield block
     except CUT as e:
         raise cut(e) from None
-    if tail.strip():  # a last event without its blank line
-        yield tail + b"\n\n"
+    rest = sse.rest()
+    if rest is not None:
+        yield rest
+
+
+def data_of(block: bytes) -> tuple[list[bytes], bool]:
+    """The JSON of each ``data:`` event of ``block``, and True if ``[DONE]`` ended it (the events
+    after it are left); UpstreamError on an ``error:`` line."""
+    batch: list[bytes] = []
+    for line in block.split(b"\n"):
+        if line.startswith(b"data: "):
+            data = line[6:]
+            if data.startswith(b"[DONE]"):
+                return batch, True
+            batch.append(data)
+        elif line.startswith(b"error: "):
+            raise event_error(line[7:])
+    return batch, False
 
 
 async def sse_data(resp: aiohttp.ClientResponse) -> AsyncIterator[list[bytes]]:
     """The JSON of each ``data:`` event, a batch per read; stop at ``[DONE]``; raise UpstreamError
     on an ``error:`` line or a cut stream."""
     async for block in sse_blocks(resp):
-        batch: list[bytes] = []
-        for line in block.split(b"\n"):
-            if line.startswith(b"data: "):
-                data = line[6:]
-                if data.startswith(b"[DONE]"):
-                    if batch:
-                        yield batch
-                    return
-                batch.append(data)
-            elif line.startswith(b"error: "):
-                raise event_error(line[7:])
+        batch, done = data_of(block)
         if batch:
             yield batch
+        if done:
+            return

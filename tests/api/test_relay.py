@@ -179,6 +179,57 @@ def test_v1_stream_is_passed_through_with_the_clients_model_name(daemon_factory:
     assert events[-2]["usage"]["completion_tokens"] == 5 and raw.endswith(b"\n\ndata: [DONE]\n\n")
 
 
+@pytest.mark.parametrize("path", ["/api/chat", "/v1/chat/completions"])
+def test_a_client_that_stops_reading_holds_the_runner_back_and_then_gets_every_chunk(
+        daemon_factory: Any, models_dir: Path, tmp_path: Path, path: str) -> None:
+    """12 MB of tokens while the client reads nothing for 1.5 s: the daemon stops reading the
+    runner's reply (its own buffer stays small) and relays all of it once the client reads."""
+    d = daemon_factory(fake_with(tmp_path, FAKE_TOKEN_BYTES="8192"), models_dir, OLLAMA_CONTEXT_LENGTH="2048")
+    n, messages = 1500, [{"role": "user", "content": "x"}]
+    body = ({"model": "tiny", "messages": messages, "options": {"num_predict": n}} if path == "/api/chat" else
+            {"model": "tiny", "messages": messages, "max_tokens": n, "stream": True})
+    conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=30)
+    conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200
+    time.sleep(1.5)
+    raw = resp.read()
+    conn.close()
+    if path == "/api/chat":
+        chunks = [json.loads(ln) for ln in raw.splitlines()]
+        text = "".join(c["message"]["content"] for c in chunks)
+        final = chunks[-1]
+        assert final["done"] and final["eval_count"] == n
+        took = final["eval_duration"] / 1e9
+    else:
+        events = _events(raw)
+        assert events[-1] == b"[DONE]"
+        text = "".join(e["choices"][0]["delta"].get("content") or "" for e in events[:-1] if e["choices"])
+        took = events[-2]["timings"]["predicted_ms"] / 1000
+    assert text == "".join(f"t{i} ".ljust(8192, "x") for i in range(n))
+    assert took > 1.0, took  # the fake waited for the client; read all at once it took ~0.1 s
+
+
+def test_an_http_1_0_client_gets_the_stream_unframed_until_the_close(daemon_factory: Any, models_dir: Path,
+                                                                     tmp_path: Path) -> None:
+    """No chunked encoding for HTTP/1.0: the chunks written straight to the connection are bare."""
+    import socket
+
+    d = daemon_factory(fake_with(tmp_path), models_dir)
+    body = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "x"}],
+                       "options": {"num_predict": 5}}).encode()
+    with socket.create_connection(("127.0.0.1", d.port), timeout=10) as s:
+        s.sendall(b"POST /api/chat HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%b"
+                  % (len(body), body))
+        raw = b""
+        while chunk := s.recv(65536):
+            raw += chunk
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200") and b"chunked" not in head.lower()
+    chunks = [json.loads(ln) for ln in rest.splitlines()]
+    assert "".join(c["message"]["content"] for c in chunks) == "t0 t1 t2 t3 t4 " and chunks[-1]["done"]
+
+
 def _leave_midway(d: Daemon, child: Any, path: str, body: dict[str, Any]) -> None:
     """Send a request, go away once the fake runs it, and see the fake stop it within 5 s."""
     conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=10)

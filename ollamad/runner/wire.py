@@ -1,0 +1,215 @@
+"""The relay's HTTP/1.1 client to its runners: each piece of a streamed reply is handed to the
+relay where it is read, with no task woken for it.
+
+aiohttp's client hands a response body over through a StreamReader: for each piece a future is
+set, the reading task is woken and steps through its async iterators. With a real llama-server
+each token comes on its own read, so that is paid per token: in a relay of paced SSE events
+(scripts in BENCHMARKS.md's notes) it took 36-50 µs of user CPU per event against 14-23 µs
+when the connection's protocol hands each piece on itself. Here a connection is an asyncio
+protocol, httptools (llhttp, as uvicorn uses) parses the reply, and a streamed body goes to a
+``sink`` called from ``data_received``; a reply read whole is gathered.
+
+Connections are kept for ``KEEPALIVE`` seconds (below llama-server's 5 s), and a request that a
+kept connection's closing cut before any reply came is sent again on a new one, as
+runner/upstream.py does for aiohttp.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import httptools
+
+from ollamad.runner.upstream import ATTEMPTS, KEEPALIVE
+
+Sink = Callable[[bytes], None]
+
+
+class CutBeforeReply(ConnectionError):
+    """The connection closed before any byte of the reply: the runner never answered."""
+
+
+@dataclass(eq=False)
+class Reply:
+    """One request's reply. ``status`` once ``headers`` is done; the body goes to the sink given
+    to ``stream()`` (pieces that came before it are handed over first), or is gathered."""
+
+    headers: asyncio.Future[None]
+    done: asyncio.Future[None]
+    status: int = 0
+    content_type: str = ""
+    started: bool = False  # a byte of the reply came
+    _sink: Sink | None = None
+    _body: list[bytes] = field(default_factory=list)
+    _conn: _Connection | None = None
+
+    def stream(self, sink: Sink) -> None:
+        """Hand the body to ``sink`` from now on (what came already, at once)."""
+        body, self._body = self._body, []
+        self._sink = sink
+        for piece in body:
+            sink(piece)
+
+    def body(self) -> bytes:
+        return b"".join(self._body)
+
+    def pause(self) -> None:
+        """Stop reading the reply (the client is slow): the runner's writes wait in the socket."""
+        if self._conn is not None and self._conn.transport is not None:
+            self._conn.transport.pause_reading()
+
+    def resume(self) -> None:
+        if self._conn is not None and self._conn.transport is not None and not self._conn.transport.is_closing():
+            self._conn.transport.resume_reading()
+
+    def abort(self) -> None:
+        """Drop the connection (llama-server stops the task when it sees it closed)."""
+        if self._conn is not None:
+            self._conn.close()
+        self._end(ConnectionAbortedError("the reply was not read to its end"))
+
+    def _piece(self, data: bytes) -> None:
+        if self._sink is not None:
+            self._sink(data)
+        else:
+            self._body.append(data)
+
+    def _end(self, error: BaseException | None = None) -> None:
+        for fut in (self.headers, self.done):
+            if not fut.done():
+                if error is None:
+                    fut.set_result(None)
+                else:
+                    fut.set_exception(error)
+                    fut.exception()  # retrieved: an unread failure is not logged as such
+
+
+class _Connection(asyncio.Protocol):
+    def __init__(self, pool: RunnerClient, key: tuple[str, int]) -> None:
+        self.pool, self.key = pool, key
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.reply: Reply | None = None
+        self.closed = False
+        self.idle_since = 0.0
+
+    # asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        reply = self.reply
+        if reply is None:  # nothing asked: not HTTP we understand
+            self.close()
+            return
+        reply.started = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as e:
+            self.close()
+            reply._end(ConnectionError(f"bad reply from llama-server: {e}"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        reply, self.reply = self.reply, None
+        if reply is not None:
+            if not reply.started:
+                reply._end(CutBeforeReply(str(exc or "the runner closed the connection")))
+            else:
+                reply._end(ConnectionResetError(str(exc or "the runner closed the connection mid-reply")))
+
+    # httptools callbacks
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.reply is not None and name.lower() == b"content-type":
+            self.reply.content_type = value.decode("latin-1")
+
+    def on_headers_complete(self) -> None:
+        reply = self.reply
+        if reply is not None:
+            reply.status = self.parser.get_status_code()
+            if not reply.headers.done():
+                reply.headers.set_result(None)
+
+    def on_body(self, body: bytes) -> None:
+        if self.reply is not None:
+            self.reply._piece(body)
+
+    def on_message_complete(self) -> None:
+        reply, self.reply = self.reply, None
+        keep = self.parser.should_keep_alive()
+        if reply is not None:
+            reply._conn = None
+            reply._end()
+        if keep and not self.closed:
+            self.idle_since = time.monotonic()
+            self.pool._idle.setdefault(self.key, []).append(self)
+        else:
+            self.close()
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+
+class RunnerClient:
+    """POSTs to runners over kept-alive connections; ``request()`` returns once the headers came."""
+
+    def __init__(self) -> None:
+        self._idle: dict[tuple[str, int], list[_Connection]] = {}
+
+    async def request(self, host: str, port: int, path: str, body: bytes,
+                      headers: dict[str, str] | None = None) -> Reply:
+        head = (f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n"
+                + "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items()) + "\r\n").encode("latin-1")
+        message = head + body
+        for attempt in range(1, ATTEMPTS + 1):
+            conn, kept = self._connection(host, port)
+            if conn is None:
+                conn = await self._connect(host, port)
+            reply = self._send(conn, message)
+            try:
+                await reply.headers
+                return reply
+            except CutBeforeReply:
+                if not kept or attempt == ATTEMPTS:
+                    raise
+            except BaseException:
+                reply.abort()
+                raise
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        for conns in self._idle.values():
+            for conn in conns:
+                conn.close()
+        self._idle.clear()
+
+    def _connection(self, host: str, port: int) -> tuple[_Connection | None, bool]:
+        idle = self._idle.get((host, port))
+        now = time.monotonic()
+        while idle:
+            conn = idle.pop()
+            if not conn.closed and now - conn.idle_since < KEEPALIVE:
+                return conn, True
+            conn.close()
+        return None, False
+
+    async def _connect(self, host: str, port: int) -> _Connection:
+        loop = asyncio.get_running_loop()
+        _, conn = await loop.create_connection(lambda: _Connection(self, (host, port)), host, port)
+        return conn
+
+    @staticmethod
+    def _send(conn: _Connection, message: bytes) -> Reply:
+        loop = asyncio.get_running_loop()
+        reply = Reply(loop.create_future(), loop.create_future(), _conn=conn)
+        conn.reply = reply
+        assert conn.transport is not None
+        conn.transport.write(message)
+        return reply
