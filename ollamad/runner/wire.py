@@ -115,6 +115,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.pool._forget(self)
         reply, self.reply = self.reply, None
         if reply is not None:
             if not reply.started:
@@ -189,6 +190,14 @@ class RunnerClient:
             for conn in conns:
                 conn.close()
         self._idle.clear()
+
+    def _forget(self, conn: _Connection) -> None:
+        """A closed connection leaves the pool (a runner's port goes with its last one)."""
+        idle = self._idle.get(conn.key)
+        if idle is not None and conn in idle:
+            idle.remove(conn)
+        if idle is not None and not idle:
+            del self._idle[conn.key]
 
     def _connection(self, host: str, port: int) -> tuple[_Connection | None, bool]:
         idle = self._idle.get((host, port))

@@ -112,6 +112,8 @@ async def test_a_request_cut_by_a_kept_connection_closing_is_sent_again_on_a_new
         await second.done
         assert second.body() == b"data: 1\n\n"
         assert server.connections == 2 and len(server.requests) == 2
+        await asyncio.sleep(0.05)
+        assert client._idle == {}  # the closed ones left the pool
     client.close()
 
 
