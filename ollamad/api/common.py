@@ -312,9 +312,10 @@ async def upstream(ctx: AppContext, lease: Lease, path: str, payload: dict[str, 
 
 
 async def pushed(ctx: AppContext, lease: Lease, path: str, payload: dict[str, Any]) -> Reply:
-    """POST a streamed request to the lease's runner over runner/wire.py; the reply once its headers
-    came (within OLLAMAD_ACCEPT_TIMEOUT, as ``upstream``); its body is for api/stream.py."""
-    limit = ctx.settings.accept_timeout
+    """POST ``payload`` to the lease's runner over runner/wire.py; the reply once its headers came.
+    A streamed request must be accepted within OLLAMAD_ACCEPT_TIMEOUT, as in ``upstream``; its body
+    is for api/stream.py."""
+    limit = ctx.settings.accept_timeout if payload.get("stream") else math.inf
     runner = lease.runner
     try:
         with anyio.fail_after(limit):
@@ -326,6 +327,23 @@ async def pushed(ctx: AppContext, lease: Lease, path: str, payload: dict[str, An
     except OSError as e:  # refused, or cut before any reply on a new connection
         lease.lost(str(e))
         raise UpstreamError(500, f"llama-server is not answering: {e or type(e).__name__}") from None
+
+
+async def one_reply(ctx: AppContext, lease: Lease, path: str, payload: dict[str, Any]) -> bytes:
+    """POST a request for one answer (runner/wire.py) and return its body; UpstreamError otherwise.
+    Cancelled (the client left), the connection is dropped, which stops the runner's task."""
+    answer = await pushed(ctx, lease, path, payload)
+    try:
+        if answer.status != 200:
+            raise await error_reply(answer)
+        try:
+            await answer.done
+        except OSError as e:
+            lease.lost(str(e))
+            raise cut(e) from None
+        return answer.body()
+    finally:
+        answer.abort()  # nothing, once the answer is whole
 
 
 async def error_reply(reply: Reply) -> UpstreamError:

@@ -7,6 +7,7 @@ import struct
 from collections.abc import Iterable
 from typing import Annotated, Any
 
+import msgspec
 from aiohttp import web
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, ValidationError
 
@@ -17,11 +18,11 @@ from ollamad.api.common import (
     check_capable,
     dumps,
     error_reply,
+    one_reply,
     pushed,
     read_json,
     reply,
     resolve,
-    upstream,
     validate,
 )
 from ollamad.api.embedding import check_count, shorten, stream_embeddings
@@ -34,7 +35,7 @@ from ollamad.models.catalog import Model
 from ollamad.models.facts import ModelFacts
 from ollamad.models.options import Options, deterministic, with_ollama_defaults
 from ollamad.models.plan import request_context
-from ollamad.runner.events import UpstreamError, error_of
+from ollamad.runner.events import UpstreamError
 
 # OpenAI parameter names that llama-server takes as they are, and Ollama's names for the rest
 _OLLAMA_TO_OPENAI = {"num_predict": "max_tokens"}
@@ -124,10 +125,8 @@ async def _forward(request: web.Request, ctx: AppContext, model: Model, name: st
                 finally:
                     streamed.abort()
             return await forward_pushed(request, ctx, lease, streamed, name)
-    async with lease, upstream(ctx, lease, path, payload) as up:
-        if up.status != 200:
-            raise await error_of(up)
-        body = await up.json()
+    async with lease:
+        body = msgspec.json.decode(await one_reply(ctx, lease, path, payload))
         body["model"] = name
         body["system_fingerprint"] = "fp_ollama"
         return reply(body)

@@ -33,6 +33,7 @@ from ollamad.api.common import (
     cuttable,
     dumps,
     error_reply,
+    one_reply,
     pushed,
     reply,
     upstream,
@@ -78,17 +79,18 @@ async def _relay(request: web.Request, ctx: AppContext, lease: Lease, path: str,
         payload["stream"] = False
     if stream:
         return await _stream(request, ctx, lease, path, payload, t0, load_ns, shape)
+    if one_answer:
+        # a client that leaves cancels this, the connection is dropped, and the runner stops within ~1 s
+        shape.answer(await one_reply(ctx, lease, path, payload))
+        final = shape.whole(time.monotonic_ns() - t0, load_ns)
+        rec = record_of(request)
+        rec.first_token()
+        rec.finished(final)
+        return reply(final)
     async with upstream(ctx, lease, path, payload) as up:
         if up.status != 200:
             raise await error_of(up)
-        rec = record_of(request)
-        if one_answer:
-            shape.answer(await up.read())  # a client that leaves cancels this; the runner stops within ~1 s
-            final = shape.whole(time.monotonic_ns() - t0, load_ns)
-            rec.first_token()
-            rec.finished(final)
-            return reply(final)
-        return await _gather(up, shape, rec, t0, load_ns)
+        return await _gather(up, shape, record_of(request), t0, load_ns)
 
 
 async def _stream(request: web.Request, ctx: AppContext, lease: Lease, path: str, payload: dict[str, Any],
