@@ -1,5 +1,7 @@
 """The relay: llama-server's answers to the client, at the least cost per token.
 
+- Streams (native and ``/v1``) are read through runner/wire.py and translated and written in
+  the runner connection's ``data_received`` (api/stream.py): no task woken per token.
 - Native streams: each event is decoded into a small typed struct (msgspec reads only the
   fields named here and skips the rest) and the NDJSON chunk is written from prefixes made once
   per request; every event that one read brings is written to the client in one write.
@@ -105,7 +107,6 @@ async def _stream(request: web.Request, ctx: AppContext, lease: Lease, path: str
         rec = record_of(request)
         resp = web.StreamResponse(headers={"Content-Type": NDJSON})
         await resp.prepare(request)
-        await resp.write(b"")  # the headers, now: the chunks go to the connection from here on
         held: list[bytes] = []  # the final event's read: written with the final object
 
         def translate(block: bytes) -> tuple[bytes, bool]:
@@ -254,7 +255,6 @@ async def forward_pushed(request: web.Request, ctx: AppContext, lease: Lease, re
     try:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
-        await resp.write(b"")  # the headers, now: the events go to the connection from here on
         field = ModelField(name)
         relay = StreamRelay(request, resp, reply, lambda block: (field(block), False), record_of(request))
         message = None

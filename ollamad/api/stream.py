@@ -29,12 +29,14 @@ Translate = Callable[[bytes], tuple[bytes, bool]]
 
 
 class StreamRelay:
-    """One streamed reply, to ``resp`` (prepared, its headers sent): ``run()`` returns when it ended."""
+    """One streamed reply, to ``resp`` (prepared; its headers go out with the first write):
+    ``run()`` returns when it ended."""
 
     def __init__(self, request: web.Request, resp: web.StreamResponse, reply: Reply, translate: Translate,
                  rec: RequestRecord) -> None:
         self.transport = request.transport
-        # as aiohttp chose when it sent the headers: not for an HTTP/1.0 client, whose body ends with the connection
+        self.resp = resp
+        # as aiohttp chose in prepare(): not for an HTTP/1.0 client, whose body ends with the connection
         self.chunked = resp.headers.get("Transfer-Encoding", "").lower() == "chunked"
         self.reply = reply
         self.translate = translate
@@ -50,7 +52,12 @@ class StreamRelay:
         """Relay until the end; UpstreamError if the runner cut the reply, ClientConnectionResetError
         if the client went away. Cancelled (the drain timeout, the client gone): the caller aborts."""
         self.reply.done.add_done_callback(self._wake)
-        self.reply.stream(self._piece)
+        first = self._translated(self.reply.take())  # what came with the runner's headers
+        if not (self.ended or self.failed):  # else all goes out with the caller's last write
+            if first:
+                self.rec.first_token()
+            await self.resp.write(first)  # the headers, with what came along (aiohttp frames it)
+            self.reply.stream(self._piece)
         loop = asyncio.get_running_loop()
         while not (self.ended or self.gone or self.failed or self.reply.done.done()):
             if self._paused:
@@ -67,28 +74,32 @@ class StreamRelay:
             raise cut(error)
         rest = self.sse.rest()  # a last event without its blank line
         if rest is not None:
-            self._translated(rest)
+            self._write(self._translated(rest, whole=True))
 
     def _piece(self, data: bytes) -> None:
         if self.ended or self.gone or self.failed:
             return
-        block = self.sse.feed(data)
-        if block is not None:
-            self._translated(block)
+        out = self._translated(data)
+        if out:
+            self._write(out)
+        if self.ended or self.failed:
+            self._wake()
 
-    def _translated(self, block: bytes) -> None:
+    def _translated(self, data: bytes, whole: bool = False) -> bytes:
+        """What to write for ``data`` (its whole events; the rest waits for the next piece)."""
+        block = data if whole else self.sse.feed(data) if data else None
+        if block is None:
+            return b""
         try:
             out, self.ended = self.translate(block)
         except UpstreamError as e:
             self.failed = e
-            self._wake()
-            return
-        if out:
-            self._write(out)
-        if self.ended:
-            self._wake()
+            return b""
+        return out
 
     def _write(self, data: bytes) -> None:
+        if not data:
+            return
         t = self.transport
         if t is None or t.is_closing():
             self.gone = True

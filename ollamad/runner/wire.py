@@ -47,14 +47,19 @@ class Reply:
     _conn: _Connection | None = None
 
     def stream(self, sink: Sink) -> None:
-        """Hand the body to ``sink`` from now on (what came already, at once)."""
+        """Hand the body to ``sink`` from now on (what came already, at once), a call per read."""
         body, self._body = self._body, []
         self._sink = sink
-        for piece in body:
-            sink(piece)
+        if body:
+            sink(b"".join(body))
 
     def body(self) -> bytes:
         return b"".join(self._body)
+
+    def take(self) -> bytes:
+        """The body read so far, no longer kept."""
+        body, self._body = self._body, []
+        return b"".join(body)
 
     def pause(self) -> None:
         """Stop reading the reply (the client is slow): the runner's writes wait in the socket."""
@@ -71,11 +76,12 @@ class Reply:
             self._conn.close()
         self._end(ConnectionAbortedError("the reply was not read to its end"))
 
-    def _piece(self, data: bytes) -> None:
-        if self._sink is not None:
-            self._sink(data)
+    def _flush(self, pieces: list[bytes]) -> None:
+        """What one read brought (one or more chunks of the body): one call of the sink."""
+        if self._sink is None:
+            self._body += pieces
         else:
-            self._body.append(data)
+            self._sink(pieces[0] if len(pieces) == 1 else b"".join(pieces))
 
     def _end(self, error: BaseException | None = None) -> None:
         for fut in (self.headers, self.done):
@@ -93,6 +99,7 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.reply: Reply | None = None
+        self.pieces: list[bytes] = []
         self.closed = False
         self.idle_since = 0.0
 
@@ -107,11 +114,15 @@ class _Connection(asyncio.Protocol):
             self.close()
             return
         reply.started = True
+        self.pieces = []
         try:
-            self.parser.feed_data(data)
+            self.parser.feed_data(data)  # on_body gathers the body's chunks in self.pieces
         except httptools.HttpParserError as e:
             self.close()
             reply._end(ConnectionError(f"bad reply from llama-server: {e}"))
+            return
+        if self.pieces:  # all that this read brought goes on at once (a burst: one write to the client)
+            reply._flush(self.pieces)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -136,8 +147,7 @@ class _Connection(asyncio.Protocol):
                 reply.headers.set_result(None)
 
     def on_body(self, body: bytes) -> None:
-        if self.reply is not None:
-            self.reply._piece(body)
+        self.pieces.append(body)
 
     def on_message_complete(self) -> None:
         reply, self.reply = self.reply, None

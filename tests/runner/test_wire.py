@@ -96,6 +96,24 @@ async def test_a_streamed_reply_goes_to_the_sink_piece_by_piece_and_the_connecti
     client.close()
 
 
+async def test_the_chunks_one_read_brings_go_to_the_sink_in_one_call() -> None:
+    """A burst of events (a client slow to read, tokens piled up) becomes one write to the client."""
+
+    def answer(n: int, t: asyncio.Transport) -> None:
+        t.write(OK_HEAD)
+        asyncio.get_running_loop().call_later(0.05, lambda: t.write(
+            b"".join(chunk(b"data: %d\n\n" % i) for i in range(5)) + b"0\r\n\r\n"))
+
+    client = RunnerClient()
+    async with serving(answer) as (_, port):
+        reply = await client.request("127.0.0.1", port, "/completion", b"{}")
+        got: list[bytes] = []
+        reply.stream(got.append)
+        await reply.done
+        assert got == [b"".join(b"data: %d\n\n" % i for i in range(5))]
+    client.close()
+
+
 async def test_a_request_cut_by_a_kept_connection_closing_is_sent_again_on_a_new_one() -> None:
     """As llama-server without runners/patches/0002 did: the connection closed after a stream, unsaid."""
 
