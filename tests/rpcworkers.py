@@ -3,6 +3,7 @@ ggml-rpc-server) on a loopback port and wait until it answers."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -65,6 +66,8 @@ class Worker:
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             kids = [p for p in psutil.Process(self.proc.pid).children() if "rpc-server" in p.name()]
+            with contextlib.suppress(psutil.Error):  # a crashed one the supervisor has not reaped yet is no child
+                kids = [p for p in kids if p.status() != psutil.STATUS_ZOMBIE]
             if kids:
                 return kids[0]
             time.sleep(0.05)

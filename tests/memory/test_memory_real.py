@@ -25,7 +25,7 @@ from ollamad.models.testmodels import SMALL, write_llama
 from tests.conftest import Daemon
 
 pytestmark = pytest.mark.real
-NP, CTX, LONG = 2, 4096, 4000
+NP, CTX = 2, 4096
 
 
 @pytest.fixture(scope="module")
@@ -77,12 +77,13 @@ def test_budget_for_two_evicts_lru_idle_never_busy_and_sizes_match_rss(
     assert evictions(d, "m3") == ["m1:latest"]
 
     # m2 is now the least recently used, but busy with a long stream: m3 (idle) goes instead.
-    # Greedy decoding: these random models never emit </s> then (checked), so the stream runs
-    # all LONG tokens (~9 s on an idle host) unless the client hangs up first, as it does below.
+    # Greedy decoding: these random models never emit </s> then (checked), and no limit (-1)
+    # with context shift is 10 x the context, 40960 tokens: the stream runs until the client hangs
+    # up, as it does below (4000 tokens took from 1.9 s to much longer, once too short for the checks).
     m2_pid = loaded(d)["m2"]["pid"]
     conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=280)
     conn.request("POST", "/api/generate", json.dumps(
-        {"model": "m2", "prompt": "go", "options": {"num_predict": LONG, "temperature": 0}}))
+        {"model": "m2", "prompt": "go", "options": {"num_predict": -1, "temperature": 0}}))
     resp = conn.getresponse()
     got: list[dict[str, Any]] = []
 
