@@ -3,11 +3,12 @@ relay where it is read, with no task woken for it.
 
 aiohttp's client hands a response body over through a StreamReader: for each piece a future is
 set, the reading task is woken and steps through its async iterators. With a real llama-server
-each token comes on its own read, so that is paid per token: in a relay of paced SSE events
-(scripts in BENCHMARKS.md's notes) it took 36-50 µs of user CPU per event against 14-23 µs
-when the connection's protocol hands each piece on itself. Here a connection is an asyncio
-protocol, httptools (llhttp, as uvicorn uses) parses the reply, and a streamed body goes to a
-``sink`` called from ``data_received``; a reply read whole is gathered.
+each token comes on its own read, so that is paid per token: in an experiment relaying paced
+SSE events (one per 2 ms, 4 clients; BENCHMARKS.md, "A task woken per token") it took 36-50 µs
+of user CPU per event against 14-23 µs when the connection's protocol hands each piece on itself.
+Here a connection is an asyncio protocol, httptools (llhttp, as uvicorn uses) parses the reply,
+and a streamed body goes to a ``sink`` called from ``data_received``; a reply read whole is
+gathered.
 
 Connections are kept for ``KEEPALIVE`` seconds (below llama-server's 5 s), and a request that a
 kept connection's closing cut before any reply came is sent again on a new one, as
