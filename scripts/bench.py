@@ -50,7 +50,7 @@ from benchlib import (
 from benchpeers import peers, render_peers, swap_router
 
 from ollamad.models.testmodels import BIG, SMALL, write_llama
-from ollamad.runner.binary import find_llama_server
+from ollamad.runner.binary import find_llama_server, patches
 from ollamad.settings import load_settings
 
 CACHE = Path.home() / ".cache" / "ollamad" / "bench-models"
@@ -376,7 +376,10 @@ def render(res: dict[str, Any], meta: dict[str, Any]) -> str:
         return f"{x:.{d}f}"
 
     lines = ["# Benchmarks", "", f"Measured {meta['date']} on {meta['machine']} ({meta['cpus']} CPUs), "
-             f"llama-server {meta['llama_server']}; `{meta['command']}` took {f(meta['seconds'], 0)} s.",
+             f"llama-server {meta['llama_server']}"
+             + (f" with runners/patches/ {', '.join(p.split('-')[0] for p in meta['llama_server_patches'])}"
+                if meta.get("llama_server_patches") else "")
+             + f"; `{meta['command']}` took {f(meta['seconds'], 0)} s.",
              *([f"Load average (1 min) at the start and the end: {f(meta['load_average_start_end'][0])} and "
                 f"{f(meta['load_average_start_end'][1])} (other work on the machine)."]
                if meta.get("load_average_start_end") else []),
@@ -608,6 +611,7 @@ async def main() -> None:
     version = (binary.parent.parent / "VERSION")
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": platform.machine(), "cpus": __import__("os").cpu_count(),
             "llama_server": version.read_text().split("\n")[0] if version.exists() else str(binary),
+            "llama_server_patches": sorted(patches(binary)),
             "command": "scripts/bench.py" + (" --quick" if args.quick else ""), "seconds": time.monotonic() - t0,
             "load_average_start_end": [load0, os.getloadavg()[0]]}
     if args.merge and (out / "benchmarks.json").exists():
