@@ -17,9 +17,7 @@ from ollamad.api.common import (
     AppContext,
     check_capable,
     dumps,
-    error_reply,
     one_reply,
-    pushed,
     read_json,
     reply,
     resolve,
@@ -115,17 +113,9 @@ def _payload(body: dict[str, Any], model: Model, facts: ModelFacts, ctx: AppCont
 async def _forward(request: web.Request, ctx: AppContext, model: Model, name: str, path: str,
                    payload: dict[str, Any]) -> web.StreamResponse:
     lease = await ctx.scheduler.acquire(model)
-    assert ctx.session is not None
-    if payload.get("stream"):
-        async with lease:
-            streamed = await pushed(ctx, lease, path, payload)
-            if streamed.status != 200:
-                try:
-                    raise await error_reply(streamed)
-                finally:
-                    streamed.abort()
-            return await forward_pushed(request, ctx, lease, streamed, name)
     async with lease:
+        if payload.get("stream"):
+            return await forward_pushed(request, ctx, lease, path, payload, name)
         body = msgspec.json.decode(await one_reply(ctx, lease, path, payload))
         body["model"] = name
         body["system_fingerprint"] = "fp_ollama"

@@ -43,7 +43,6 @@ from ollamad.api.common import (
 from ollamad.api.reqlog import RequestRecord, record_of
 from ollamad.api.stream import StreamRelay
 from ollamad.runner.events import UpstreamError, data_of, error_of, sse_data
-from ollamad.runner.wire import Reply
 from ollamad.sched.rpcplace import split_note
 from ollamad.sched.scheduler import Lease
 
@@ -247,12 +246,15 @@ class ModelField:
         return b"data: " + encode(ev)
 
 
-async def forward_pushed(request: web.Request, ctx: AppContext, lease: Lease, reply: Reply,
+async def forward_pushed(request: web.Request, ctx: AppContext, lease: Lease, path: str, payload: dict[str, Any],
                          name: str) -> web.StreamResponse:
     """Relay a /v1 stream as its events arrive (api/stream.py): llama-server's events as they are
     but for the model field."""
+    reply = await pushed(ctx, lease, path, payload)
     complete = False
     try:
+        if reply.status != 200:
+            raise await error_reply(reply)
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
         field = ModelField(name)
