@@ -151,7 +151,7 @@ async def reload(catalog: Catalog) -> None:
 def status_line(scheduler: Scheduler) -> str:
     """One line for systemctl status: loaded models with busy slots, and the queue."""
     state: SchedState = scheduler.state
-    loaded = [f"{r.plan.model} {r.in_flight}/{r.plan.num_parallel} busy"
+    loaded = [f"{r.plan.model} {r.running}/{r.plan.num_parallel} busy"
               for r in sorted(state.runners.values(), key=lambda r: r.id) if r.status == "ready"]
     loading = [r.plan.model for r in state.runners.values() if r.status == "starting"]
     parts = [f"loaded: {', '.join(loaded) if loaded else 'none'}"]

@@ -162,6 +162,10 @@ class Settings(BaseSettings):
         description="affinity: serve queued requests of loaded models first (bounded); fifo: loads in arrival order")
     max_passover: Seconds = Field(10.0, validation_alias="OLLAMAD_MAX_PASSOVER",
                                   description="Longest a request needing a load may be passed over (affinity policy)")
+    send_ahead: int = Field(
+        1, ge=0, le=8, validation_alias="OLLAMAD_SEND_AHEAD",
+        description="Queued requests sent to a busy runner ahead of a free slot, per slot: llama-server queues "
+                    "them and starts the next the moment a slot frees; 0 = only as many as it has slots")
     memory_budget: ByteCount = Field(0, validation_alias="OLLAMAD_MEMORY_BUDGET",
                                      description="Most memory all runners may use together; 0 = what is free")
     memory_poll: Seconds = Field(1.0, validation_alias="OLLAMAD_MEMORY_POLL",

@@ -10,8 +10,10 @@ FAKE_TOKEN_BYTES (each token that many bytes long),
 FAKE_DROP_REUSED (close a kept-alive connection, unread, when a second completion comes on
 it: what llama-server's unannounced closes look like to a client; counted as "dropped"),
 FAKE_SCHEMA_DELAY (s before answering a request with a JSON schema: grammar compilation).
-It counts requests in flight; GET /fake/stats reports the peak, so tests can check that the
-supervisor never sends more than --parallel at once, and the prompts and payloads it got.
+Like llama-server it runs at most --parallel completions at once and queues the rest in arrival
+order; a stream's headers go out once it has a slot. It counts completions sent (running or
+queued) and running; GET /fake/stats reports both peaks ("peak_sent", "peak"), so tests can check
+how many the supervisor sends at once, and the prompts (in the order they got a slot) and payloads.
 /tokenize makes one token per character (its code point); a prompt of as many characters as a
 slot's context is refused as llama-server refuses it (400, "exceeds the available context size").
 """
@@ -34,7 +36,8 @@ from typing import Any
 
 from aiohttp import web
 
-state: dict[str, Any] = {"ready": False, "in_flight": 0, "peak": 0, "total": 0, "hang": False, "prompts": [],
+state: dict[str, Any] = {"ready": False, "in_flight": 0, "peak": 0, "sent": 0, "peak_sent": 0, "total": 0,
+                         "hang": False, "prompts": [],
                          "dropped": 0, "streamed": [], "payloads": [], "abandoned": 0}
 served_on: set[int] = set()  # connections (their handlers' ids) that carried a completion
 
@@ -69,6 +72,7 @@ def parse() -> argparse.Namespace:
 
 
 ARGS = parse()
+SLOTS = asyncio.Semaphore(ARGS.parallel)  # fair: waiters get a slot in arrival order
 
 
 def check_key(request: web.Request) -> None:
@@ -141,6 +145,16 @@ async def stream_tokens(request: web.Request, chat: bool) -> web.StreamResponse:
     served_on.add(conn)
     check_key(request)
     body = await request.json()
+    state["sent"] += 1
+    state["peak_sent"] = max(state["peak_sent"], state["sent"])
+    try:
+        async with SLOTS:  # llama-server queues what its slots cannot take yet, first come first served
+            return await run_slot(request, body, chat)
+    finally:
+        state["sent"] -= 1
+
+
+async def run_slot(request: web.Request, body: dict[str, Any], chat: bool) -> web.StreamResponse:
     if body.get("json_schema") is not None or body.get("response_format"):
         await asyncio.sleep(env_float("FAKE_SCHEMA_DELAY", 0.0))
     n = int(body.get("n_predict", body.get("max_tokens", os.environ.get("FAKE_TOKENS", 8))))

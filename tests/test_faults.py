@@ -210,7 +210,8 @@ def test_client_disconnect_while_queued_leaves_the_queue(daemon_factory: Any, ll
         wait_for(lambda: queued(d) == 1)
     wait_for(lambda: queued(d) == 0, timeout=2, step=0.005)
     assert "request left the queue" in d.log()
-    assert busy_slots(child) == 1  # only the first request ever reached llama-server
+    # sent ahead (OLLAMAD_SEND_AHEAD) it waited in llama-server's queue, and left it: only the first ran
+    assert busy_slots(child) == 1
     a.close()
     wait_for(lambda: busy_slots(child) == 0, timeout=5, step=0.005)
     time.sleep(0.3)

@@ -34,7 +34,8 @@ from ollamad.models.ggufmeta import GGUFError
 from ollamad.models.options import Options, with_ollama_defaults
 from ollamad.runner.events import UpstreamError, cut, error_from, error_of
 from ollamad.runner.wire import Reply, RunnerClient
-from ollamad.sched.scheduler import Lease, Scheduler, SchedulerError
+from ollamad.sched.lease import Lease
+from ollamad.sched.scheduler import Scheduler, SchedulerError
 from ollamad.settings import LOAD_OPTIONS, Settings
 
 log = structlog.get_logger("ollamad.api")
@@ -146,6 +147,20 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
             return shape(507, DISK_FULL)
         log.exception("unhandled error", path=request.path)
         return shape(500, f"internal error: {type(e).__name__}: {e}")
+
+
+@web.middleware
+async def retry_unstarted_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A request sent ahead of a free slot (OLLAMAD_SEND_AHEAD) waits in its runner's own queue;
+    if that runner ends before the request got any reply, it never ran, and here it was only
+    queued: it is handled once more, and gets a new runner, as a request in our queue would."""
+    try:
+        return await handler(request)
+    except UpstreamError as e:
+        if not e.unstarted or request.get(STARTED) is not None:
+            raise
+        log.info("runner went before a request sent ahead to it started; sending it again", error=e.message)
+        return await handler(request)
 
 
 STARTED = "ollamad.started"  # request key: the first answer that began to be sent
@@ -300,13 +315,14 @@ async def upstream(ctx: AppContext, lease: Lease, path: str, payload: dict[str, 
     answers, and a runner stuck there (while /health says ok) is replaced."""
     assert ctx.session is not None
     limit = ctx.settings.accept_timeout if payload.get("stream") else math.inf
-    try:
-        with anyio.fail_after(limit):
+    resp = None
+    with lease.accept_scope(limit):
+        try:
             resp = await ctx.session.post(f"{lease.runner.url}{path}", json=payload, headers=lease.runner.headers)
-    except TimeoutError:
-        lease.lost(f"did not accept a request within {limit:g}s")
-        raise UpstreamError(500, f"llama-server did not accept the request within {limit:g}s "
-                                 "(OLLAMAD_ACCEPT_TIMEOUT); the runner is replaced") from None
+        except aiohttp.ClientConnectionError as e:
+            raise not_answering(lease, e) from None
+    if resp is None:
+        raise _not_accepted(lease, limit)
     async with resp:
         yield resp
 
@@ -318,15 +334,25 @@ async def pushed(ctx: AppContext, lease: Lease, path: str, payload: dict[str, An
     limit = ctx.settings.accept_timeout if payload.get("stream") else math.inf
     runner = lease.runner
     try:
-        with anyio.fail_after(limit):
+        with lease.accept_scope(limit):
             return await ctx.wire.request(LOOPBACK, runner.port, path, msgspec.json.encode(payload), runner.headers)
-    except TimeoutError:
-        lease.lost(f"did not accept a request within {limit:g}s")
-        raise UpstreamError(500, f"llama-server did not accept the request within {limit:g}s "
-                                 "(OLLAMAD_ACCEPT_TIMEOUT); the runner is replaced") from None
     except OSError as e:  # refused, or cut before any reply on a new connection
-        lease.lost(str(e))
-        raise UpstreamError(500, f"llama-server is not answering: {e or type(e).__name__}") from None
+        raise not_answering(lease, e) from None
+    raise _not_accepted(lease, limit)
+
+
+def not_answering(lease: Lease, e: Exception) -> UpstreamError:
+    """The runner refused or cut the request before any reply: it is replaced. A request sent
+    ahead of a slot had not started (``retry_unstarted_middleware`` sends it again)."""
+    lease.lost(str(e))
+    return UpstreamError(500, f"llama-server is not answering: {e or type(e).__name__}", unstarted=lease.sent_ahead)
+
+
+def _not_accepted(lease: Lease, limit: float) -> UpstreamError:
+    """The accept deadline passed (``Lease.accept_scope``): the runner is stuck; replace it."""
+    lease.lost(f"did not accept a request within {limit:g}s")
+    return UpstreamError(500, f"llama-server did not accept the request within {limit:g}s "
+                              "(OLLAMAD_ACCEPT_TIMEOUT); the runner is replaced")
 
 
 async def one_reply(ctx: AppContext, lease: Lease, path: str, payload: dict[str, Any]) -> bytes:

@@ -24,7 +24,8 @@ from ollamad.api.reqlog import RequestRecord, record_of
 from ollamad.models.catalog import Model
 from ollamad.models.options import Options
 from ollamad.runner.events import UpstreamError, error_of
-from ollamad.sched.scheduler import Lease, SchedulerError
+from ollamad.sched.lease import Lease
+from ollamad.sched.scheduler import SchedulerError
 
 log = structlog.get_logger("ollamad.api")
 BATCH = 64  # inputs per /v1/embeddings call: the slot is shared, the reply stays small

@@ -47,7 +47,8 @@ from ollamad.models.describe import details
 from ollamad.models.facts import ModelFacts
 from ollamad.models.ggufmeta import GGUFError
 from ollamad.runner.events import UpstreamError
-from ollamad.sched.scheduler import Lease, Scheduler
+from ollamad.sched.lease import Lease
+from ollamad.sched.scheduler import Scheduler
 from ollamad.sched.workerlink import held
 
 
@@ -108,7 +109,7 @@ async def ps_body(ctx: AppContext) -> dict[str, Any]:
             "size_vram": memory.get("size_vram", 0), "context_length": r.ctx,
             # beyond Ollama's fields
             "runner_id": rid, "status": r.status, "num_parallel": r.plan.num_parallel,
-            "busy_slots": r.in_flight, "queued": sched.state.waiting(r.plan.model),
+            "busy_slots": r.running, "queued": sched.state.waiting(r.plan.model),
             "pid": sched.runners[rid].pid if rid in sched.runners else None,
             "estimated_size": r.plan.estimate, **memory,
         })

@@ -43,8 +43,8 @@ from ollamad.api.common import (
 from ollamad.api.reqlog import RequestRecord, record_of
 from ollamad.api.stream import StreamRelay
 from ollamad.runner.events import UpstreamError, data_of, error_of, sse_data
+from ollamad.sched.lease import Lease
 from ollamad.sched.rpcplace import split_note
-from ollamad.sched.scheduler import Lease
 
 log = structlog.get_logger("ollamad.api")
 CONSTRAINED = ("json_schema", "grammar", "response_format", "tools")

@@ -6,7 +6,14 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from ollamad.api import embed, manage, native, openai_compat
-from ollamad.api.common import CTX, AppContext, errors_middleware, mark_started, started_middleware
+from ollamad.api.common import (
+    CTX,
+    AppContext,
+    errors_middleware,
+    mark_started,
+    retry_unstarted_middleware,
+    started_middleware,
+)
 from ollamad.api.guard import (
     add_cors_headers,
     auth_middleware,
@@ -34,7 +41,8 @@ def make_app(ctx: AppContext) -> web.Application:
                                      host_middleware(s.allowed_hosts)]
     if s.api_key:
         middlewares.append(auth_middleware(s.api_key))
-    middlewares += [started_middleware, errors_middleware, request_log_middleware(s.log_requests)]
+    middlewares += [started_middleware, errors_middleware, retry_unstarted_middleware,
+                    request_log_middleware(s.log_requests)]
     app = web.Application(middlewares=middlewares, client_max_size=s.max_body)
     app.on_response_prepare.append(add_cors_headers)
     app.on_response_prepare.append(mark_started)

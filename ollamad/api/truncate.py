@@ -16,7 +16,7 @@ import structlog
 from ollamad.api.common import ApiError, AppContext, runner_json
 from ollamad.models.catalog import Model
 from ollamad.runner.events import UpstreamError
-from ollamad.sched.scheduler import Lease
+from ollamad.sched.lease import Lease
 
 log = structlog.get_logger("ollamad.api")
 TOO_LONG = "exceeds the available context size"

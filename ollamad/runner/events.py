@@ -16,11 +16,12 @@ import aiohttp
 class UpstreamError(Exception):
     """llama-server answered with an error or went away mid-request."""
 
-    def __init__(self, status: int, message: str, lost: bool = False) -> None:
+    def __init__(self, status: int, message: str, lost: bool = False, unstarted: bool = False) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.lost = lost  # the connection broke: the runner died or hung
+        self.unstarted = unstarted  # it was sent ahead of a slot and its runner went before any reply
 
 
 async def error_of(resp: aiohttp.ClientResponse) -> UpstreamError:

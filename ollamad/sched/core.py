@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ollamad.models.plan import LoadOptions, RunnerPlan
-from ollamad.sched.rpcplace import workers_fit
+from ollamad.sched.room import choose_victims, fits, frees, too_big
 
 Policy = Literal["affinity", "fifo"]
 RunnerStatus = Literal["starting", "ready", "stopping"]
@@ -67,7 +67,18 @@ class RunnerState:
 
     @property
     def free_slots(self) -> int:
+        """Slots with no request: negative while requests wait in llama-server's own queue."""
         return self.plan.num_parallel - self.in_flight
+
+    @property
+    def running(self) -> int:
+        """Requests that have a slot."""
+        return min(self.in_flight, self.plan.num_parallel)
+
+    @property
+    def ahead(self) -> int:
+        """Requests sent ahead of a free slot, waiting in llama-server's own queue."""
+        return max(self.in_flight - self.plan.num_parallel, 0)
 
     def serves(self, req: Request) -> bool:
         return self.plan.model == req.model and req.ctx <= self.ctx and req.load == self.plan.load
@@ -90,6 +101,7 @@ class Stop:
 class Dispatch:
     request_id: int
     runner_id: int
+    ahead: bool = False  # sent ahead of a free slot: it waits in llama-server's queue first
 
 
 @dataclass(frozen=True)
@@ -117,6 +129,7 @@ class SchedState:
     max_queue: int = 512
     policy: Policy = "affinity"
     max_passover: float = 10.0
+    send_ahead: int = 0  # requests per slot a busy runner is sent beyond its slots (llama-server queues them)
     default_keep_alive: float = 300.0
     capacity: float = math.inf  # bytes all runners may use together
     free: float = math.inf  # bytes free at the last snapshot (GPUs less overhead, and host RAM)
@@ -229,7 +242,9 @@ class SchedState:
 
     # --- queries -----------------------------------------------------------------------
     def waiting(self, model: str | None = None) -> int:
-        return sum(1 for q in self.queue if model is None or q.model == model)
+        """Requests without a slot: in the queue, and sent ahead to a busy runner (OLLAMA_MAX_QUEUE counts both)."""
+        return (sum(1 for q in self.queue if model is None or q.model == model)
+                + sum(r.ahead for r in self.runners.values() if model is None or r.plan.model == model))
 
     def next_wakeup(self, now: float) -> float | None:
         """The earliest time at which ``decide`` may act without a new event."""
@@ -279,6 +294,7 @@ def decide(s: SchedState, now: float) -> list[Action]:
         runner = _runner_for(s, req)
         if runner is not None:
             s.queue.remove(req)
+            ahead = not req.load_only and runner.free_slots <= 0
             if not req.load_only:
                 runner.in_flight += 1
                 runner.expires_at = None
@@ -286,7 +302,7 @@ def decide(s: SchedState, now: float) -> list[Action]:
                 runner.keep_alive = req.keep_alive
                 if runner.in_flight == 0:
                     runner.expires_at = now + req.keep_alive
-            actions.append(Dispatch(req.id, runner.id))
+            actions.append(Dispatch(req.id, runner.id, ahead))
             continue
         if s.reload_wait(req, now) > 0:
             continue  # its model was loaded moments ago: wait; meanwhile its runner serves what it can
@@ -313,12 +329,16 @@ def decide(s: SchedState, now: float) -> list[Action]:
 
 
 def _runner_for(s: SchedState, req: Request) -> RunnerState | None:
-    """A ready runner that can take ``req`` now: the one with the most free slots."""
+    """A ready runner that can take ``req`` now: the one with the most free slots. A busy one takes
+    up to ``send_ahead`` more per slot, which wait in llama-server's own queue: it starts the next
+    the moment a slot frees, where a request sent only then would arrive a few milliseconds later."""
     best = None
     for r in s.runners.values():
         if r.status != "ready" or r.draining or not r.serves(req):
             continue
-        if (req.load_only or r.free_slots > 0) and (best is None or r.free_slots > best.free_slots):
+        # not embeddings: a batch of them is several requests, and one lost with its runner would cut the reply
+        room = r.free_slots + (0 if r.plan.embedding else s.send_ahead * r.plan.num_parallel)
+        if (req.load_only or room > 0) and (best is None or r.free_slots > best.free_slots):
             best = r
     return best
 
@@ -346,8 +366,8 @@ def _make_room_and_start(s: SchedState, req: Request, now: float) -> list[Action
     live = list(s.runners.values())
     local = [p for p in req.plans if not p.rpc]  # split over RPC workers only if none fits, even after evictions
     idle_now = [r for r in live if r.status == "ready" and r.in_flight == 0 and not r.draining and r.claimed_by is None]
-    evict_for_local = bool(local) and _choose_victims(s, live, [], idle_now, local[-1]) is not None
-    plan = next((p for p in req.plans if (not p.rpc or not evict_for_local) and _fits(s, live, [], p)), None)
+    evict_for_local = bool(local) and choose_victims(s, live, [], idle_now, local[-1]) is not None
+    plan = next((p for p in req.plans if (not p.rpc or not evict_for_local) and fits(s, live, [], p)), None)
     if plan is not None:
         rid = s.new_runner_id()
         s.loaded_at[req.model] = now
@@ -357,27 +377,27 @@ def _make_room_and_start(s: SchedState, req: Request, now: float) -> list[Action
         return actions
 
     plan = local[-1] if evict_for_local else req.plans[-1]  # the smallest candidate
-    room = min(s.capacity, s.free_now() + s.unseen_free + sum(_frees(r) for r in live) - s.reserve)
+    room = min(s.capacity, s.free_now() + s.unseen_free + sum(frees(r) for r in live) - s.reserve)
     if plan.estimate > room:  # not even with every runner gone, busy ones included
         s.queue.remove(req)
-        return [*actions, Reject(req.id, 500, _too_big(plan, room))]
+        return [*actions, Reject(req.id, 500, too_big(plan, room))]
 
     # what goes anyway: runners already stopping or draining for this request
     going = [r for r in live if r.status == "stopping" and r.claimed_by in (None, req.id)]
     going += [r for r in live if r.status != "stopping" and r.claimed_by == req.id]
     for r in going:
         r.claimed_by = req.id
-    if _fits(s, live, going, plan):
+    if fits(s, live, going, plan):
         return actions
 
     urgent = s.policy == "fifo" or now - req.arrived >= s.max_passover
     idle = [r for r in live if r.status == "ready" and r.in_flight == 0 and not r.draining
             and r.claimed_by is None and (urgent or not _has_waiting(s, r))]
-    victims = _choose_victims(s, live, going, idle, plan)
+    victims = choose_victims(s, live, going, idle, plan)
     if victims is None and urgent:
         busy = [r for r in live if r.status == "ready" and not r.draining and r.claimed_by is None
                 and r not in idle]
-        victims = _choose_victims(s, live, going, idle + busy, plan)
+        victims = choose_victims(s, live, going, idle + busy, plan)
     for r in victims or []:
         r.claimed_by = req.id
         r.draining = f"evicted to load {req.model}"
@@ -390,19 +410,10 @@ def _has_waiting(s: SchedState, r: RunnerState) -> bool:
     return any(r.serves(q) for q in s.queue)
 
 
-def _fits(s: SchedState, live: list[RunnerState], gone: list[RunnerState], plan: RunnerPlan) -> bool:
-    remaining = [r for r in live if r not in gone]
-    used = sum(r.memory for r in remaining)
-    freed = sum(_frees(r) for r in gone)
-    return (len(remaining) < s.max_loaded and used + plan.estimate <= s.capacity
-            and plan.estimate <= s.free_now() + freed - s.reserve
-            and workers_fit(plan, s.workers, (r.plan for r in remaining)))
-
-
 def relieve_pressure(s: SchedState, now: float) -> list[Stop]:
     """Below the low-water mark: stop idle runners, least recently used first, never busy ones."""
     live = list(s.runners.values())
-    free = s.free_now() + sum(_frees(r) for r in live if r.status == "stopping")
+    free = s.free_now() + sum(frees(r) for r in live if r.status == "stopping")
     if free >= s.low_water:
         return []
     stops: list[Stop] = []
@@ -413,38 +424,9 @@ def relieve_pressure(s: SchedState, now: float) -> list[Stop]:
         mib = 1024 * 1024
         stops.append(_stop(r, f"memory pressure: {free / mib:.0f} MiB free, below the low-water mark "
                               f"of {s.low_water / mib:.0f} MiB"))
-        free += _frees(r)
+        free += frees(r)
     return stops
-
-
-def _frees(r: RunnerState) -> int:
-    """What unloading ``r`` gives back: its unmeasured part at once, the measured part once a
-    snapshot after its exit shows it free."""
-    return max(r.memory, r.counted)
-
-
-def _choose_victims(s: SchedState, live: list[RunnerState], going: list[RunnerState],
-                    candidates: list[RunnerState], plan: RunnerPlan) -> list[RunnerState] | None:
-    """Least recently used first until the plan fits; then drop any not needed."""
-    chosen: list[RunnerState] = []
-    for r in sorted(candidates, key=lambda r: (r.in_flight > 0, r.last_used)):
-        chosen.append(r)
-        if _fits(s, live, going + chosen, plan):
-            break
-    else:
-        return None
-    for r in sorted(chosen, key=lambda r: -r.last_used):
-        rest = [x for x in chosen if x is not r]
-        if _fits(s, live, going + rest, plan):
-            chosen = rest
-    return chosen
 
 
 def _keep_alive(s: SchedState, req: Request) -> float:
     return req.keep_alive if req.keep_alive is not None else s.default_keep_alive
-
-
-def _too_big(plan: RunnerPlan, room: float) -> str:
-    gib = 1024**3
-    return (f"model requires more system memory ({plan.estimate / gib:.2f} GiB) "
-            f"than is available ({max(room, 0) / gib:.2f} GiB) even with every other model unloaded")

@@ -7,6 +7,7 @@ waiting request, refuse it, start or stop a runner. One task group owns every ru
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import itertools
 import math
@@ -40,6 +41,7 @@ from ollamad.sched.core import (
     decide,
     relieve_pressure,
 )
+from ollamad.sched.lease import Lease
 from ollamad.sched.rpcplace import with_workers
 from ollamad.sched.workerlink import held, refresh, set_aside
 from ollamad.settings import Settings
@@ -56,35 +58,6 @@ class SchedulerError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
-
-
-@dataclass
-class Lease:
-    """The right to send one request to one runner; release it exactly once."""
-
-    runner: Runner
-    runner_id: int
-    request_id: int
-    queued_for: float  # seconds from arrival to dispatch (queue wait and load)
-    holds_slot: bool
-    _release: Callable[[Lease], None]
-    _lost: Callable[[Lease, str], None]
-    released: bool = False
-
-    def lost(self, reason: str) -> None:
-        """The runner broke this request's connection: take no more requests for it."""
-        self._lost(self, reason)
-
-    def release(self) -> None:
-        if not self.released:
-            self.released = True
-            self._release(self)
-
-    async def __aenter__(self) -> Lease:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.release()
 
 
 @dataclass
@@ -125,6 +98,7 @@ class Scheduler:
             max_queue=settings.max_queue,
             policy=settings.sched_policy,
             max_passover=settings.max_passover,
+            send_ahead=settings.send_ahead,
             default_keep_alive=settings.keep_alive,
             capacity=settings.memory_budget or math.inf,
             backoff_base=settings.load_backoff,
@@ -134,6 +108,7 @@ class Scheduler:
         )
         self.runners: dict[int, Runner] = {}
         self._waiters: dict[int, _Waiter] = {}
+        self._ahead: dict[int, collections.deque[Lease]] = {}  # per runner, in the order sent
         self._ids = itertools.count(1)
         self._tg: TaskGroup | None = None
         self._wake = anyio.Event()
@@ -259,6 +234,13 @@ class Scheduler:
     def _release(self, lease: Lease) -> None:
         if lease.holds_slot:
             self.state.release(lease.runner_id, self.clock())
+            ahead = self._ahead.get(lease.runner_id)
+            if ahead:
+                if lease.running:
+                    ahead.popleft().started()  # llama-server serves its queue in order
+                else:  # it ended (its client left) while in llama-server's queue: it never ran
+                    ahead.remove(lease)
+                    log.info("request left the queue", request_id=lease.request_id, queue="the runner's")
         self._step()
 
     # --- carrying out decisions --------------------------------------------------------
@@ -287,7 +269,10 @@ class Scheduler:
         waiter = self._waiters[action.request_id]
         assert waiter.request is not None
         lease = Lease(self.runners[action.runner_id], action.runner_id, action.request_id,
-                      now - waiter.request.arrived, not waiter.request.load_only, self._release, self._lost)
+                      now - waiter.request.arrived, not waiter.request.load_only, self._release, self._lost,
+                      running=not action.ahead, sent_ahead=action.ahead)
+        if action.ahead:
+            self._ahead.setdefault(action.runner_id, collections.deque()).append(lease)
         waiter.lease = lease
         waiter.event.set()
 
@@ -359,6 +344,7 @@ class Scheduler:
                 self.records.remove(runner.pid)
             self.state.runner_exited(rid)
             self.runners.pop(rid, None)
+            self._ahead.pop(rid, None)
             if self.workers is not None and plan.rpc:
                 set_aside(self.state, self.workers, plan)
             if self.accountant is not None:
@@ -441,7 +427,7 @@ class Scheduler:
 
     def busy(self) -> int:
         """Requests waiting or in flight."""
-        return self.state.waiting() + sum(r.in_flight for r in self.state.runners.values())
+        return len(self.state.queue) + sum(r.in_flight for r in self.state.runners.values())
 
 
 async def _detached(fn: Callable[..., Any], *args: Any) -> None:

@@ -56,6 +56,9 @@ class _StateCollector(Collector):
         waiting: dict[str, int] = {}
         for q in state.queue:
             waiting[q.model] = waiting.get(q.model, 0) + 1
+        for r in state.runners.values():  # sent ahead, waiting in llama-server's queue
+            if r.ahead:
+                waiting[r.plan.model] = waiting.get(r.plan.model, 0) + r.ahead
         for model, n in sorted(waiting.items()):
             queue.add_metric([model], n)
         total = GaugeMetricFamily("ollamad_queue_length_total", "Requests waiting for a runner, all models")
@@ -68,7 +71,7 @@ class _StateCollector(Collector):
         per_model: dict[str, tuple[int, int]] = {}
         for r in state.runners.values():
             busy, n = per_model.get(r.plan.model, (0, 0))
-            per_model[r.plan.model] = (busy + r.in_flight, n + r.plan.num_parallel)
+            per_model[r.plan.model] = (busy + r.running, n + r.plan.num_parallel)
             memory.add_metric([r.plan.model, str(r.id), r.status], r.memory)
         for model, (busy, n) in sorted(per_model.items()):
             in_flight.add_metric([model], busy)

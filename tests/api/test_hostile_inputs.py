@@ -5,6 +5,7 @@ With the fake llama-server: these are checks on ollamad's own handling, before a
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import shutil
 import subprocess
@@ -15,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Daemon, fake_with
+from tests.conftest import Daemon, child_get, fake_with, runner_children
 from tests.models.test_gguf_hostile import nested
 
 
@@ -196,6 +197,28 @@ def test_a_runner_stuck_compiling_a_grammar_is_replaced(daemon_factory: Any, fol
     status, body = d.post("/api/generate", {"model": "tiny", "prompt": "x", "stream": False})
     assert status == 200, body
     assert d.log().count('"runner starting"') == 2  # the stuck one was replaced
+
+
+def test_accept_timeout_runs_from_the_slot_for_a_request_sent_ahead(daemon_factory: Any, folder: Path,
+                                                                     tmp_path: Path) -> None:
+    """The second stream waits in llama-server's queue (OLLAMAD_SEND_AHEAD) for 3 s, longer than the
+    1 s accept timeout: that wait is not the runner failing to accept it."""
+    d = daemon_factory(fake_with(tmp_path, FAKE_TOKEN_DELAY="0.1", FAKE_TOKENS="30"), folder,
+                       OLLAMA_NUM_PARALLEL="1", OLLAMAD_ACCEPT_TIMEOUT="1s")
+    assert d.post("/api/generate", {"model": "tiny", "prompt": ""})[0] == 200  # loaded
+
+    def stream(prompt: str) -> Any:
+        return d.post("/api/generate", {"model": "tiny", "prompt": prompt})[1]  # streamed: a list of lines
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        first = pool.submit(stream, "one")
+        time.sleep(0.5)
+        second = pool.submit(stream, "two")
+        results = [first.result(30), second.result(30)]
+    assert [r[-1].get("done") for r in results] == [True, True], results
+    assert d.log().count('"runner starting"') == 1
+    (child,) = runner_children(d)
+    assert child_get(child, "/fake/stats")["peak_sent"] == 2  # the second was sent ahead
 
 
 @pytest.mark.real

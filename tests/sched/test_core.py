@@ -88,6 +88,38 @@ def test_n_plus_k_requests_never_more_than_n_in_flight_and_fifo() -> None:
     assert started == [r.id for r in reqs]
 
 
+def test_send_ahead_queues_in_llama_server_and_counts_as_waiting() -> None:
+    w = World(send_ahead=1)
+    rid = w.loaded(np=2)
+    reqs = [w.req(np=2) for _ in range(6)]
+    assert w.step() == [Dispatch(reqs[0].id, rid), Dispatch(reqs[1].id, rid),
+                        Dispatch(reqs[2].id, rid, ahead=True), Dispatch(reqs[3].id, rid, ahead=True)]
+    r = w.s.runners[rid]
+    assert (r.in_flight, r.running, r.ahead, r.free_slots) == (4, 2, 2, -2)
+    assert w.s.waiting() == w.s.waiting("a") == 4  # two in our queue, two in llama-server's
+    assert w.step() == []
+    w.s.release(rid, w.now)
+    assert w.step() == [Dispatch(reqs[4].id, rid, ahead=True)]
+    for _ in range(5):
+        w.s.release(rid, w.now)
+    assert w.step() == [Dispatch(reqs[5].id, rid)]  # a slot is free: not ahead
+
+
+def test_nothing_is_sent_ahead_to_a_draining_runner() -> None:
+    w = World(max_loaded=1, policy="fifo", send_ahead=1)
+    ra = w.loaded(model="a")
+    x, y = w.req("a"), w.req("a")
+    assert w.step() == [Dispatch(x.id, ra), Dispatch(y.id, ra, ahead=True)]
+    w.req("b")
+    z = w.req("a")
+    assert w.step() == []  # b came first: a drains (x, then y) and takes nothing new
+    assert w.s.runners[ra].draining and z in w.s.queue
+    w.s.release(ra, w.now)
+    assert w.step() == []
+    w.s.release(ra, w.now)
+    assert w.step() == [Stop(ra, "evicted to load b")]
+
+
 def test_no_head_of_line_blocking_while_another_model_loads() -> None:
     w = World()
     rb = w.loaded(model="b")

@@ -53,26 +53,32 @@ def two_models(tmp_path: Path, models_dir: Path) -> Path:
     return folder
 
 
+@pytest.mark.parametrize("ahead", [0, 1])
 async def test_n_plus_k_requests_exactly_n_in_flight_in_fifo_order(daemon_factory: Any, fake_server: Path,
-                                                                   models_dir: Path) -> None:
-    d = daemon_factory(fake_server, models_dir, OLLAMA_NUM_PARALLEL="2", FAKE_TOKEN_DELAY="0.05", FAKE_TOKENS="6")
+                                                                   models_dir: Path, ahead: int) -> None:
+    d = daemon_factory(fake_server, models_dir, OLLAMA_NUM_PARALLEL="2", FAKE_TOKEN_DELAY="0.05", FAKE_TOKENS="6",
+                       OLLAMAD_SEND_AHEAD=str(ahead))
     async with aiohttp.ClientSession() as s:
         assert (await gen(s, d, ""))[1][-1]["done_reason"] == "load"
         tasks = []
         for i in range(6):
             tasks.append(asyncio.create_task(gen(s, d, f"p{i}")))
             await asyncio.sleep(0.03)  # fixes arrival order
-        seen_busy = []
+        seen_busy, seen_queued = [], []
         while not all(t.done() for t in tasks):
-            (m,) = (await ps(s, d))["models"]
+            body = await ps(s, d)
+            (m,) = body["models"]
             seen_busy.append(m["busy_slots"])
+            seen_queued.append(body["queue"]["waiting"])
             await asyncio.sleep(0.01)
         results = await asyncio.gather(*tasks)
     assert all(st == 200 and lines[-1]["done"] for st, lines in results)
     assert max(seen_busy) == 2
+    assert max(seen_queued) == 4  # sent ahead or not, a request without a slot counts as waiting
     (child,) = runner_children(d)
     stats = child_get(child, "/fake/stats")
-    assert stats["peak"] == 2  # llama-server never had more than --parallel at once
+    # sent to llama-server at once: its slots, plus OLLAMAD_SEND_AHEAD per slot in its own queue
+    assert stats["peak_sent"] == 2 * (1 + ahead)
     assert stats["prompts"] == [f"p{i}" for i in range(6)]  # started in arrival order
 
 
