@@ -162,22 +162,28 @@ async def swap_router(binary: Path, mdir: Path, tmp: Path, quick: bool) -> dict[
                      "wait_p50_s": pct([r.ttft for r in ok], 50), "wait_p99_s": pct([r.ttft for r in ok], 99),
                      "switch_ms": sum(d["switch_ms"] for d in done) / rounds,
                      "serve_ms": sum(d["serve_ms"] for d in done) / rounds,
+                     "handoff_ms": pct([h for d in done for h in d["handoffs_ms"]], 50),
                      "proxy_cpu_s": sum(d["cpu_s"] for d in done) / rounds}
     return out
 
 
-def phases(events: list[tuple[str, float, float]]) -> dict[str, float]:
-    """Mean switch gap (one model's last reply done to the next model's first token) and mean
-    serve time (a model's first token to its last reply done), from the clients' clocks."""
-    spans: list[list[Any]] = []  # [model, first token, last end]
+def phases(events: list[tuple[str, float, float]], slots: int = 2) -> dict[str, Any]:
+    """Mean switch gap (one model's last reply done to the next model's first token), mean serve
+    time (a model's first token to its last reply done), and the handoffs: within one serve, the
+    k-th first token after the (k - slots)-th reply end (a slot freed, the next request's first
+    token), from the clients' clocks."""
+    spans: list[list[Any]] = []  # [model, first token, last end, firsts, ends]
     for model, first, end in sorted(events, key=lambda e: e[1]):
         if spans and spans[-1][0] == model:
             spans[-1][2] = max(spans[-1][2], end)
         else:
-            spans.append([model, first, end])
+            spans.append([model, first, end, [], []])
+        spans[-1][3].append(first)
+        spans[-1][4].append(end)
     gaps = [spans[k][1] - spans[k - 1][2] for k in range(1, len(spans))]
+    handoffs = [1000 * (sorted(sp[3])[k] - sorted(sp[4])[k - slots]) for sp in spans for k in range(slots, len(sp[3]))]
     return {"switch_ms": 1000 * sum(gaps) / max(len(gaps), 1),
-            "serve_ms": 1000 * sum(sp[2] - sp[1] for sp in spans) / max(len(spans), 1)}
+            "serve_ms": 1000 * sum(sp[2] - sp[1] for sp in spans) / max(len(spans), 1), "handoffs_ms": handoffs}
 
 
 def _loads(p: Proc, path: str) -> int:
@@ -251,29 +257,28 @@ def render_peers(res: dict[str, Any], heading: str = PEERS_HEADING, intro: str |
                   "loads and total time are per run (mean; each run's total beside it), wait is the time to the "
                   "first token over all runs.", "",
                   "| path | ok | errors | loads | total s | each run s | wait p50 s | wait p99 s | switch ms | "
-                  "serve ms | proxy CPU s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "serve ms | handoff ms | proxy CPU s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for p in ("ollamad", "router"):
             v = s[p]
             each = ", ".join(f(x, 2) for x in v.get("total_s_each", [v["total_s"]]))
             lines.append(f"| {p} | {v['ok']} | {v['errors']} | {f(v['loads'], 1)} | {f(v['total_s'], 2)} | {each} | "
                          f"{f(v['wait_p50_s'], 2)} | {f(v['wait_p99_s'], 2)} | {f(v.get('switch_ms', 0))} | "
-                         f"{f(v.get('serve_ms', 0))} | {f(v['proxy_cpu_s'], 3) if 'proxy_cpu_s' in v else '-'} |")
+                         f"{f(v.get('serve_ms', 0))} | {f(v['handoff_ms']) if 'handoff_ms' in v else '-'} | "
+                         f"{f(v['proxy_cpu_s'], 3) if 'proxy_cpu_s' in v else '-'} |")
         lines += ["", "Switch: from one model's last reply to the next model's first token (stop, load, first "
                   "token), mean per switch. Serve: from a model's first token to its last reply (8 requests on 2 "
-                  "slots), mean per load. Both from the clients' clocks, per run, averaged over the runs. "
+                  "slots), mean per load. Handoff: within a serve, from a reply's end (a slot freed) to the first "
+                  "token of the request that took the slot, median over all runs. All from the clients' clocks. "
                   "The router forwards every queued request to its child at once, so llama-server starts the next "
-                  "one the moment a slot frees; ollamad keeps them in its own queue (FIFO, OLLAMA_MAX_QUEUE, "
-                  "never more than OLLAMA_NUM_PARALLEL in flight) and sends each when a slot frees. Proxy CPU: "
-                  "what the daemon, or the router's own process, used per run (user + system), not counting "
-                  "its llama-servers: on two cores it is taken from them and from the clients. In an experiment "
-                  "beside this benchmark (the same workload, llama-server's own timings at --verbosity 4, two "
-                  "runs of 48 requests per path), llama-server decoded 12 to 15% slower per token under ollamad "
-                  "(0.73 and 0.87 ms) than under the router (0.64 and 0.79 ms), and a freed slot got its next "
-                  "request from ollamad after 0.8 ms (median; mean 1.5 ms): the serve column is the daemon's "
-                  "CPU more than its queue. Sending each runner one more request per slot than it has "
-                  "(pipelining, with llama-server's own queue holding it) measured no clear gain in three "
-                  "runs of 4 to 6, and was left out: a streamed request's headers come only once it has a slot, "
-                  "so OLLAMAD_ACCEPT_TIMEOUT would take a long wait in that queue for a stuck runner."]
+                  "one the moment a slot frees. ollamad keeps its queue (FIFO, OLLAMA_MAX_QUEUE) and sends a busy "
+                  "runner one request per slot beyond its slots (OLLAMAD_SEND_AHEAD=1), which waits in "
+                  "llama-server's own queue, so that it too starts the moment a slot frees; its accept timeout "
+                  "runs from when it has a slot, and one whose runner goes before it started is sent again to a "
+                  "new runner. Sending each request only once a slot had freed, the handoff was 6.4 ms (median of "
+                  "6 runs of the same workload, an experiment beside this benchmark) against 4.0 ms with it and "
+                  "4.1 for the router; the serve 56.9 against 53.6 and 49.9 ms. Proxy CPU: what the daemon, or "
+                  "the router's own process, used per run (user + system), not counting its llama-servers: on two "
+                  "cores it is taken from them and from the clients."]
         lines += ["", "Target: fewer loads than the router and total time no worse. Neither can load less than "
                   "7 times here: the clients start split 4 and 4 over the two models, so whichever loads first, "
                   "the other half needs its model second, and each of those clients then needs 5 more "
