@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,8 @@ import pytest
 
 from ollamad.models.testmodels import write_llama
 from ollamad.runner.leftovers import ChildRecord, ChildRecords
-from tests.conftest import Daemon, fake_with
-from tests.streams import Stream, busy_slots, child_get, queued, runners, wait_for
+from tests.conftest import Daemon, fake_with, runner_key
+from tests.streams import Stream, busy_slots, child_get, flag, queued, runners, wait_for
 
 LONG = {"num_predict": 100000, "num_ctx": 8192, "seed": 1}  # with "endless": runs until cut
 
@@ -216,6 +217,41 @@ def test_client_disconnect_while_queued_leaves_the_queue(daemon_factory: Any, ll
     wait_for(lambda: busy_slots(child) == 0, timeout=5, step=0.005)
     time.sleep(0.3)
     assert busy_slots(child) == 0 and queued(d) == 0
+
+
+def _deferred(child: psutil.Process) -> int:
+    """Requests llama-server holds in its own queue (its /metrics: llamacpp:requests_deferred)."""
+    req = urllib.request.Request(f"http://127.0.0.1:{flag(child, '--port')}/metrics")
+    key = runner_key(child.cmdline())
+    if key:
+        req.add_header("Authorization", f"Bearer {key}")
+    with urllib.request.urlopen(req, timeout=5) as r:
+        text = r.read().decode()
+    return int(float(next(ln.split()[-1] for ln in text.splitlines() if ln.startswith("llamacpp:requests_deferred"))))
+
+
+@pytest.mark.real
+def test_request_sent_ahead_waits_in_llama_servers_queue_past_the_accept_timeout(
+        daemon_factory: Any, llama_server: Path, endless_dir: Path) -> None:
+    """OLLAMAD_SEND_AHEAD: the second request goes to the busy runner at once and llama-server
+    holds it; it waits there longer than OLLAMAD_ACCEPT_TIMEOUT (which runs from its slot), and
+    is served by the same runner once the first ends."""
+    d = daemon_factory(llama_server, endless_dir, OLLAMA_NUM_PARALLEL="1", OLLAMAD_ACCEPT_TIMEOUT="1s")
+    a = Stream(d, "/api/generate", {"model": "endless", "prompt": "hi", "options": LONG})
+    assert a.line() is not None
+    (child,) = runners(d)
+    with ThreadPoolExecutor(1) as pool:
+        second = pool.submit(d.post, "/api/generate",
+                             {"model": "endless", "prompt": "next", "options": {**LONG, "num_predict": 4}})
+        wait_for(lambda: queued(d) == 1)
+        wait_for(lambda: _deferred(child) == 1)  # in llama-server's queue, not ours
+        time.sleep(1.5)
+        assert busy_slots(child) == 1 and not second.done()
+        a.close()
+        status, body = second.result(30)
+    assert status == 200 and body[-1]["done"] is True, body
+    assert runners(d) == [child]
+    assert "OLLAMAD_ACCEPT_TIMEOUT" not in d.log()
 
 
 @pytest.mark.real
