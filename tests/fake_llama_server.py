@@ -145,6 +145,8 @@ async def stream_tokens(request: web.Request, chat: bool) -> web.StreamResponse:
     served_on.add(conn)
     check_key(request)
     body = await request.json()
+    if body.get("json_schema") is not None or body.get("response_format"):
+        await asyncio.sleep(env_float("FAKE_SCHEMA_DELAY", 0.0))  # llama-server: before the task is queued
     state["sent"] += 1
     state["peak_sent"] = max(state["peak_sent"], state["sent"])
     try:
@@ -155,8 +157,7 @@ async def stream_tokens(request: web.Request, chat: bool) -> web.StreamResponse:
 
 
 async def run_slot(request: web.Request, body: dict[str, Any], chat: bool) -> web.StreamResponse:
-    if body.get("json_schema") is not None or body.get("response_format"):
-        await asyncio.sleep(env_float("FAKE_SCHEMA_DELAY", 0.0))
+
     n = int(body.get("n_predict", body.get("max_tokens", os.environ.get("FAKE_TOKENS", 8))))
     if n < 0 or n >= 10 * (ARGS.ctx_size // ARGS.parallel):  # no limit (the daemon sends 10 x ctx)
         n = int(os.environ.get("FAKE_TOKENS", 8))

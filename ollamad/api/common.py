@@ -43,6 +43,7 @@ NDJSON = "application/x-ndjson"
 _SURROGATE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 _Req = TypeVar("_Req", GenerateRequest, ChatRequest)
 _Body = TypeVar("_Body", bound=BaseModel)
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -310,35 +311,70 @@ LOOPBACK = "127.0.0.1"  # where runners listen (runner/child.py)
 @contextlib.asynccontextmanager
 async def upstream(ctx: AppContext, lease: Lease, path: str, payload: dict[str, Any],
                    ) -> AsyncIterator[aiohttp.ClientResponse]:
-    """POST ``payload`` to the lease's runner. A streamed request must be accepted (answered with
-    headers) within OLLAMAD_ACCEPT_TIMEOUT: llama-server compiles a format's grammar before it
-    answers, and a runner stuck there (while /health says ok) is replaced."""
+    """POST ``payload`` to the lease's runner; the response once its headers came (a streamed
+    request within OLLAMAD_ACCEPT_TIMEOUT, see ``accepted``)."""
     assert ctx.session is not None
     limit = ctx.settings.accept_timeout if payload.get("stream") else math.inf
-    resp = None
-    with lease.accept_scope(limit):
-        try:
-            resp = await ctx.session.post(f"{lease.runner.url}{path}", json=payload, headers=lease.runner.headers)
-        except aiohttp.ClientConnectionError as e:
-            raise not_answering(lease, e) from None
-    if resp is None:
-        raise _not_accepted(lease, limit)
+    post = asyncio.ensure_future(ctx.session.post(f"{lease.runner.url}{path}", json=payload,
+                                                  headers=lease.runner.headers))
+    try:
+        resp = await accepted(ctx, lease, limit, post)
+    except aiohttp.ClientConnectionError as e:
+        raise not_answering(lease, e) from None
+    finally:
+        post.cancel()  # nothing once it is done
+    lease.answered = True
     async with resp:
         yield resp
+
+
+async def accepted(ctx: AppContext, lease: Lease, limit: float, headers: asyncio.Future[_T]) -> _T:
+    """``headers`` once done: the runner's reply began. llama-server answers a stream once its first
+    token is made, after it has compiled a format's grammar, so a streamed request has
+    OLLAMAD_ACCEPT_TIMEOUT for that, and a runner stuck there (while /health still says ok) is
+    replaced. But a request may wait in llama-server's own queue until a slot frees (sent ahead
+    of one, OLLAMAD_SEND_AHEAD, or taken over by one sent after it): past the timeout the runner
+    is asked for /slots, and while every slot is busy the request gets another timeout's wait."""
+    if math.isinf(limit):
+        return await headers
+    while not headers.done():
+        await asyncio.wait((headers,), timeout=limit)
+        if not headers.done() and not await _every_slot_busy(ctx, lease, limit):
+            raise _not_accepted(lease, limit)
+    return headers.result()
+
+
+async def _every_slot_busy(ctx: AppContext, lease: Lease, limit: float) -> bool:
+    assert ctx.session is not None
+    try:
+        async with ctx.session.get(f"{lease.runner.url}/slots", headers=lease.runner.headers,
+                                   timeout=aiohttp.ClientTimeout(total=limit)) as r:
+            slots = await r.json() if r.status == 200 else []
+        busy = bool(slots) and all(isinstance(s, dict) and s.get("is_processing") for s in slots)
+    except (aiohttp.ClientError, TimeoutError, ValueError):
+        busy = False
+    log.info("a streamed request waits past OLLAMAD_ACCEPT_TIMEOUT; "
+             + ("every slot is busy: it waits on" if busy else "a slot is free, or /slots did not answer"),
+             runner_id=lease.runner_id)
+    return busy
 
 
 async def pushed(ctx: AppContext, lease: Lease, path: str, payload: dict[str, Any]) -> Reply:
     """POST ``payload`` to the lease's runner over runner/wire.py; the reply once its headers came.
     A streamed request must be accepted within OLLAMAD_ACCEPT_TIMEOUT, as in ``upstream``; its body
     is for api/stream.py."""
-    limit = ctx.settings.accept_timeout if payload.get("stream") else math.inf
     runner = lease.runner
+    patience = None
+    if payload.get("stream"):
+        def patience(headers: asyncio.Future[None]) -> Awaitable[None]:
+            return accepted(ctx, lease, ctx.settings.accept_timeout, headers)
     try:
-        with lease.accept_scope(limit):
-            return await ctx.wire.request(LOOPBACK, runner.port, path, msgspec.json.encode(payload), runner.headers)
+        reply = await ctx.wire.request(LOOPBACK, runner.port, path, msgspec.json.encode(payload), runner.headers,
+                                       accept=patience)
     except OSError as e:  # refused, or cut before any reply on a new connection
         raise not_answering(lease, e) from None
-    raise _not_accepted(lease, limit)
+    lease.answered = True
+    return reply
 
 
 def not_answering(lease: Lease, e: Exception) -> UpstreamError:
@@ -349,7 +385,7 @@ def not_answering(lease: Lease, e: Exception) -> UpstreamError:
 
 
 def _not_accepted(lease: Lease, limit: float) -> UpstreamError:
-    """The accept deadline passed (``Lease.accept_scope``): the runner is stuck; replace it."""
+    """See ``accepted``: the runner is stuck; replace it."""
     lease.lost(f"did not accept a request within {limit:g}s")
     return UpstreamError(500, f"llama-server did not accept the request within {limit:g}s "
                               "(OLLAMAD_ACCEPT_TIMEOUT); the runner is replaced")
@@ -384,10 +420,13 @@ async def error_reply(reply: Reply) -> UpstreamError:
 async def runner_json(ctx: AppContext, lease: Lease, path: str, payload: dict[str, Any]) -> Any:
     """POST ``payload`` to the lease's runner and return its JSON answer; UpstreamError otherwise."""
     assert ctx.session is not None
-    async with ctx.session.post(f"{lease.runner.url}{path}", json=payload, headers=lease.runner.headers) as up:
-        if up.status != 200:
-            raise await error_of(up)
-        return await up.json()
+    try:
+        async with ctx.session.post(f"{lease.runner.url}{path}", json=payload, headers=lease.runner.headers) as up:
+            if up.status != 200:
+                raise await error_of(up)
+            return await up.json()
+    except aiohttp.ClientConnectionError as e:  # e.g. its runner died while the request waited to be sent ahead
+        raise not_answering(lease, e) from None
 
 
 async def apply_template(ctx: AppContext, lease: Lease, messages: list[dict[str, Any]]) -> str:

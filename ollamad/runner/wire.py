@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -174,8 +174,9 @@ class RunnerClient:
     def __init__(self) -> None:
         self._idle: dict[tuple[str, int], list[_Connection]] = {}
 
-    async def request(self, host: str, port: int, path: str, body: bytes,
-                      headers: dict[str, str] | None = None) -> Reply:
+    async def request(self, host: str, port: int, path: str, body: bytes, headers: dict[str, str] | None = None,
+                      accept: Callable[[asyncio.Future[None]], Awaitable[None]] | None = None) -> Reply:
+        """``accept``: awaits the headers future in place of a plain await (a deadline policy)."""
         head = (f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
                 f"Content-Length: {len(body)}\r\n"
                 + "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items()) + "\r\n").encode("latin-1")
@@ -186,7 +187,7 @@ class RunnerClient:
                 conn = await self._connect(host, port)
             reply = self._send(conn, message)
             try:
-                await reply.headers
+                await (reply.headers if accept is None else accept(reply.headers))
                 return reply
             except CutBeforeReply:
                 if not kept or attempt == ATTEMPTS:

@@ -7,7 +7,6 @@ waiting request, refuse it, start or stop a runner. One task group owns every ru
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import itertools
 import math
@@ -108,7 +107,6 @@ class Scheduler:
         )
         self.runners: dict[int, Runner] = {}
         self._waiters: dict[int, _Waiter] = {}
-        self._ahead: dict[int, collections.deque[Lease]] = {}  # per runner, in the order sent
         self._ids = itertools.count(1)
         self._tg: TaskGroup | None = None
         self._wake = anyio.Event()
@@ -234,13 +232,8 @@ class Scheduler:
     def _release(self, lease: Lease) -> None:
         if lease.holds_slot:
             self.state.release(lease.runner_id, self.clock())
-            ahead = self._ahead.get(lease.runner_id)
-            if ahead:
-                if lease.running:
-                    ahead.popleft().started()  # llama-server serves its queue in order
-                else:  # it ended (its client left) while in llama-server's queue: it never ran
-                    ahead.remove(lease)
-                    log.info("request left the queue", request_id=lease.request_id, queue="the runner's")
+            if lease.sent_ahead and not lease.answered:  # e.g. its client left while it waited there
+                log.info("request sent ahead ended before its runner answered", request_id=lease.request_id)
         self._step()
 
     # --- carrying out decisions --------------------------------------------------------
@@ -270,9 +263,7 @@ class Scheduler:
         assert waiter.request is not None
         lease = Lease(self.runners[action.runner_id], action.runner_id, action.request_id,
                       now - waiter.request.arrived, not waiter.request.load_only, self._release, self._lost,
-                      running=not action.ahead, sent_ahead=action.ahead)
-        if action.ahead:
-            self._ahead.setdefault(action.runner_id, collections.deque()).append(lease)
+                      sent_ahead=action.ahead)
         waiter.lease = lease
         waiter.event.set()
 
@@ -344,7 +335,6 @@ class Scheduler:
                 self.records.remove(runner.pid)
             self.state.runner_exited(rid)
             self.runners.pop(rid, None)
-            self._ahead.pop(rid, None)
             if self.workers is not None and plan.rpc:
                 set_aside(self.state, self.workers, plan)
             if self.accountant is not None:

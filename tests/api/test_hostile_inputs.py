@@ -199,10 +199,10 @@ def test_a_runner_stuck_compiling_a_grammar_is_replaced(daemon_factory: Any, fol
     assert d.log().count('"runner starting"') == 2  # the stuck one was replaced
 
 
-def test_accept_timeout_runs_from_the_slot_for_a_request_sent_ahead(daemon_factory: Any, folder: Path,
-                                                                     tmp_path: Path) -> None:
+def test_a_stream_waiting_behind_another_outlasts_the_accept_timeout(daemon_factory: Any, folder: Path,
+                                                                      tmp_path: Path) -> None:
     """The second stream waits in llama-server's queue (OLLAMAD_SEND_AHEAD) for 3 s, longer than the
-    1 s accept timeout: that wait is not the runner failing to accept it."""
+    1 s accept timeout: every slot is busy meanwhile (/slots), so the runner is not stuck."""
     d = daemon_factory(fake_with(tmp_path, FAKE_TOKEN_DELAY="0.1", FAKE_TOKENS="30"), folder,
                        OLLAMA_NUM_PARALLEL="1", OLLAMAD_ACCEPT_TIMEOUT="1s")
     assert d.post("/api/generate", {"model": "tiny", "prompt": ""})[0] == 200  # loaded
