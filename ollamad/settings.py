@@ -187,7 +187,8 @@ class Settings(BaseSettings):
     accept_timeout: Seconds = Field(
         60.0, validation_alias="OLLAMAD_ACCEPT_TIMEOUT",
         description="Longest a runner may take to accept a streamed request (it compiles a format's grammar "
-                    "first); past it the request fails and the runner is replaced")
+                    "first); past it the request fails and the runner is replaced, unless every slot is busy "
+                    "(it waits in the runner's queue: another while)")
     reload_interval: Seconds = Field(
         10.0, validation_alias="OLLAMAD_RELOAD_INTERVAL",
         description="Least time between two loads of one model that request options force (num_ctx, num_batch, ...); "
