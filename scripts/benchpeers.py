@@ -274,9 +274,10 @@ def render_peers(res: dict[str, Any], heading: str = PEERS_HEADING, intro: str |
                   "runner one request per slot beyond its slots (OLLAMAD_SEND_AHEAD=1), which waits in "
                   "llama-server's own queue, so that it too starts the moment a slot frees; past its accept "
                   "timeout it waits on while every slot is busy, and one whose runner goes before it started is "
-                  "sent again to a new runner. Sending each request only once a slot had freed, the handoff was 6.4 ms (median of "
-                  "6 runs of the same workload, an experiment beside this benchmark) against 4.0 ms with it and "
-                  "4.1 for the router; the serve 56.9 against 53.6 and 49.9 ms. Proxy CPU: what the daemon, or "
+                  "sent again to a new runner. Sending each request only once a slot had freed, the handoff was "
+                  "6.4 ms (median of 4 runs of the same workload, an experiment beside this benchmark) against "
+                  "4.0 ms with it and 4.1 for the router; the serve 56.9 against 53.6 and 49.9 ms. Proxy CPU: "
+                  "what the daemon, or "
                   "the router's own process, used per run (user + system), not counting its llama-servers: on two "
                   "cores it is taken from them and from the clients."]
         lines += ["", "Target: fewer loads than the router and total time no worse. Neither can load less than "
