@@ -312,7 +312,7 @@ async def _templated_chat(request: web.Request, ctx: AppContext, lease: Lease, r
 
 def _dispatched(request: web.Request, model: Model, lease: Lease) -> None:
     r = lease.runner
-    record_of(request).dispatched(model.name, lease.queued_for, r.ready_at, r.started_at)
+    record_of(request).dispatched(model.name, lease.queued_for, r.ready_at, r.started_at, lease.sent_ahead)
 
 
 async def load_or_unload(ctx: AppContext, model: Model, name: str, keep_alive: float | None,

@@ -41,10 +41,13 @@ class RequestRecord:
     tokens: int | None = None
     cut: str | None = None  # why the server ended it early ("drain timeout")
     pieces: int = 0  # streamed pieces (about one token each): the count when no final chunk came
+    sent_ahead: bool = False  # it waited for its slot in llama-server's queue: that wait is in ttft
 
-    def dispatched(self, model: str, queued_for: float, ready_at: float, started_at: float) -> None:
+    def dispatched(self, model: str, queued_for: float, ready_at: float, started_at: float,
+                   sent_ahead: bool = False) -> None:
         """Split the lease's wait into queue and load time (runner start/ready are monotonic)."""
         self.model = model
+        self.sent_ahead = sent_ahead
         arrived = time.monotonic() - queued_for
         load = max(0.0, ready_at - max(started_at, arrived)) if ready_at > arrived else 0.0
         self.load_time = min(load, queued_for)
@@ -113,6 +116,8 @@ def _done(metrics: Metrics, request: web.Request, rec: RequestRecord, status: in
                               "seconds": round(seconds, 4)}
     if rec.cut:
         fields["cut"] = rec.cut
+    if rec.sent_ahead:
+        fields["sent_ahead"] = True
     if rec.model is not None:
         fields.update(model=rec.model, queue_wait=_r(rec.queue_wait), load_time=_r(rec.load_time),
                       ttft=_r(rec.ttft), prompt_tokens=rec.prompt_tokens, tokens=rec.tokens)

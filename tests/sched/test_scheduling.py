@@ -79,6 +79,8 @@ async def test_n_plus_k_requests_exactly_n_in_flight_in_fifo_order(daemon_factor
     stats = child_get(child, "/fake/stats")
     # sent to llama-server at once: its slots, plus OLLAMAD_SEND_AHEAD per slot in its own queue
     assert stats["peak_sent"] == 2 * (1 + ahead)
+    # the request line says which waited for their slot in llama-server's queue: all but the first two
+    assert d.log().count('"sent_ahead": true') == 4 * ahead
     assert stats["prompts"] == [f"p{i}" for i in range(6)]  # started in arrival order
 
 
