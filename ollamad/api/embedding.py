@@ -152,7 +152,7 @@ async def _acquire(ctx: AppContext, model: Model, name: str, options: Options, k
     lease = await ctx.scheduler.acquire(model, num_ctx=options.num_ctx, load=options.load_options(),
                                         keep_alive=keep_alive)
     if record is not None:
-        record.dispatched(model.name, lease.queued_for, lease.runner.ready_at, lease.runner.started_at)
+        record.dispatched(model.name, lease)
     return lease
 
 

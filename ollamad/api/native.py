@@ -187,7 +187,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
                                     {"response": ""})
     lease = await ctx.scheduler.acquire(model, num_ctx=req.options.num_ctx,
                                         load=req.options.load_options(), keep_alive=keep_alive)
-    _dispatched(request, model, lease)
+    record_of(request).dispatched(model.name, lease)
     async with lease:
         if req.suffix:  # fill in the middle: the prompt is the prefix, no chat template
             payload = cap_predict(completion_payload(req, "", stream=True), lease.runner.plan.ctx)
@@ -281,7 +281,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
         raise ApiError(400, str(e)) from None
     lease = await ctx.scheduler.acquire(model, num_ctx=req.options.num_ctx,
                                         load=req.options.load_options(), keep_alive=keep_alive)
-    _dispatched(request, model, lease)
+    record_of(request).dispatched(model.name, lease)
     async with lease:
         cap_predict(payload, lease.runner.plan.ctx)
         templated = bool(req.format and not req.tools and not any(m.images for m in req.messages))
@@ -308,11 +308,6 @@ async def _templated_chat(request: web.Request, ctx: AppContext, lease: Lease, r
     gen = GenerateRequest(model=req.model, format=req.format, options=req.options)
     payload = cap_predict(completion_payload(gen, prompt), lease.runner.plan.ctx)
     return await relay(request, ctx, lease, "/completion", payload, req.stream, t0, TemplatedChatShape(req.model))
-
-
-def _dispatched(request: web.Request, model: Model, lease: Lease) -> None:
-    r = lease.runner
-    record_of(request).dispatched(model.name, lease.queued_for, r.ready_at, r.started_at, lease.sent_ahead)
 
 
 async def load_or_unload(ctx: AppContext, model: Model, name: str, keep_alive: float | None,

@@ -113,8 +113,7 @@ def _payload(body: dict[str, Any], model: Model, facts: ModelFacts, ctx: AppCont
 async def _forward(request: web.Request, ctx: AppContext, model: Model, name: str, path: str,
                    payload: dict[str, Any]) -> web.StreamResponse:
     lease = await ctx.scheduler.acquire(model)
-    r = lease.runner
-    record_of(request).dispatched(model.name, lease.queued_for, r.ready_at, r.started_at, lease.sent_ahead)
+    record_of(request).dispatched(model.name, lease)
     async with lease:
         if payload.get("stream"):
             return await forward_pushed(request, ctx, lease, path, payload, name)

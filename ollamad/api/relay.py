@@ -35,6 +35,7 @@ from ollamad.api.common import (
     cuttable,
     dumps,
     error_reply,
+    not_answering,
     one_reply,
     pushed,
     reply,
@@ -64,8 +65,7 @@ async def relay(request: web.Request, ctx: AppContext, lease: Lease, path: str, 
         if request.transport is None or request.transport.is_closing():
             # our own client went away (a write to it failed): the runner is fine, keep it
             return web.Response(status=499)
-        lease.lost(str(e))
-        raise UpstreamError(500, f"llama-server is not answering: {e or type(e).__name__}") from None
+        raise not_answering(lease, e) from None
 
 
 async def _relay(request: web.Request, ctx: AppContext, lease: Lease, path: str, payload: dict[str, Any],

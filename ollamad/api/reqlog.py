@@ -18,6 +18,7 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
+from ollamad.sched.lease import Lease
 from ollamad.service.metrics import Metrics, RequestOutcome
 
 log = structlog.get_logger("ollamad.request")
@@ -43,11 +44,11 @@ class RequestRecord:
     pieces: int = 0  # streamed pieces (about one token each): the count when no final chunk came
     sent_ahead: bool = False  # it waited for its slot in llama-server's queue: that wait is in ttft
 
-    def dispatched(self, model: str, queued_for: float, ready_at: float, started_at: float,
-                   sent_ahead: bool = False) -> None:
+    def dispatched(self, model: str, lease: Lease) -> None:
         """Split the lease's wait into queue and load time (runner start/ready are monotonic)."""
         self.model = model
-        self.sent_ahead = sent_ahead
+        self.sent_ahead = lease.sent_ahead
+        queued_for, ready_at, started_at = lease.queued_for, lease.runner.ready_at, lease.runner.started_at
         arrived = time.monotonic() - queued_for
         load = max(0.0, ready_at - max(started_at, arrived)) if ready_at > arrived else 0.0
         self.load_time = min(load, queued_for)

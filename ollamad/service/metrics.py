@@ -53,14 +53,9 @@ class _StateCollector(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily]:
         state = self.scheduler.state
         queue = GaugeMetricFamily("ollamad_queue_length", "Requests waiting for a runner", labels=["model"])
-        waiting: dict[str, int] = {}
-        for q in state.queue:
-            waiting[q.model] = waiting.get(q.model, 0) + 1
-        for r in state.runners.values():  # sent ahead, waiting in llama-server's queue
-            if r.ahead:
-                waiting[r.plan.model] = waiting.get(r.plan.model, 0) + r.ahead
-        for model, n in sorted(waiting.items()):
-            queue.add_metric([model], n)
+        # in our queue, or sent ahead into a runner's (SchedState.waiting)
+        for model in sorted({q.model for q in state.queue} | {r.plan.model for r in state.runners.values() if r.ahead}):
+            queue.add_metric([model], state.waiting(model))
         total = GaugeMetricFamily("ollamad_queue_length_total", "Requests waiting for a runner, all models")
         total.add_metric([], state.waiting())
         in_flight = GaugeMetricFamily("ollamad_in_flight", "Requests running on a runner", labels=["model"])
