@@ -137,28 +137,35 @@ class Daemon:
     # --- small sync client ---------------------------------------------------------------
     def request(self, method: str, path: str, body: Any = None, raw: bytes | None = None,
                 timeout: float = 60) -> tuple[int, bytes]:
+        status, _, data = self._exchange(method, path, body, raw, timeout)
+        return status, data
+
+    def _exchange(self, method: str, path: str, body: Any = None, raw: bytes | None = None,
+                  timeout: float = 60) -> tuple[int, str, bytes]:
         data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
         req = urllib.request.Request(self.url + path, data=data, method=method)
         try:
             with urllib.request.urlopen(req, timeout=timeout) as r:
-                return r.status, r.read()
+                return r.status, r.headers.get("Content-Type", ""), r.read()
         except urllib.error.HTTPError as e:
-            return e.code, e.read()
+            return e.code, e.headers.get("Content-Type", ""), e.read()
 
     def post(self, path: str, body: Any = None, **kw: Any) -> tuple[int, Any]:
-        status, raw = self.request("POST", path, body, **kw)
-        return status, _decode(raw)
+        status, kind, raw = self._exchange("POST", path, body, **kw)
+        return status, _decode(raw, kind)
 
     def get(self, path: str) -> tuple[int, Any]:
-        status, raw = self.request("GET", path)
-        return status, _decode(raw)
+        status, kind, raw = self._exchange("GET", path)
+        return status, _decode(raw, kind)
 
 
-def _decode(raw: bytes) -> Any:
+def _decode(raw: bytes, kind: str = "") -> Any:
+    """JSON, or a list of lines for NDJSON: a stream of one line (a reply whose tokens were all
+    held back as incomplete UTF-8, say) is still a list."""
     text = raw.decode(errors="replace")
     lines = [ln for ln in text.splitlines() if ln.strip()]
     try:
-        if len(lines) > 1:
+        if len(lines) > 1 or "ndjson" in kind:
             return [json.loads(ln) for ln in lines]
         return json.loads(text) if text.strip() else None
     except ValueError:
