@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -189,6 +190,12 @@ def test_a_client_that_stops_reading_holds_the_runner_back_and_then_gets_every_c
     body = ({"model": "tiny", "messages": messages, "options": {"num_predict": n}} if path == "/api/chat" else
             {"model": "tiny", "messages": messages, "max_tokens": n, "stream": True})
     conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=30)
+    # a receive buffer of its own size: the kernel's autotuning (up to tcp_rmem's 32 MB here)
+    # could otherwise take the whole reply into the socket while the client reads nothing
+    conn.sock = sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
+    sock.settimeout(30)
+    sock.connect(("127.0.0.1", d.port))
     conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
     resp = conn.getresponse()
     assert resp.status == 200

@@ -212,7 +212,7 @@ def test_keep_alive_forever_never_expires() -> None:
     assert w.s.runners[rid].expires_at == math.inf
     w.now = 1e12
     assert w.step() == []
-    assert w.s.next_wakeup(w.now) == math.inf or w.s.next_wakeup(w.now) is None or True
+    assert w.s.next_wakeup(w.now) == math.inf
 
 
 def test_keep_alive_zero_unloads_after_request() -> None:
