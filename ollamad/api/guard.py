@@ -20,7 +20,6 @@ import hmac
 import ipaddress
 import json
 import socket
-import time
 from collections.abc import Awaitable, Callable, Iterable
 
 import psutil
@@ -41,6 +40,8 @@ ALLOW_HEADERS = ("Authorization,Content-Type,User-Agent,Accept,X-Requested-With,
                  "x-stainless-runtime,x-stainless-runtime-version,x-stainless-timeout")
 OPEN_PATHS = frozenset({"/", "/api/version"})  # health-style routes need no token
 LOCAL_SUFFIXES = (".localhost", ".local", ".internal")
+_ALWAYS_LOCAL = frozenset({"", "localhost", "127.0.0.1", "::1"})  # what host_allowed would find, unparsed
+_LOOPBACK = frozenset({"127.0.0.1", "::1"})
 
 
 def host_name(header: str) -> str:
@@ -69,7 +70,7 @@ def host_allowed(header: str, extra: Iterable[str] = ()) -> bool:
         p = pattern.strip().lower()
         if p == "*" or p == name or (p.startswith("*.") and name.endswith(p[1:])):
             return True
-    if name in ("", "localhost") or name == socket.gethostname().lower():
+    if name in _ALWAYS_LOCAL or name == socket.gethostname().lower():
         return True
     try:
         return _local_address(ipaddress.ip_address(name))
@@ -82,6 +83,8 @@ def _on_loopback(request: web.Request) -> bool:
     sock = request.transport.get_extra_info("sockname") if request.transport is not None else None
     if not isinstance(sock, tuple) or not sock:
         return False
+    if sock[0] in _LOOPBACK:  # the usual case, without parsing it
+        return True
     try:
         ip = ipaddress.ip_address(str(sock[0]).split("%")[0])
     except ValueError:
@@ -177,20 +180,17 @@ def auth_middleware(api_key: str) -> Middleware:
     return auth
 
 
-def request_log_middleware(with_bodies: bool) -> Middleware:
-    """One line per API request; bodies (prompts) only when OLLAMAD_LOG_REQUESTS is on."""
+def body_log_middleware() -> Middleware:
+    """OLLAMAD_LOG_REQUESTS: each request's body (prompts) logged too; installed only then
+    (api/reqlog.py writes every request's own line)."""
 
     @web.middleware
-    async def request_log(request: web.Request, handler: Handler) -> web.StreamResponse:
-        t0 = time.monotonic()
+    async def body_log(request: web.Request, handler: Handler) -> web.StreamResponse:
         extra = {}
-        if with_bodies and request.can_read_body:
+        if request.can_read_body:
             extra["body"] = (await request.read()).decode("utf-8", errors="replace")
         resp = await handler(request)
-        log.debug("request", method=request.method, path=request.path, status=resp.status,
-                  seconds=round(time.monotonic() - t0, 3))
-        if with_bodies:
-            log.info("request body", method=request.method, path=request.path, **extra)
+        log.info("request body", method=request.method, path=request.path, **extra)
         return resp
 
-    return request_log
+    return body_log

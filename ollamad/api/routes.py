@@ -17,9 +17,9 @@ from ollamad.api.common import (
 from ollamad.api.guard import (
     add_cors_headers,
     auth_middleware,
+    body_log_middleware,
     cors_middleware,
     host_middleware,
-    request_log_middleware,
 )
 from ollamad.api.reqlog import request_log
 from ollamad.service.metrics import CONTENT_TYPE, Metrics
@@ -41,8 +41,9 @@ def make_app(ctx: AppContext) -> web.Application:
                                      host_middleware(s.allowed_hosts)]
     if s.api_key:
         middlewares.append(auth_middleware(s.api_key))
-    middlewares += [started_middleware, errors_middleware, retry_unstarted_middleware,
-                    request_log_middleware(s.log_requests)]
+    middlewares += [started_middleware, errors_middleware, retry_unstarted_middleware]
+    if s.log_requests:
+        middlewares.append(body_log_middleware())
     app = web.Application(middlewares=middlewares, client_max_size=s.max_body)
     app.on_response_prepare.append(add_cors_headers)
     app.on_response_prepare.append(mark_started)
