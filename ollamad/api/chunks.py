@@ -114,6 +114,9 @@ class GenerateShape:
     def is_final(self) -> bool:
         return self.last.stop
 
+    async def settle(self) -> None:
+        """Whatever the final object still waits for (see native.ContextShape); nothing here."""
+
     def final(self, total_ns: int, load_ns: int, text: str = "") -> dict[str, Any]:
         ev = self.last
         return {
@@ -157,6 +160,9 @@ class ChatShape:
         self.text: list[str] = []
         self.thinking: list[str] = []
         self.keep = False
+
+    async def settle(self) -> None:
+        """As GenerateShape's: nothing to wait for."""
 
     def piece(self, data: bytes) -> bytes | None:
         ev = _decode(_chat, data)

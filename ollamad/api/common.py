@@ -105,8 +105,12 @@ def disk_full(e: OSError) -> bool:
     return False
 
 
+_ENCODER = msgspec.json.Encoder()
+
+
 def dumps(obj: Any) -> bytes:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+    """Compact JSON and a newline, as Ollama writes it (msgspec: a NaN is null, not the stdlib's NaN)."""
+    return _ENCODER.encode(obj) + b"\n"
 
 
 def reply(body: Any, status: int = 200) -> web.Response:
@@ -253,6 +257,16 @@ def resolve(ctx: AppContext, name: str, need_file: bool = True) -> Model:
     return model
 
 
+def model_facts(ctx: AppContext, name: str) -> tuple[Model, ModelFacts]:
+    """``resolve``, and the model's GGUF facts, with one stat of its file (cached facts are checked
+    by size and mtime); a file deleted since the last scan is 404."""
+    model = resolve(ctx, name, need_file=False)
+    try:
+        return model, ctx.catalog.facts(model)
+    except FileNotFoundError:
+        raise ApiError(404, f"model '{name}' not found") from None
+
+
 def parse_keep_alive(value: object) -> float | None:
     if value is None:
         return None
@@ -296,7 +310,6 @@ def validate(cls: type[_Body], body: dict[str, Any]) -> _Body:
         return cls.model_validate(body)
     except ValidationError as e:
         raise ApiError(400, describe_validation(e)) from None
-
 
 
 def iso_time(ts: float) -> str:

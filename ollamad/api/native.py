@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
+from collections.abc import Awaitable
 from typing import Any
 
 from aiohttp import web
@@ -17,11 +19,11 @@ from ollamad.api.common import (
     apply_template,
     check_capable,
     iso_time,
+    model_facts,
     own_options,
     parse_keep_alive,
     read_json,
     reply,
-    resolve,
     validate,
     with_defaults,
 )
@@ -163,9 +165,8 @@ async def generate(request: web.Request) -> web.StreamResponse:
     req = req.model_copy(update={"options": own_options(ctx, req.options)})
     check_schemas(ctx.settings, req.format)
     check_prompt(ctx.settings, (req.prompt, req.system, req.suffix))
-    model = resolve(ctx, req.model)
+    model, facts = model_facts(ctx, req.model)
     record_of(request).model = model.name
-    facts = ctx.catalog.facts(model)
     check_capable(req.model, facts, "generate" if facts.embedding else "completion")
     images: list[str] = []
     if req.images:
@@ -185,8 +186,8 @@ async def generate(request: web.Request) -> web.StreamResponse:
     if not req.prompt and not req.images:
         return await load_or_unload(ctx, model, req.model, keep_alive, req.options.num_ctx,
                                     {"response": ""})
-    lease = await ctx.scheduler.acquire(model, num_ctx=req.options.num_ctx,
-                                        load=req.options.load_options(), keep_alive=keep_alive)
+    lease = await ctx.scheduler.acquire(model, num_ctx=req.options.num_ctx, load=req.options.load_options(),
+                                        keep_alive=keep_alive, facts=facts)
     record_of(request).dispatched(model.name, lease)
     async with lease:
         if req.suffix:  # fill in the middle: the prompt is the prefix, no chat template
@@ -203,8 +204,15 @@ async def generate(request: web.Request) -> web.StreamResponse:
                 if images or not req.truncate or not too_long(e):
                     raise
             tokens = await tokenize(ctx, lease, prompt)
-        else:  # as tokens: Ollama returns them with the reply's as ``context``, and takes them back
-            tokens = list(req.context or []) + await tokenize(ctx, lease, prompt, special=not req.context)
+        elif not req.context:
+            try:
+                return await _with_context(request, ctx, lease, req, prompt, t0)
+            except UpstreamError as e:
+                if not too_long(e):
+                    raise
+            tokens = await tokenize(ctx, lease, prompt)  # cut as Ollama cuts it (or 400 with truncate false)
+        else:  # as tokens: the context Ollama returned with an earlier reply, then the new prompt's
+            tokens = list(req.context) + await tokenize(ctx, lease, prompt, special=False)
         tokens = _fitted(req, lease, facts, tokens)
         payload = cap_predict(completion_payload(req, tokens), lease.runner.plan.ctx)
         if req.raw:
@@ -223,20 +231,46 @@ def _fitted(req: GenerateRequest | ChatRequest, lease: Lease, facts: ModelFacts,
     return cut_prompt(req.model, tokens, limit, num_keep, facts.bos_token)
 
 
-class ContextShape(GenerateShape):
-    """Generate chunks whose final one carries ``context``: the prompt's tokens and the reply's."""
+async def _with_context(request: web.Request, ctx: AppContext, lease: Lease, req: GenerateRequest, prompt: str,
+                        t0: int) -> web.StreamResponse:
+    """The prompt sent as text, as a client would send it straight to llama-server; its tokens, for
+    the final chunk's ``context``, come from a /tokenize sent alongside: one round trip to the
+    runner before the first token, not two. A prompt too long for the slot comes back as
+    llama-server's 400 (raised here), and the caller cuts it as Ollama does."""
+    tokens = asyncio.ensure_future(tokenize(ctx, lease, prompt))
+    try:
+        payload = cap_predict(completion_payload(req, prompt), lease.runner.plan.ctx)
+        payload["return_tokens"] = True
+        return await relay(request, ctx, lease, "/completion", payload, req.stream, t0,
+                           ContextShape(req.model, tokens))
+    finally:
+        if not tokens.done():
+            tokens.cancel()
+        elif not tokens.cancelled():
+            tokens.exception()  # retrieved: its failure, if any, was the reply's (or is moot after one)
 
-    def __init__(self, model: str, prompt: list[int]) -> None:
+
+class ContextShape(GenerateShape):
+    """Generate chunks whose final one carries ``context``: the prompt's tokens and the reply's.
+    The prompt's may still be on their way (``_with_context``): ``settle`` waits for them."""
+
+    def __init__(self, model: str, prompt: list[int] | Awaitable[list[int]]) -> None:
         super().__init__(model)
-        self.tokens = list(prompt)
+        self.prompt: list[int] = prompt if isinstance(prompt, list) else []
+        self.pending = None if isinstance(prompt, list) else prompt
+        self.tokens: list[int] = []  # the reply's
 
     def piece(self, data: bytes) -> bytes | None:
         chunk = super().piece(data)
         self.tokens.extend(self.last.tokens)  # also a token that is only part of a character
         return chunk
 
+    async def settle(self) -> None:
+        if self.pending is not None:
+            self.prompt, self.pending = await self.pending, None
+
     def final(self, total_ns: int, load_ns: int, text: str = "") -> dict[str, Any]:
-        return {**super().final(total_ns, load_ns, text), "context": self.tokens}
+        return {**super().final(total_ns, load_ns, text), "context": [*self.prompt, *self.tokens]}
 
 
 async def _generate_prompt(ctx: AppContext, lease: Lease, req: GenerateRequest, facts: ModelFacts,
@@ -258,9 +292,8 @@ async def chat(request: web.Request) -> web.StreamResponse:
     req = req.model_copy(update={"options": own_options(ctx, req.options)})
     check_schemas(ctx.settings, req.format, req.tools)
     check_prompt(ctx.settings, (m.content for m in req.messages))
-    model = resolve(ctx, req.model)
+    model, facts = model_facts(ctx, req.model)
     record_of(request).model = model.name
-    facts = ctx.catalog.facts(model)
     check_capable(req.model, facts, "chat" if facts.embedding else "completion")
     if any(m.images for m in req.messages):
         check_capable(req.model, facts, "vision")
@@ -279,8 +312,8 @@ async def chat(request: web.Request) -> web.StreamResponse:
         payload = chat_payload(req, stream=True)
     except ValueError as e:
         raise ApiError(400, str(e)) from None
-    lease = await ctx.scheduler.acquire(model, num_ctx=req.options.num_ctx,
-                                        load=req.options.load_options(), keep_alive=keep_alive)
+    lease = await ctx.scheduler.acquire(model, num_ctx=req.options.num_ctx, load=req.options.load_options(),
+                                        keep_alive=keep_alive, facts=facts)
     record_of(request).dispatched(model.name, lease)
     async with lease:
         cap_predict(payload, lease.runner.plan.ctx)

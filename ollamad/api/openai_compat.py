@@ -17,6 +17,7 @@ from ollamad.api.common import (
     AppContext,
     check_capable,
     dumps,
+    model_facts,
     one_reply,
     read_json,
     reply,
@@ -111,8 +112,8 @@ def _payload(body: dict[str, Any], model: Model, facts: ModelFacts, ctx: AppCont
 
 
 async def _forward(request: web.Request, ctx: AppContext, model: Model, name: str, path: str,
-                   payload: dict[str, Any]) -> web.StreamResponse:
-    lease = await ctx.scheduler.acquire(model)
+                   payload: dict[str, Any], facts: ModelFacts | None = None) -> web.StreamResponse:
+    lease = await ctx.scheduler.acquire(model, facts=facts)
     record_of(request).dispatched(model.name, lease)
     async with lease:
         if payload.get("stream"):
@@ -134,8 +135,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     body = await read_json(request)
     req: ChatCompletionRequest = validate(ChatCompletionRequest, body)
     _check_costs(ctx, body, openai_texts(req.messages))
-    model = resolve(ctx, req.model)
-    facts = ctx.catalog.facts(model)
+    model, facts = model_facts(ctx, req.model)
     check_capable(req.model, facts, "chat" if facts.embedding else "completion")
     if req.tools:
         check_capable(req.model, facts, "tools")
@@ -147,15 +147,15 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         payload["messages"] = [m for m in req.messages if m.get("role") != "system"]
     elif model.system and not any(m.get("role") == "system" for m in req.messages):
         payload["messages"] = [{"role": "system", "content": model.system}, *req.messages]
-    return await _send(request, ctx, model, req.model, "/v1/chat/completions", payload)
+    return await _send(request, ctx, model, req.model, "/v1/chat/completions", payload, facts)
 
 
 async def _send(request: web.Request, ctx: AppContext, model: Model, name: str, path: str,
-                payload: dict[str, Any]) -> web.StreamResponse:
+                payload: dict[str, Any], facts: ModelFacts) -> web.StreamResponse:
     """_forward; a body llama-server refuses as longer than the context is cut as Ollama cuts it."""
     record_of(request).model = model.name
     try:
-        return await _forward(request, ctx, model, name, path, payload)
+        return await _forward(request, ctx, model, name, path, payload, facts)
     except UpstreamError as e:
         if not too_long(e):
             raise
@@ -167,13 +167,12 @@ async def completions(request: web.Request) -> web.StreamResponse:
     body = await read_json(request)
     req: CompletionRequest = validate(CompletionRequest, body)
     _check_costs(ctx, body, [req.prompt] if isinstance(req.prompt, str) else req.prompt)
-    model = resolve(ctx, req.model)
-    facts = ctx.catalog.facts(model)
+    model, facts = model_facts(ctx, req.model)
     check_capable(req.model, facts, "generate" if facts.embedding else "completion")
     if req.suffix:
         check_capable(req.model, facts, "insert")
     payload = _payload(body, model, facts, ctx)
-    return await _send(request, ctx, model, req.model, "/v1/completions", payload)
+    return await _send(request, ctx, model, req.model, "/v1/completions", payload, facts)
 
 
 def encode_base64(vector: list[float]) -> str:

@@ -83,6 +83,7 @@ async def _relay(request: web.Request, ctx: AppContext, lease: Lease, path: str,
     if one_answer:
         # a client that leaves cancels this, the connection is dropped, and the runner stops within ~1 s
         shape.answer(await one_reply(ctx, lease, path, payload))
+        await shape.settle()
         final = shape.whole(time.monotonic_ns() - t0, load_ns)
         rec = record_of(request)
         rec.first_token()
@@ -136,6 +137,7 @@ async def _stream(request: web.Request, ctx: AppContext, lease: Lease, path: str
             held.append(dumps({"error": CUT_BY_SHUTDOWN}))
             await resp.write(b"".join(held))
             return resp
+        await shape.settle()
         final = shape.final(time.monotonic_ns() - t0, load_ns)
         rec.first_token()
         rec.finished(final)
@@ -170,6 +172,7 @@ async def _gather(up: aiohttp.ClientResponse, shape: Shape, rec: RequestRecord, 
             break
         if shape.text:
             rec.first_token()
+    await shape.settle()
     final = shape.whole(time.monotonic_ns() - t0, load_ns)
     rec.first_token()
     rec.finished(final)

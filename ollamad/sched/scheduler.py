@@ -24,6 +24,7 @@ from ollamad.memory.accountant import Accountant
 from ollamad.memory.fit import MemorySnapshot
 from ollamad.memory.workers import WorkerPool
 from ollamad.models.catalog import Catalog, Model
+from ollamad.models.facts import ModelFacts
 from ollamad.models.plan import LoadOptions, ModelDefaults, RunnerPlan, plan_candidates, request_context
 from ollamad.runner.child import Runner, RunnerError, describe_exit
 from ollamad.runner.leftovers import ChildRecords
@@ -109,7 +110,7 @@ class Scheduler:
         self._waiters: dict[int, _Waiter] = {}
         self._ids = itertools.count(1)
         self._tg: TaskGroup | None = None
-        self._wake = anyio.Event()
+        self._timer: anyio.CancelScope | None = None  # the timer loop's sleep, until the next wakeup
         self._idle = anyio.Event()
         self._session: aiohttp.ClientSession | None = None
         self.accepting = True
@@ -148,23 +149,34 @@ class Scheduler:
                 waiter.event.set()
 
     async def _timer_loop(self) -> None:
+        """Steps when the state's next wakeup comes; every step moves that time (``_reschedule``)
+        rather than waking this task, which would cost a task switch and a new scope per request."""
         while True:
-            self._wake = wake = anyio.Event()
-            now = self.clock()
-            t = self.state.next_wakeup(now)
-            delay = math.inf if t is None else max(t - now, 0.0)
-            with anyio.move_on_after(delay) as scope:
-                await wake.wait()
+            with anyio.CancelScope() as scope:
+                self._timer = scope
+                self._reschedule(self.clock())
+                await anyio.sleep_forever()
+            self._timer = None
             if scope.cancelled_caught:
                 try:  # keep-alive and backoff timers: a bug here is logged, never the daemon's end
                     self._step(from_timer=True)
                 except Exception:
                     log.exception("scheduler step failed")
 
+    def _reschedule(self, now: float) -> None:
+        if self._timer is None:
+            return
+        t = self.state.next_wakeup(now)
+        deadline = math.inf if t is None or math.isinf(t) else anyio.current_time() + max(t - now, 0.0)
+        if deadline != self._timer.deadline:
+            self._timer.deadline = deadline
+
     # --- requests ----------------------------------------------------------------------
     def plans_for(self, model: Model, num_ctx: int | None, load: LoadOptions,
-                  defaults: ModelDefaults | None = None) -> tuple[int, tuple[RunnerPlan, ...]]:
-        facts = self.catalog.facts(model)
+                  defaults: ModelDefaults | None = None, facts: ModelFacts | None = None,
+                  ) -> tuple[int, tuple[RunnerPlan, ...]]:
+        """The context and plans for a request; ``facts``: the model's, when the caller just read them."""
+        facts = facts or self.catalog.facts(model)
         defaults = defaults or model.defaults
         ctx = request_context(facts, num_ctx, defaults, self.plan_settings)
         loaded = [r.ctx for r in self.state.runners.values() if r.plan.model == model.name and r.status != "stopping"]
@@ -178,13 +190,14 @@ class Scheduler:
 
     async def acquire(self, model: Model, *, num_ctx: int | None = None,
                       load: LoadOptions = NO_LOAD_OPTIONS, keep_alive: float | None = None,
-                      load_only: bool = False) -> Lease:
-        """Wait for a slot on a runner for ``model``; SchedulerError if it cannot be had."""
+                      load_only: bool = False, facts: ModelFacts | None = None) -> Lease:
+        """Wait for a slot on a runner for ``model``; SchedulerError if it cannot be had.
+        ``facts``: the model's GGUF facts, when the caller has just read them."""
         if not self.accepting:
             raise SchedulerError(503, "ollamad is shutting down; not accepting new requests")
         if self.workers is not None:
             await self.workers.settled()  # a worker under re-check after a runner died
-        ctx, plans = self.plans_for(model, num_ctx, load)
+        ctx, plans = self.plans_for(model, num_ctx, load, facts=facts)
         if not plans:
             raise SchedulerError(503, f"{model.name} runs only on RPC workers (rpc = \"always\") and none is up")
         if keep_alive is None and model.defaults.keep_alive is not None:
@@ -249,7 +262,7 @@ class Scheduler:
             elif isinstance(action, Stop):
                 self._spawn(self._stop_runner, action.runner_id, action.reason)
         if not from_timer:
-            self._wake.set()
+            self._reschedule(now)
         if self.busy() == 0:
             self._idle.set()
 
