@@ -32,6 +32,7 @@ import json
 import os
 import signal
 import time
+import weakref
 from typing import Any
 
 from aiohttp import web
@@ -39,7 +40,9 @@ from aiohttp import web
 state: dict[str, Any] = {"ready": False, "in_flight": 0, "peak": 0, "sent": 0, "peak_sent": 0, "total": 0,
                          "hang": False, "prompts": [],
                          "dropped": 0, "streamed": [], "payloads": [], "abandoned": 0}
-served_on: set[int] = set()  # connections (their handlers' ids) that carried a completion
+# connections (their transports) that carried a completion; weak, so that a closed one goes:
+# a set of ids would take a new connection at a freed one's address for a reused one
+served_on: weakref.WeakSet[asyncio.BaseTransport] = weakref.WeakSet()
 
 
 def env_float(name: str, default: float) -> float:
@@ -136,13 +139,14 @@ def too_long(n: int) -> web.Response:
 
 
 async def stream_tokens(request: web.Request, chat: bool) -> web.StreamResponse:
-    conn = id(request.protocol)
-    if os.environ.get("FAKE_DROP_REUSED") and conn in served_on and request.transport is not None:
+    conn = request.transport
+    if os.environ.get("FAKE_DROP_REUSED") and conn is not None and conn in served_on:
         served_on.discard(conn)
         state["dropped"] += 1
-        request.transport.abort()
+        conn.abort()
         return web.Response()
-    served_on.add(conn)
+    if conn is not None:
+        served_on.add(conn)
     check_key(request)
     body = await request.json()
     if body.get("json_schema") is not None or body.get("response_format"):
