@@ -147,10 +147,11 @@ async def _acquire(ctx: AppContext, model: Model, name: str, options: Options, k
                    record: RequestRecord | None = None) -> Lease:
     if record is not None:
         record.model = model.name
-    if not ctx.catalog.facts(model).embedding:
+    facts = ctx.catalog.facts(model)
+    if not facts.embedding:
         raise ApiError(400, f'"{name}" does not support embeddings')
     lease = await ctx.scheduler.acquire(model, num_ctx=options.num_ctx, load=options.load_options(),
-                                        keep_alive=keep_alive)
+                                        keep_alive=keep_alive, facts=facts)
     if record is not None:
         record.dispatched(model.name, lease)
     return lease

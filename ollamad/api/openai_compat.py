@@ -112,7 +112,7 @@ def _payload(body: dict[str, Any], model: Model, facts: ModelFacts, ctx: AppCont
 
 
 async def _forward(request: web.Request, ctx: AppContext, model: Model, name: str, path: str,
-                   payload: dict[str, Any], facts: ModelFacts | None = None) -> web.StreamResponse:
+                   payload: dict[str, Any], facts: ModelFacts) -> web.StreamResponse:
     lease = await ctx.scheduler.acquire(model, facts=facts)
     record_of(request).dispatched(model.name, lease)
     async with lease:
@@ -159,7 +159,7 @@ async def _send(request: web.Request, ctx: AppContext, model: Model, name: str, 
     except UpstreamError as e:
         if not too_long(e):
             raise
-    return await _forward(request, ctx, model, name, path, await fit_openai(ctx, model, name, path, payload))
+    return await _forward(request, ctx, model, name, path, await fit_openai(ctx, model, name, path, payload), facts)
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
