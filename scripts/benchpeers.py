@@ -3,6 +3,7 @@ through llama.cpp's own multi-model proxy (router mode, ``--models-dir``, same b
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import tempfile
@@ -34,6 +35,23 @@ UPSTREAM = {"v1chat": "v1chat", "chat": "v1chat", "generate": "completion"}
 PATHS = ("direct", "ollamad", "router")
 
 
+# Student's t at 97.5% by degrees of freedom (a 95% two-sided interval); 1.96 beyond the table
+_T975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23, 15: 2.13,
+         20: 2.09, 30: 2.04, 40: 2.02, 60: 2.00}
+
+
+def geomean_ci(ratios: list[float]) -> tuple[float, list[float]]:
+    """The geometric mean of paired ratios and its 95% confidence interval (t over the logs)."""
+    logs = [math.log(r) for r in ratios]
+    m = statistics.fmean(logs)
+    if len(logs) < 2:
+        return math.exp(m), [math.nan, math.nan]
+    df = len(logs) - 1
+    t = _T975[max(k for k in _T975 if k <= df)] if df <= 60 else 1.96
+    half = t * statistics.stdev(logs) / math.sqrt(len(logs))
+    return math.exp(m), [math.exp(m - half), math.exp(m + half)]
+
+
 def folder(**models: Path) -> Path:
     d = Path(tempfile.mkdtemp(prefix="bench-peers-"))
     for name, path in models.items():
@@ -51,13 +69,23 @@ async def peers(binary: Path, mdir: Path, tmp: Path, quick: bool) -> dict[str, A
     else:
         print(f"[bench] peers: {REAL} missing (scripts/real_models.py fetches it); real-model rows skipped",
               flush=True)
-    # BENCH_PEERS_SCALE: more requests per client and run (a fast GPU makes each run short)
+    # BENCH_PEERS_SCALE: more requests per client and run (a fast GPU makes each run short);
+    # BENCH_PEERS_MODELS: a comma-separated subset of the labels (fast, smollm2)
     scale = int(os.environ.get("BENCH_PEERS_SCALE", "1"))
-    for label, path in models.items():  # each run at least about a second: 4 requests per client on the fast one
-        out[label] = await _peers(binary, path, tmp, 1 if quick else (6 if label == "fast" else 3),
-                                  (4 if label == "fast" else 1) * scale)
+    pick = os.environ.get("BENCH_PEERS_MODELS")
+    for label, path in models.items():
+        if pick and label not in pick.split(","):
+            continue
+        # short runs, many rounds: this host's speed drifts by 5-10% over seconds (a pure CPU loop
+        # too), so the paths are paired within a round of one request per client (about 0.2 s per
+        # path on the fast model); an A/A test of two identical llama-servers gave a standard
+        # deviation of 0.10 in the log of a round's ratio with 1 request per client, and 0.11 with 4
+        out[label] = await _peers(binary, path, tmp, 2 if quick else ROUNDS[label], scale)
         out[label]["model"] = path.name
     return out
+
+
+ROUNDS = {"fast": 36, "smollm2": 4}
 
 
 THREADS = 1  # the same for all three: with 2 cores shared, llama-server's threads stall on each other
@@ -116,6 +144,11 @@ async def _peers(binary: Path, model: Path, tmp: Path, rounds: int, per_client: 
         for p in ("ollamad", "router"):
             row[f"{p}_ratio_rounds"] = [x / y for x, y in zip(per_round[(route, stream, seeded, p)], d, strict=True)]
             row[f"{p}_ratio_paired"] = statistics.median(row[f"{p}_ratio_rounds"])
+            row[f"{p}_ratio_mean"], row[f"{p}_ratio_ci"] = geomean_ci(row[f"{p}_ratio_rounds"])
+        # ollamad against the router, paired within each round: above 1, ollamad was the faster
+        row["ollamad_vs_router"], row["ollamad_vs_router_ci"] = geomean_ci(
+            [x / y for x, y in zip(per_round[(route, stream, seeded, "ollamad")],
+                                   per_round[(route, stream, seeded, "router")], strict=True)])
         rows[f"{route}_{'stream' if stream else 'whole'}{'_seeded' if seeded else ''}"] = row
     return {"rows": rows, "rounds": rounds, "clients": clients, "per_client": per_client, "slots": np_,
             "ctx_per_slot": ctx, "tokens_per_request": n, "threads": THREADS}
@@ -125,7 +158,7 @@ async def swap_router(binary: Path, mdir: Path, tmp: Path, quick: bool) -> dict[
     """Two small models, room for one, 8 closed-loop clients alternating between them, against
     the router (--models-max 1): the same requests (/v1/chat/completions, streamed, 16 tokens,
     end of sequence ignored so both paths generate alike); rounds alternate which goes first."""
-    clients, per_client, rounds = 8, (3 if quick else 6), (1 if quick else 4)
+    clients, per_client, rounds = 8, (3 if quick else 6), (2 if quick else 16)
     mfolder = folder(a=mdir / "a.gguf", b=mdir / "b.gguf")
     out: dict[str, Any] = {"clients": clients, "requests": clients * per_client, "rounds": rounds}
     # as in the peers rows: the same sampling and template for both; no seed, so both keep the prompt cache
@@ -164,6 +197,9 @@ async def swap_router(binary: Path, mdir: Path, tmp: Path, quick: bool) -> dict[
                      "serve_ms": sum(d["serve_ms"] for d in done) / rounds,
                      "handoff_ms": pct([h for d in done for h in d["handoffs_ms"]], 50),
                      "proxy_cpu_s": sum(d["cpu_s"] for d in done) / rounds}
+    # each round runs both paths back to back: the ratio of their totals is paired
+    out["total_ratio"], out["total_ratio_ci"] = geomean_ci(
+        [o["run"].wall / r["run"].wall for o, r in zip(runs["ollamad"], runs["router"], strict=True)])
     return out
 
 
@@ -191,6 +227,26 @@ def _loads(p: Proc, path: str) -> int:
     return text.count('"loading model"') if path == "ollamad" else text.count("spawning server instance with name")
 
 
+def _ci(m: float, ci: list[float]) -> str:
+    return f"{m:.3f} ({ci[0]:.3f} to {ci[1]:.3f})"
+
+
+def _verdict(rows: list[dict[str, Any]]) -> str:
+    """What the seeded rows tell, read against the targets with the rounds' spread."""
+    name = [f"{r['route']} {'stream' if r['stream'] else 'stream:false'}" for r in rows]
+    o = [r["ollamad_ratio_mean"] for r in rows]
+    below = [n for n, r in zip(name, rows, strict=True) if r["ollamad_ratio_ci"][1] < 0.98]
+    behind = [n for n, r in zip(name, rows, strict=True) if r["ollamad_vs_router_ci"][1] < 1]
+    return (f"Seeded rows: ollamad / direct from {min(o):.3f} to {max(o):.3f}, router / direct from "
+            f"{min(r['router_ratio_mean'] for r in rows):.3f} to {max(r['router_ratio_mean'] for r in rows):.3f}, "
+            f"ollamad / router from {min(r['ollamad_vs_router'] for r in rows):.3f} to "
+            f"{max(r['ollamad_vs_router'] for r in rows):.3f}. Each figure is the geometric mean of the rounds' "
+            "ratios (a round runs the three paths back to back, so its ratios are paired) with its 95% confidence "
+            "interval (Student's t over the logs); the targets are read from it. Rows whose whole interval of "
+            f"ollamad / direct is below 0.98: {', '.join(below) or 'none'}. Rows whose whole interval of "
+            f"ollamad / router is below 1: {', '.join(behind) or 'none'}.")
+
+
 PEERS_HEADING = "## 7. Peers: llama-server alone, ollamad, llama.cpp's router mode"
 
 
@@ -209,32 +265,47 @@ def render_peers(res: dict[str, Any], heading: str = PEERS_HEADING, intro: str |
                   "the paths, rotating which goes first. Straight and through the router, /api/chat goes as the "
                   "/v1/chat/completions request it becomes and /api/generate (raw) as /completion. "
                   "Requests carry seeds (all paths generate the same tokens) except in the row marked no seed. "
-                  "Targets: ollamad >= 0.98 x direct and >= the router's ratio (median of the rounds' ratios).",
+                  "Targets: ollamad >= 0.98 x direct and >= the router's ratio.",
                   ""]
         for label, v in res["peers"].items():
+            fine = all("ollamad_ratio_mean" in row for row in v["rows"].values())
             lines += [f"**{label}** (`{v['model']}`, {v['rounds']} rounds of {v['clients']} clients x "
-                      f"{v.get('per_client', 1)} requests per path and row)", "",
-                      "| route | stream | direct tok/s | ollamad tok/s | router tok/s | ollamad / direct, "
-                      "median of rounds | router / direct, median of rounds | ollamad / direct, all rounds | "
-                      "router / direct, all rounds | tokens d / o / r |", "|---|---|---|---|---|---|---|---|---|---|"]
+                      f"{v.get('per_client', 1)} requests per path and row)", ""]
+            if fine:
+                lines += ["| route | stream | direct tok/s | ollamad tok/s | router tok/s | ollamad / direct "
+                          "(95% CI) | router / direct (95% CI) | ollamad / router (95% CI) | tokens d / o / r |",
+                          "|---|---|---|---|---|---|---|---|---|"]
+            else:
+                lines += ["| route | stream | direct tok/s | ollamad tok/s | router tok/s | ollamad / direct, "
+                          "median of rounds | router / direct, median of rounds | ollamad / direct, all rounds | "
+                          "router / direct, all rounds | tokens d / o / r |",
+                          "|---|---|---|---|---|---|---|---|---|---|"]
             for row in v["rows"].values():
                 errs = sum(len(row[p]["errors"]) for p in PATHS)
                 route = row["route"] + ("" if row.get("seeded", True) else " (no seed)")
-                lines.append(f"| {route} | {row['stream']} | {f(row['direct']['tokens_per_s'])} | "
-                             f"{f(row['ollamad']['tokens_per_s'])} | {f(row['router']['tokens_per_s'])} | "
-                             f"**{f(row.get('ollamad_ratio_paired', row['ollamad_ratio']), 3)}** | "
-                             f"{f(row.get('router_ratio_paired', row['router_ratio']), 3)} | "
-                             f"{f(row['ollamad_ratio'], 3)} | {f(row['router_ratio'], 3)} | "
-                             f"{row['direct']['tokens']} / {row['ollamad']['tokens']} / {row['router']['tokens']}"
-                             + (f" ({errs} errors)" if errs else "") + " |")
+                head = (f"| {route} | {row['stream']} | {f(row['direct']['tokens_per_s'])} | "
+                        f"{f(row['ollamad']['tokens_per_s'])} | {f(row['router']['tokens_per_s'])} | ")
+                tail = (f"{row['direct']['tokens']} / {row['ollamad']['tokens']} / {row['router']['tokens']}"
+                        + (f" ({errs} errors)" if errs else "") + " |")
+                if fine:
+                    lines.append(head + f"**{_ci(row['ollamad_ratio_mean'], row['ollamad_ratio_ci'])}** | "
+                                 f"{_ci(row['router_ratio_mean'], row['router_ratio_ci'])} | "
+                                 f"{_ci(row['ollamad_vs_router'], row['ollamad_vs_router_ci'])} | " + tail)
+                else:
+                    lines.append(head + f"**{f(row.get('ollamad_ratio_paired', row['ollamad_ratio']), 3)}** | "
+                                 f"{f(row.get('router_ratio_paired', row['router_ratio']), 3)} | "
+                                 f"{f(row['ollamad_ratio'], 3)} | {f(row['router_ratio'], 3)} | " + tail)
             plain = [row for row in v["rows"].values() if row.get("seeded", True)]
-            o = [r.get("ollamad_ratio_paired", r["ollamad_ratio"]) for r in plain]
-            rr = [r.get("router_ratio_paired", r["router_ratio"]) for r in plain]
-            lines += ["", f"Seeded rows, median of rounds: ollamad / direct from {f(min(o), 3)} to {f(max(o), 3)}, "
-                      f"router / direct from {f(min(rr), 3)} to {f(max(rr), 3)}. Each round runs the three paths "
-                      "back to back, so its ratios are paired; the median over rounds is what a round that other "
-                      "work on the machine slowed does not move, and the targets are read from it. The ratio of "
-                      "the totals over all rounds is beside it."]
+            if fine:
+                lines += ["", _verdict(plain)]
+            else:
+                o = [r.get("ollamad_ratio_paired", r["ollamad_ratio"]) for r in plain]
+                rr = [r.get("router_ratio_paired", r["router_ratio"]) for r in plain]
+                lines += ["", f"Seeded rows, median of rounds: ollamad / direct from {f(min(o), 3)} to {f(max(o), 3)}, "
+                          f"router / direct from {f(min(rr), 3)} to {f(max(rr), 3)}. Each round runs the three paths "
+                          "back to back, so its ratios are paired; the median over rounds is what a round that other "
+                          "work on the machine slowed does not move, and the targets are read from it. The ratio of "
+                          "the totals over all rounds is beside it."]
             for row in v["rows"].values():
                 if "direct_cached" in row:
                     cached = row["direct_cached"]["tokens_per_s"]
@@ -265,6 +336,9 @@ def render_peers(res: dict[str, Any], heading: str = PEERS_HEADING, intro: str |
                          f"{f(v['wait_p50_s'], 2)} | {f(v['wait_p99_s'], 2)} | {f(v.get('switch_ms', 0))} | "
                          f"{f(v.get('serve_ms', 0))} | {f(v['handoff_ms']) if 'handoff_ms' in v else '-'} | "
                          f"{f(v['proxy_cpu_s'], 3) if 'proxy_cpu_s' in v else '-'} |")
+        if "total_ratio" in s:
+            lines += ["", f"Total time, ollamad / router, paired by run: {_ci(s['total_ratio'], s['total_ratio_ci'])} "
+                      "(geometric mean of the runs' ratios, 95% confidence interval)."]
         lines += ["", "Switch: from one model's last reply to the next model's first token (stop, load, first "
                   "token), mean per switch. Serve: from a model's first token to its last reply (8 requests on 2 "
                   "slots), mean per load. Handoff: within a serve, from a reply's end (a slot freed) to the first "
