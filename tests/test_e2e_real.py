@@ -9,6 +9,7 @@ from typing import Any
 import psutil
 import pytest
 
+from ollamad.models.plan import http_threads
 from tests.conftest import Daemon
 
 pytestmark = pytest.mark.real
@@ -98,6 +99,20 @@ def test_ps_shows_loaded_model_and_slots_have_ctx(real_daemon: Daemon, llama_ser
     (child,) = [p for p in real_daemon.children() if "llama-server" in p.name()]
     argv = child.cmdline()
     assert argv[argv.index("--parallel") + 1] == "4" and argv[argv.index("--ctx-size") + 1] == "4096"
+
+
+def test_runner_has_an_http_thread_for_every_connection_the_daemon_may_hold(real_daemon: Daemon) -> None:
+    # llama-server serves a connection on one thread of a fixed pool for its whole life; its own
+    # default (max(--parallel + 2, cores - 1)) is fewer than the completions, requests sent ahead,
+    # their /tokenize and the probes the daemon may hold at once, and a request past the pool
+    # waits for a thread
+    real_daemon.post("/api/generate", {"model": "tiny", "prompt": "hi", "options": {"num_predict": 2}})
+    (child,) = [p for p in real_daemon.children() if "llama-server" in p.name()]
+    argv = child.cmdline()
+    parallel = int(argv[argv.index("--parallel") + 1])
+    want = http_threads(parallel, 1)  # OLLAMAD_SEND_AHEAD's default
+    assert want >= 2 * parallel * 2 and int(argv[argv.index("--threads-http") + 1]) == want
+    assert child.num_threads() >= want  # the real binary made the pool
 
 
 def test_empty_prompt_loads_and_keep_alive_zero_unloads(real_daemon: Daemon) -> None:

@@ -61,6 +61,21 @@ class PlanSettings:
     flash_attention: bool = False
     single_slot_architectures: tuple[str, ...] = ()
     threads: int = 0
+    send_ahead: int = 1
+
+
+# llama-server (cpp-httplib) serves each connection on a thread of a fixed pool for as long as the
+# connection lives, kept-alive ones too; its default pool is max(--parallel + 2, cores - 1). The
+# daemon may hold, per runner, a completion for each slot and each request sent ahead, a /tokenize
+# beside each one (/api/generate), and its own probes: with fewer threads than that a request
+# waits for a thread in llama-server's accept queue (measured: 8 clients on 4 slots of the big
+# model ran at 65-71 tok/s in such rounds, 144-183 with enough threads).
+HTTP_SPARE_THREADS = 8
+
+
+def http_threads(num_parallel: int, send_ahead: int) -> int:
+    """llama-server's --threads-http: every connection the daemon may hold to it at once."""
+    return 2 * num_parallel * (1 + send_ahead) + HTTP_SPARE_THREADS
 
 
 @dataclass(frozen=True)
@@ -75,6 +90,7 @@ class RunnerPlan:
     kv_cache_type: str = "f16"
     flash_attention: bool = False
     threads: int = 0
+    send_ahead: int = 1
     n_gpu_layers: int | None = None
     estimate: int = 0
     detail: Estimate | None = field(default=None, compare=False, repr=False)
@@ -102,6 +118,7 @@ class RunnerPlan:
             "--parallel", str(self.num_parallel), "--ctx-size", str(self.total_ctx),
             "--no-webui", "--slots", "--metrics", "--fit", "off",
             "--verbosity", "4",  # trace level: the "... buffer size = X MiB" lines memory reads
+            "--threads-http", str(http_threads(self.num_parallel, self.send_ahead)),
         ]  # fmt: skip
         if api_key_file:  # a file, not the key: `ps` shows argv to every local user
             args += ["--api-key-file", api_key_file]
@@ -193,7 +210,7 @@ def plan_candidates(model: str, path: Path, facts: ModelFacts, settings: PlanSet
         plans.append(RunnerPlan(
             model=model, path=path, num_parallel=n, ctx=ctx, load=load, projector=projector,
             embedding=facts.embedding, kv_cache_type=_effective_kv(settings),
-            flash_attention=settings.flash_attention, threads=settings.threads,
+            flash_attention=settings.flash_attention, threads=settings.threads, send_ahead=settings.send_ahead,
             estimate=est.total, detail=est, notes=notes, kv_overrides=overrides,
             prompt_only=not facts.embedding and not facts.chat_template,
         ))

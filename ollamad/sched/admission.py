@@ -14,6 +14,7 @@ def plan_settings(settings: Settings) -> PlanSettings:
         flash_attention=settings.flash_attention,
         single_slot_architectures=settings.single_slot_architectures,
         threads=settings.threads,
+        send_ahead=settings.send_ahead,
     )
 
 

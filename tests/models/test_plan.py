@@ -83,6 +83,15 @@ def test_argv_has_parallel_and_total_context() -> None:
     assert argv[argv.index("--api-key-file") + 1] == "/tmp/key-file" and "--api-key" not in argv
 
 
+@pytest.mark.parametrize(("parallel", "ahead", "threads"), [(1, 0, 10), (4, 1, 24), (2, 3, 24)])
+def test_argv_gives_llama_server_a_thread_per_connection_the_daemon_may_hold(parallel: int, ahead: int,
+                                                                            threads: int) -> None:
+    # a completion per slot and per request sent ahead, a /tokenize beside each, and spare for probes
+    p = plans(facts(), PlanSettings(num_parallel=parallel, send_ahead=ahead), ctx=2048)[0]
+    argv = p.argv("llama-server", 1234)
+    assert argv[argv.index("--threads-http") + 1] == str(threads)
+
+
 def test_embedding_argv_has_embeddings_flag() -> None:
     p = plans(facts("bert", embedding=True))[0]
     assert "--embeddings" in p.argv("x", 1)
