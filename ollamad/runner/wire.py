@@ -18,6 +18,7 @@ runner/upstream.py does for aiohttp.
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -26,6 +27,11 @@ from typing import cast
 import httptools
 
 from ollamad.runner.upstream import ATTEMPTS, KEEPALIVE
+
+# The kernel's receive buffer for a runner's reply. While a slow client holds the relay back the
+# daemon stops reading; with autotuning the kernel went on taking the reply in (12 MB of 12 was
+# seen), so the runner was not held back and the daemon's socket held that memory after all.
+RECEIVE_BUFFER = 1 << 20
 
 Sink = Callable[[bytes], None]
 
@@ -223,7 +229,10 @@ class RunnerClient:
 
     async def _connect(self, host: str, port: int) -> _Connection:
         loop = asyncio.get_running_loop()
-        _, conn = await loop.create_connection(lambda: _Connection(self, (host, port)), host, port)
+        transport, conn = await loop.create_connection(lambda: _Connection(self, (host, port)), host, port)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:  # fixed: no autotuning up to tcp_rmem's maximum (32 MB here)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
         return conn
 
     @staticmethod
