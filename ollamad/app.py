@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -102,7 +103,8 @@ async def serve(settings: Settings, *, on_ready: Callable[[AppContext], None] | 
             site = CappedSite(runner, host, port, max_connections)
             with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
                 await site.start()
-                log.info("listening", host=host, port=port, version=__version__, llama_server=str(binary),
+                log.info("listening", host=host, port=port, version=__version__, event_loop=event_loop_name(),
+                         llama_server=str(binary),
                          llama_server_version=binary_version, llama_server_patches=sorted(fixes),
                          models=str(settings.models), count=len(catalog.list()), open_files=fd_limit,
                          max_connections=max_connections)
@@ -146,6 +148,11 @@ async def reload(catalog: Catalog) -> None:
     """
     await anyio.to_thread.run_sync(catalog.scan)
     log.info("reloaded", models=len(catalog.list()))
+
+
+def event_loop_name() -> str:
+    """``uvloop`` or ``asyncio``: whose event loop runs the daemon (OLLAMAD_EVENT_LOOP)."""
+    return type(asyncio.get_running_loop()).__module__.split(".")[0]
 
 
 def status_line(scheduler: Scheduler) -> str:

@@ -88,7 +88,7 @@ def serve_command() -> None:
         _config_error(str(e))
     configure(debug=settings.debug)
     try:
-        anyio.run(serve, settings)
+        anyio.run(serve, settings, backend_options={"use_uvloop": settings.event_loop == "uvloop"})
     except (BinaryNotFound, ModelConfigError) as e:
         _config_error(str(e))
     except OSError as e:

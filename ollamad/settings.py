@@ -160,6 +160,9 @@ class Settings(BaseSettings):
     sched_policy: Literal["affinity", "fifo"] = Field(
         "affinity", validation_alias="OLLAMAD_SCHED_POLICY",
         description="affinity: serve queued requests of loaded models first (bounded); fifo: loads in arrival order")
+    event_loop: Literal["uvloop", "asyncio"] = Field(
+        "uvloop", validation_alias="OLLAMAD_EVENT_LOOP",
+        description="The daemon's event loop: uvloop (libuv; less CPU per relayed token) or Python's asyncio")
     max_passover: Seconds = Field(10.0, validation_alias="OLLAMAD_MAX_PASSOVER",
                                   description="Longest a request needing a load may be passed over (affinity policy)")
     send_ahead: int = Field(

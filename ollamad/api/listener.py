@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import resource
 import time
+from typing import cast
 
 import anyio
 import structlog
@@ -61,15 +62,14 @@ class _Refused(asyncio.Protocol):
     lingering = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        transport.write(BUSY)
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is one, without subclassing it
+        self.transport.write(BUSY)
         if _Refused.lingering >= MAX_LINGERING:
-            transport.abort()
+            self.transport.abort()
             return
         _Refused.lingering += 1
         self.counted = True
-        self.timer = asyncio.get_running_loop().call_later(REFUSE_LINGER, transport.abort)
+        self.timer = asyncio.get_running_loop().call_later(REFUSE_LINGER, self.transport.abort)
 
     def data_received(self, data: bytes) -> None:
         pass

@@ -102,9 +102,12 @@ def reap_without_threads() -> bool:
     Python 3.11's default child watcher starts a thread for each child and waits for it to
     run: 11% of the daemon's busy samples in a load of a small model (py-spy), the loop
     blocked meanwhile. 3.12 uses pidfds by default; here they are used where pidfd_open works
-    (Linux 5.3+, and not refused by a seccomp filter). Call from within the running loop.
+    (Linux 5.3+, and not refused by a seccomp filter). Call from within the running loop; uvloop
+    has no use for a child watcher.
     """
     if sys.version_info >= (3, 12) or not hasattr(os, "pidfd_open"):
+        return False
+    if not isinstance(asyncio.get_running_loop(), asyncio.BaseEventLoop):  # uvloop: libuv reaps them
         return False
     try:
         os.close(os.pidfd_open(os.getpid()))

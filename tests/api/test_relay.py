@@ -180,12 +180,16 @@ def test_v1_stream_is_passed_through_with_the_clients_model_name(daemon_factory:
     assert events[-2]["usage"]["completion_tokens"] == 5 and raw.endswith(b"\n\ndata: [DONE]\n\n")
 
 
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
 @pytest.mark.parametrize("path", ["/api/chat", "/v1/chat/completions"])
 def test_a_client_that_stops_reading_holds_the_runner_back_and_then_gets_every_chunk(
-        daemon_factory: Any, models_dir: Path, tmp_path: Path, path: str) -> None:
+        daemon_factory: Any, models_dir: Path, tmp_path: Path, path: str, loop: str) -> None:
     """12 MB of tokens while the client reads nothing for 1.5 s: the daemon stops reading the
-    runner's reply (its own buffer stays small) and relays all of it once the client reads."""
-    d = daemon_factory(fake_with(tmp_path, FAKE_TOKEN_BYTES="8192"), models_dir, OLLAMA_CONTEXT_LENGTH="2048")
+    runner's reply (its own buffer stays small) and relays all of it once the client reads.
+    On either event loop (OLLAMAD_EVENT_LOOP): the transports that pause and size the buffers differ."""
+    d = daemon_factory(fake_with(tmp_path, FAKE_TOKEN_BYTES="8192"), models_dir, OLLAMA_CONTEXT_LENGTH="2048",
+                       OLLAMAD_EVENT_LOOP=loop)
+    assert f'"event_loop": "{loop}"' in d.log()
     n, messages = 1500, [{"role": "user", "content": "x"}]
     body = ({"model": "tiny", "messages": messages, "options": {"num_predict": n}} if path == "/api/chat" else
             {"model": "tiny", "messages": messages, "max_tokens": n, "stream": True})
