@@ -215,7 +215,11 @@ class Scheduler:
                 self.state.cancel(req.id)
                 raise SchedulerError(503, QUEUE_FULL)
             try:
-                await waiter.event.wait()
+                # granted at once (a free slot): no checkpoint, so the request goes to its runner
+                # before the handlers of requests that arrived with it run (anyio's wait on a set
+                # event yields to the loop once)
+                if not waiter.event.is_set():
+                    await waiter.event.wait()
             except BaseException:
                 if waiter.lease is not None:
                     waiter.lease.release()
