@@ -36,6 +36,7 @@ import structlog
 from ollamad.models.plan import RunnerPlan
 from ollamad.procs import descendants
 from ollamad.runner.output import OutputPipe
+from ollamad.runner.spawn import Process, spawn
 
 log = structlog.get_logger("ollamad.runner")
 
@@ -80,7 +81,7 @@ def _setpriv() -> str | None:
     return path if done.returncode == 0 else None
 
 
-async def _exited(proc: asyncio.subprocess.Process, seconds: float) -> bool:
+async def _exited(proc: Process, seconds: float) -> bool:
     """Whether ``proc`` exits within ``seconds``."""
     try:
         await asyncio.wait_for(asyncio.shield(proc.wait()), seconds)
@@ -167,7 +168,7 @@ class Runner:
     port: int = field(default_factory=free_port)
     api_key: str = field(default_factory=lambda: secrets.token_urlsafe(24))
     key_file: str | None = None  # the 0600 file llama-server reads the key from, while it runs
-    proc: asyncio.subprocess.Process | None = None
+    proc: Process | None = None
     started_at: float = 0.0
     ready_at: float = 0.0
     last_output: float = 0.0
@@ -225,15 +226,7 @@ class Runner:
             raise RunnerError(f"cannot start {argv[0]}: {why}")
         self._output = OutputPipe(self._lines)
         try:
-            self.proc = await asyncio.create_subprocess_exec(
-                *exec_argv,
-                stdin=asyncio.subprocess.PIPE,
-                stdout=self._output.child_end,
-                stderr=asyncio.subprocess.STDOUT,
-                env=self.child_env(),
-                start_new_session=True,
-                **deathsig,
-            )
+            self.proc = await spawn(exec_argv, stdout=self._output.child_end, env=self.child_env(), **deathsig)
         except OSError as e:
             self._forget_key()
             self._output.drain()
