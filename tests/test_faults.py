@@ -257,13 +257,15 @@ def test_request_sent_ahead_waits_in_llama_servers_queue_past_the_accept_timeout
 @pytest.mark.real
 def test_sigterm_under_load(daemon_factory: Any, llama_server: Path, endless_dir: Path) -> None:
     d = daemon_factory(llama_server, endless_dir)
-    opts = {"num_predict": 300, "num_ctx": 2048}
+    opts = {"num_predict": 1000, "num_ctx": 2048}
     streams = [Stream(d, "/api/generate", {"model": "endless", "prompt": "hi", "options": {**opts, "seed": i}})
                for i in range(4)]
     assert all(s.line() is not None for s in streams)
     kids = runners(d)
     assert d.proc is not None
     d.proc.send_signal(signal.SIGTERM)
+    # a request that comes as the signal does may still be taken: ask once the daemon says it is shutting down
+    wait_for(lambda: '"shutting down"' in d.log(), timeout=10, step=0.005)
     status, body = wait_for(lambda: (r := _generate(d, "endless", num_ctx=2048))[0] != 200 and r, timeout=10, step=0.01)
     assert status == 503 and "shutting down" in body["error"], body
     following = [s.line() for s in streams]

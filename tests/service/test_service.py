@@ -144,7 +144,10 @@ def test_sigterm_drains_streaming_request_then_exits_zero(daemon_factory: Any, t
     assert kids, "the runner should be running"
     assert d.proc is not None
     d.proc.send_signal(signal.SIGTERM)
-    # new requests are refused while the running one finishes
+    # new requests are refused while the running one finishes (one that comes as the signal does
+    # may still be taken: ask once the daemon says it is shutting down)
+    while "shutting down" not in d.log():
+        time.sleep(0.01)
     deadline = time.monotonic() + 10
     while True:
         status, body = d.post("/api/generate", {"model": "tiny", "prompt": "x"})
