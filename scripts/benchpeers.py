@@ -40,9 +40,15 @@ _T975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31
          20: 2.09, 30: 2.04, 40: 2.02, 60: 2.00}
 
 
-def geomean_ci(ratios: list[float]) -> tuple[float, list[float]]:
-    """The geometric mean of paired ratios and its 95% confidence interval (t over the logs)."""
+def geomean_ci(ratios: list[float], blocks: int = 0) -> tuple[float, list[float]]:
+    """The geometric mean of paired ratios and its 95% confidence interval (t over the logs).
+    ``blocks``: the ratios come in that many equal blocks, each from its own processes; the
+    interval is then over the blocks' means (what differs from one set of processes to the
+    next is in it; the rounds within a block share it)."""
     logs = [math.log(r) for r in ratios]
+    if blocks > 1:
+        size = len(logs) // blocks
+        logs = [statistics.fmean(logs[b * size:(b + 1) * size]) for b in range(blocks)]
     m = statistics.fmean(logs)
     if len(logs) < 2:
         return math.exp(m), [math.nan, math.nan]
@@ -80,59 +86,34 @@ async def peers(binary: Path, mdir: Path, tmp: Path, quick: bool) -> dict[str, A
         # too), so the paths are paired within a round of one request per client (about 0.2 s per
         # path on the fast model); an A/A test of two identical llama-servers gave a standard
         # deviation of 0.10 in the log of a round's ratio with 1 request per client, and 0.11 with 4
-        out[label] = await _peers(binary, path, tmp, 2 if quick else ROUNDS[label], scale)
+        blocks, rounds = (2, 1) if quick else BLOCKS[label]
+        out[label] = await _peers(binary, path, tmp, blocks, rounds, scale)
         out[label]["model"] = path.name
     return out
 
 
-ROUNDS = {"fast": 36, "smollm2": 4}
+# (blocks, rounds per block). Each block starts the three paths afresh: two identical llama-servers,
+# paired over 48 rounds, differed by 4.6% (1.9 to 7.4%) in one of four runs (/work/exp/aa3.py), a
+# difference that lasts a process's life; a run of one set of processes carries it into every round
+BLOCKS = {"fast": (6, 6), "smollm2": (4, 1)}
 
 
 THREADS = 1  # the same for all three: with 2 cores shared, llama-server's threads stall on each other
 
 
-async def _peers(binary: Path, model: Path, tmp: Path, rounds: int, per_client: int) -> dict[str, Any]:
+async def _peers(binary: Path, model: Path, tmp: Path, blocks: int, rounds: int, per_client: int) -> dict[str, Any]:
     np_, ctx, clients, n = 4, 2048, 4, 96
-    mfolder = folder(m=model)
     runs: dict[tuple[str, bool, bool, str], Run] = {}
     per_round: dict[tuple[str, bool, bool, str], list[float]] = {}  # tokens/s of each round
     # a model without a chat template: ollamad renders chats as Ollama does ({{ .Prompt }}), llama-server
     # by itself with chatml; the same template on all three paths keeps the prompts alike
     extra = () if facts_from_gguf(read_gguf(model)).chat_template else ("--chat-template", PROMPT_ONLY_TEMPLATE)
-    async with (bare_server(binary, model, tmp, np_, ctx, THREADS, extra) as srv,
-                ollamad(binary, mfolder, tmp, OLLAMA_NUM_PARALLEL=str(np_), OLLAMA_CONTEXT_LENGTH=str(ctx),
-                        OLLAMA_KEEP_ALIVE="1h", OLLAMAD_THREADS=str(THREADS)) as d,
-                router(binary, mfolder, tmp, np_, ctx, threads=THREADS, extra=extra) as rt):
-        urls = {"direct": srv.url, "ollamad": d.url, "router": rt.url}
-
-        def call(path: str, route: str, stream: bool, seeded: bool, rnd: int) -> Any:
-            async def one(s: aiohttp.ClientSession, c: int, i: int) -> Any:
-                r = route if path == "ollamad" else UPSTREAM[route]
-                sampling = dict(OLLAMA_SAMPLING)
-                if seeded and path in ("direct", "router"):  # not direct_cached
-                    sampling["cache_prompt"] = False
-                seed = 1000 * rnd + 10 * c + i if seeded else None
-                return await ask(s, urls[path.removesuffix("_cached")], r, "m", STORY, n, seed, stream, sampling)
-            return one
-
-        def paths(route: str, stream: bool, seeded: bool) -> tuple[str, ...]:
-            return (*PATHS, "direct_cached") if (route, stream, seeded) == ("chat", True, True) else PATHS
-
-        for path in PATHS:  # warm-up: loads ollamad's runner and the router's child
-            for route, stream, seeded in ROWS:
-                await run_clients(1, 1, call(path, route, stream, seeded, 99))
-        for rnd in range(rounds):
-            for k, (route, stream, seeded) in enumerate(ROWS):
-                order = paths(route, stream, seeded)
-                shift = (rnd + k) % len(order)
-                for path in order[shift:] + order[:shift]:
-                    run = await run_clients(clients, per_client, call(path, route, stream, seeded, rnd))
-                    runs.setdefault((route, stream, seeded, path), Run()).add(run)
-                    per_round.setdefault((route, stream, seeded, path), []).append(run.tokens_per_s())
+    for block in range(blocks):
+        await _peers_block(binary, model, tmp, block, rounds, per_client, extra, runs, per_round)
     rows: dict[str, Any] = {}
     for route, stream, seeded in ROWS:
         row: dict[str, Any] = {"route": route, "stream": stream, "seeded": seeded}
-        for path in paths(route, stream, seeded):
+        for path in _paths(route, stream, seeded):
             run = runs[(route, stream, seeded, path)]
             row[path] = {"tokens_per_s": run.tokens_per_s(), "tokens": sum(r.tokens for r in run.ok),
                          "requests": len(run.results), "errors": run.errors()[:3]}
@@ -144,14 +125,53 @@ async def _peers(binary: Path, model: Path, tmp: Path, rounds: int, per_client: 
         for p in ("ollamad", "router"):
             row[f"{p}_ratio_rounds"] = [x / y for x, y in zip(per_round[(route, stream, seeded, p)], d, strict=True)]
             row[f"{p}_ratio_paired"] = statistics.median(row[f"{p}_ratio_rounds"])
-            row[f"{p}_ratio_mean"], row[f"{p}_ratio_ci"] = geomean_ci(row[f"{p}_ratio_rounds"])
+            row[f"{p}_ratio_mean"], row[f"{p}_ratio_ci"] = geomean_ci(row[f"{p}_ratio_rounds"], blocks)
         # ollamad against the router, paired within each round: above 1, ollamad was the faster
         row["ollamad_vs_router"], row["ollamad_vs_router_ci"] = geomean_ci(
             [x / y for x, y in zip(per_round[(route, stream, seeded, "ollamad")],
-                                   per_round[(route, stream, seeded, "router")], strict=True)])
+                                   per_round[(route, stream, seeded, "router")], strict=True)], blocks)
         rows[f"{route}_{'stream' if stream else 'whole'}{'_seeded' if seeded else ''}"] = row
-    return {"rows": rows, "rounds": rounds, "clients": clients, "per_client": per_client, "slots": np_,
-            "ctx_per_slot": ctx, "tokens_per_request": n, "threads": THREADS}
+    return {"rows": rows, "rounds": blocks * rounds, "blocks": blocks, "clients": clients, "per_client": per_client,
+            "slots": np_, "ctx_per_slot": ctx, "tokens_per_request": n, "threads": THREADS}
+
+
+async def _peers_block(binary: Path, model: Path, tmp: Path, block: int, rounds: int, per_client: int,
+                       extra: tuple[str, ...], runs: dict[tuple[str, bool, bool, str], Run],
+                       per_round: dict[tuple[str, bool, bool, str], list[float]]) -> None:
+    """``rounds`` rounds on three paths started afresh (round numbers, so seeds, go on from the last block's)."""
+    np_, ctx, clients, n = 4, 2048, 4, 96
+    mfolder = folder(m=model)
+    async with (bare_server(binary, model, tmp, np_, ctx, THREADS, extra) as srv,
+                ollamad(binary, mfolder, tmp, OLLAMA_NUM_PARALLEL=str(np_), OLLAMA_CONTEXT_LENGTH=str(ctx),
+                        OLLAMA_KEEP_ALIVE="1h", OLLAMAD_THREADS=str(THREADS)) as d,
+                router(binary, mfolder, tmp, np_, ctx, threads=THREADS, extra=extra) as rt):
+        urls = {"direct": srv.url, "ollamad": d.url, "router": rt.url}
+
+        def call(path: str, route: str, stream: bool, seeded: bool, rnd: int, tokens: int = n) -> Any:
+            async def one(s: aiohttp.ClientSession, c: int, i: int) -> Any:
+                r = route if path == "ollamad" else UPSTREAM[route]
+                sampling = dict(OLLAMA_SAMPLING)
+                if seeded and path in ("direct", "router"):  # not direct_cached
+                    sampling["cache_prompt"] = False
+                seed = 1000 * rnd + 10 * c + i if seeded else None
+                return await ask(s, urls[path.removesuffix("_cached")], r, "m", STORY, tokens, seed, stream, sampling)
+            return one
+
+        for path in PATHS:  # warm-up: loads ollamad's runner and the router's child, one token per row
+            for route, stream, seeded in ROWS:
+                await run_clients(1, 1, call(path, route, stream, seeded, 99_999, 1))
+        for rnd in range(block * rounds, (block + 1) * rounds):
+            for k, (route, stream, seeded) in enumerate(ROWS):
+                order = _paths(route, stream, seeded)
+                shift = (rnd + k) % len(order)
+                for path in order[shift:] + order[:shift]:
+                    run = await run_clients(clients, per_client, call(path, route, stream, seeded, rnd))
+                    runs.setdefault((route, stream, seeded, path), Run()).add(run)
+                    per_round.setdefault((route, stream, seeded, path), []).append(run.tokens_per_s())
+
+
+def _paths(route: str, stream: bool, seeded: bool) -> tuple[str, ...]:
+    return (*PATHS, "direct_cached") if (route, stream, seeded) == ("chat", True, True) else PATHS
 
 
 async def swap_router(binary: Path, mdir: Path, tmp: Path, quick: bool) -> dict[str, Any]:
@@ -231,7 +251,7 @@ def _ci(m: float, ci: list[float]) -> str:
     return f"{m:.3f} ({ci[0]:.3f} to {ci[1]:.3f})"
 
 
-def _verdict(rows: list[dict[str, Any]]) -> str:
+def _verdict(rows: list[dict[str, Any]], blocks: int = 0) -> str:
     """What the seeded rows tell, read against the targets with the rounds' spread."""
     name = [f"{r['route']} {'stream' if r['stream'] else 'stream:false'}" for r in rows]
     o = [r["ollamad_ratio_mean"] for r in rows]
@@ -242,7 +262,11 @@ def _verdict(rows: list[dict[str, Any]]) -> str:
             f"ollamad / router from {min(r['ollamad_vs_router'] for r in rows):.3f} to "
             f"{max(r['ollamad_vs_router'] for r in rows):.3f}. Each figure is the geometric mean of the rounds' "
             "ratios (a round runs the three paths back to back, so its ratios are paired) with its 95% confidence "
-            "interval (Student's t over the logs); the targets are read from it. Rows whose whole interval of "
+            "interval (Student's t over the logs"
+            + (f", taken over the means of the {blocks} blocks: each block runs on processes of its own, and two "
+               "identical llama-servers, paired over a run of 48 rounds, once differed by 4.6% (1.9 to 7.4%), "
+               "for as long as the processes lived" if blocks > 1 else "")
+            + "); the targets are read from it. Rows whose whole interval of "
             f"ollamad / direct is below 0.98: {', '.join(below) or 'none'}. Rows whose whole interval of "
             f"ollamad / router is below 1: {', '.join(behind) or 'none'}.")
 
@@ -269,8 +293,11 @@ def render_peers(res: dict[str, Any], heading: str = PEERS_HEADING, intro: str |
                   ""]
         for label, v in res["peers"].items():
             fine = all("ollamad_ratio_mean" in row for row in v["rows"].values())
+            blocks = v.get("blocks", 0)
             lines += [f"**{label}** (`{v['model']}`, {v['rounds']} rounds of {v['clients']} clients x "
-                      f"{v.get('per_client', 1)} requests per path and row)", ""]
+                      f"{v.get('per_client', 1)} requests per path and row"
+                      + (f", in {blocks} blocks, each on the three paths started afresh" if blocks > 1 else "")
+                      + ")", ""]
             if fine:
                 lines += ["| route | stream | direct tok/s | ollamad tok/s | router tok/s | ollamad / direct "
                           "(95% CI) | router / direct (95% CI) | ollamad / router (95% CI) | tokens d / o / r |",
@@ -297,7 +324,7 @@ def render_peers(res: dict[str, Any], heading: str = PEERS_HEADING, intro: str |
                                  f"{f(row['ollamad_ratio'], 3)} | {f(row['router_ratio'], 3)} | " + tail)
             plain = [row for row in v["rows"].values() if row.get("seeded", True)]
             if fine:
-                lines += ["", _verdict(plain)]
+                lines += ["", _verdict(plain, blocks)]
             else:
                 o = [r.get("ollamad_ratio_paired", r["ollamad_ratio"]) for r in plain]
                 rr = [r.get("router_ratio_paired", r["router_ratio"]) for r in plain]
