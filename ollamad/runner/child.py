@@ -36,7 +36,7 @@ import structlog
 from ollamad.models.plan import RunnerPlan
 from ollamad.procs import descendants
 from ollamad.runner.output import OutputPipe
-from ollamad.runner.spawn import Process, spawn
+from ollamad.runner.spawn import Process, pidfds, spawn
 
 log = structlog.get_logger("ollamad.runner")
 
@@ -106,13 +106,9 @@ def reap_without_threads() -> bool:
     (Linux 5.3+, and not refused by a seccomp filter). Call from within the running loop; uvloop
     has no use for a child watcher.
     """
-    if sys.version_info >= (3, 12) or not hasattr(os, "pidfd_open"):
+    if sys.version_info >= (3, 12) or not pidfds():
         return False
     if not isinstance(asyncio.get_running_loop(), asyncio.BaseEventLoop):  # uvloop: libuv reaps them
-        return False
-    try:
-        os.close(os.pidfd_open(os.getpid()))
-    except OSError:
         return False
     watcher = asyncio.PidfdChildWatcher()
     watcher.attach_loop(asyncio.get_running_loop())
