@@ -412,8 +412,8 @@ def render(res: dict[str, Any], meta: dict[str, Any]) -> str:
                   "wait. The row with llama-server on one thread leaves a core free, and section 3 measures the "
                   "daemon's own path with an instant fake llama-server on an idle machine. Profiling that path "
                   "(py-spy, one-token requests) shows its time spread over aiohttp's and asyncio's request "
-                  "handling; running the daemon on uvloop and renicing the runners were tried and measured no "
-                  "better. What profiling found and fixed is listed at the end.", ""]
+                  "handling; renicing the runners was tried and measured no better. The daemon runs on uvloop "
+                  "(OLLAMAD_EVENT_LOOP). What profiling found and fixed is listed at the end.", ""]
     if "scaling" in res:
         s = res["scaling"]
         lines += ["## 2. Parallel scaling through ollamad (big model, 8 clients)", "",
@@ -539,7 +539,15 @@ def render(res: dict[str, Any], meta: dict[str, Any]) -> str:
               "request needs (llama-server closes it after every stream) 12%, msgspec and chunk making under 5%; "
               "uvloop measured 78-90 µs against 79-89 µs, no better. On two cores shared by llama-server, "
               "the daemon and the benchmark's clients, that is what is left in the fast model's native "
-              "streaming rows.",
+              "streaming rows. Measured again later with the kernel's per-thread CPU clocks "
+              "(/proc/PID/task/*/schedstat; psutil's 10 ms ticks had hidden the difference), the fast model, "
+              "4 clients, 48 paired rounds: 39.2 / 47.0 / 46.5 µs per streamed token (v1 chat / chat / "
+              "generate) on uvloop against 46.7 / 54.8 / 52.8 on asyncio, and 18.7 to 19.6 µs for the "
+              "router's own process. The daemon runs on uvloop since.",
+              "- **Starting runners on uvloop.** uvloop's subprocess_exec forks the whole process: 4.5 ms to "
+              "start /bin/true from a daemon-sized process, against 0.4 ms with Python's vfork, and 18 ms of "
+              "daemon CPU per model switch (load, stop, one request) against 12 on asyncio. Runners are started "
+              "with subprocess.Popen and their exit is seen through a pidfd (runner/spawn.py): 9.3 to 9.5 ms.",
               "- **A new connection per stream.** llama-server's stream provider returned false at its end, "
               "which cpp-httplib takes for a cancel: it closed the connection after every streamed reply. "
               "`runners/patches/0002` returns true there; streamed requests then go out on pooled connections. "
