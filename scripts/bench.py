@@ -49,6 +49,7 @@ from benchlib import (
 )
 from benchpeers import peers, render_peers, swap_router
 
+from ollamad.models.plan import http_threads
 from ollamad.models.testmodels import BIG, SMALL, write_llama
 from ollamad.runner.binary import find_llama_server, patches
 from ollamad.settings import load_settings
@@ -166,7 +167,11 @@ async def scaling(binary: Path, mdir: Path, tmp: Path, quick: bool) -> dict[str,
                                                         OLLAMA_CONTEXT_LENGTH="1024"))
             urls[f"np{np_}"] = d.url
         for np_ in (1, 4):
-            srv = await stack.enter_async_context(bare_server(binary, big, tmp, np_, 1024))
+            # the HTTP threads ollamad gives its runners: with llama-server's default pool
+            # (max(parallel + 2, cores - 1): 3 threads at 1 slot) 8 kept-alive clients waited for
+            # one another's connections, 54-62 tok/s at 1 slot against 82-105 with 24 threads
+            srv = await stack.enter_async_context(bare_server(binary, big, tmp, np_, 1024, extra=(
+                "--threads-http", str(http_threads(np_, 1)))))
             urls[f"direct_np{np_}"] = srv.url
 
         def one(key: str, n: int, seed0: int) -> Any:
@@ -419,7 +424,11 @@ def render(res: dict[str, Any], meta: dict[str, Any]) -> str:
         lines += ["## 2. Parallel scaling through ollamad (big model, 8 clients)", "",
                   f"8 clients x 1 request of 64 tokens per round, {s.get('rounds', 1)} rounds rotating over the "
                   "daemons (and, for what this machine gives by itself, llama-server with --parallel 1 and 4, "
-                  "the same requests), all running side by side.", "",
+                  "the same requests), all running side by side. The llama-servers get the --threads-http "
+                  "that ollamad gives its runners: with llama-server's default pool (3 threads at 1 slot) the "
+                  "8 kept-alive clients waited for one another's connections, and the 1-slot row fell from "
+                  "82-105 to 54-62 tok/s (an experiment beside this benchmark), which made llama-server's own "
+                  "4-vs-1 look like 2.5-2.8x.", "",
                   "| OLLAMA_NUM_PARALLEL | through ollamad tokens/s | straight to llama-server tokens/s |",
                   "|---|---|---|"]
         for k in ("np1", "np2", "np4"):
