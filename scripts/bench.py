@@ -613,6 +613,13 @@ async def main() -> None:
         saved = json.loads((out / "benchmarks.json").read_text())
         (out / "BENCHMARKS.md").write_text(render(saved["results"], saved["meta"]) + "\n" + kept(out))
         return
+    if args.merge and (out / "benchmarks.json").exists():
+        saved = json.loads((out / "benchmarks.json").read_text())
+        if "earlier" in saved["meta"]:  # a merge already: what its own run measured must be measured again
+            last = [k for k in saved["results"] if k not in saved["meta"]["earlier"]["kept"]
+                    and k not in args.only.split(",")]
+            if last:
+                raise SystemExit(f"benchmarks.json holds two runs already; --only must include {','.join(last)}")
     s = load_settings()
     binary = find_llama_server(s.llama_server, s.runners_dir)
     mdir = models(args.quick)

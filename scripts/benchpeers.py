@@ -16,7 +16,7 @@ from benchlib import OLLAMA_SAMPLING, Proc, Run, ask, bare_server, cpu_seconds, 
 
 from ollamad.models.facts import facts_from_gguf
 from ollamad.models.ggufmeta import read_gguf
-from ollamad.models.plan import PROMPT_ONLY_TEMPLATE
+from ollamad.models.plan import PROMPT_ONLY_TEMPLATE, http_threads
 
 REAL = Path(os.environ.get("OLLAMAD_MODELS_CACHE", Path.home() / ".cache" / "ollamad" / "models")) \
     / "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -181,8 +181,10 @@ async def swap_router(binary: Path, mdir: Path, tmp: Path, quick: bool) -> dict[
     clients, per_client, rounds = 8, (3 if quick else 6), (2 if quick else 16)
     mfolder = folder(a=mdir / "a.gguf", b=mdir / "b.gguf")
     out: dict[str, Any] = {"clients": clients, "requests": clients * per_client, "rounds": rounds}
-    # as in the peers rows: the same sampling and template for both; no seed, so both keep the prompt cache
-    extra = ("--chat-template", PROMPT_ONLY_TEMPLATE)
+    # as in the peers rows: the same sampling and template for both; no seed, so both keep the prompt cache.
+    # The router gets the HTTP threads ollamad gives its runners: its default pool, max(parallel + 2,
+    # cores - 1) = 4 threads, is fewer than the 8 clients, and each connection holds a thread for its life
+    extra = ("--chat-template", PROMPT_ONLY_TEMPLATE, "--threads-http", str(http_threads(2, 1)))
     sampling = {**OLLAMA_SAMPLING, "ignore_eos": True}
     runs: dict[str, list[dict[str, Any]]] = {"ollamad": [], "router": []}
     for rnd in range(rounds):
@@ -370,6 +372,8 @@ def render_peers(res: dict[str, Any], heading: str = PEERS_HEADING, intro: str |
                   "token), mean per switch. Serve: from a model's first token to its last reply (8 requests on 2 "
                   "slots), mean per load. Handoff: within a serve, from a reply's end (a slot freed) to the first "
                   "token of the request that took the slot, median over all runs. All from the clients' clocks. "
+                  "The router runs with the --threads-http that ollamad gives its runners (its default pool has "
+                  "4 threads here, fewer than the 8 clients, and a kept-alive connection holds a thread). "
                   "The router forwards every queued request to its child at once, so llama-server starts the next "
                   "one the moment a slot frees. ollamad keeps its queue (FIFO, OLLAMA_MAX_QUEUE) and sends a busy "
                   "runner one request per slot beyond its slots (OLLAMAD_SEND_AHEAD=1), which waits in "
