@@ -117,7 +117,7 @@ def reap_without_threads() -> bool:
 
 
 def spawn_options(argv: list[str]) -> tuple[list[str], dict[str, Any]]:
-    """``argv`` and the create_subprocess_exec keywords that give the child a parent-death SIGKILL.
+    """``argv`` and the keywords for spawn() (runner/spawn.py) that give the child a parent-death SIGKILL.
 
     Through ``setpriv --pdeathsig KILL`` (it sets the signal and execs, keeping the pid) where
     there is one: a ``preexec_fn`` makes Python fork its whole heap instead of vfork, 7 to 10 ms
