@@ -24,7 +24,7 @@ from ollamad.models.catalog import Catalog
 from ollamad.models.config import ModelConfigError
 from ollamad.models.testmodels import write_llama
 from ollamad.runner.binary import PROMPT_CANCEL, check_runs, find_llama_server, patches
-from ollamad.runner.child import child_environment, reap_without_threads
+from ollamad.runner.child import child_environment
 from ollamad.runner.leftovers import ChildRecords
 from ollamad.runner.upstream import runner_session
 from ollamad.sched.core import SchedState
@@ -71,7 +71,6 @@ async def serve(settings: Settings, *, on_ready: Callable[[AppContext], None] | 
                 notifier: Notifier | None = None) -> None:
     """Run the daemon until SIGTERM or SIGINT (drain, then stop); SIGHUP reloads the catalog."""
     notifier = notifier or Notifier.from_env()
-    reap_without_threads()
     fd_limit = raise_fd_limit()
     binary = find_llama_server(settings.llama_server, settings.runners_dir)
     binary_version = await anyio.to_thread.run_sync(check_runs, binary, child_environment(settings.runner_env_pass))

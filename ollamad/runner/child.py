@@ -21,7 +21,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections import deque
@@ -36,7 +35,7 @@ import structlog
 from ollamad.models.plan import RunnerPlan
 from ollamad.procs import descendants
 from ollamad.runner.output import OutputPipe
-from ollamad.runner.spawn import Process, pidfds, spawn
+from ollamad.runner.spawn import Process, spawn
 
 log = structlog.get_logger("ollamad.runner")
 
@@ -95,25 +94,6 @@ def _cannot_exec(path: str) -> str | None:
     if os.access(path, os.X_OK):
         return None
     return "Permission denied" if os.path.exists(path) else "No such file or directory"
-
-
-def reap_without_threads() -> bool:
-    """Have asyncio learn of children's exits from pidfds, not from a thread per child.
-
-    Python 3.11's default child watcher starts a thread for each child and waits for it to
-    run: 11% of the daemon's busy samples in a load of a small model (py-spy), the loop
-    blocked meanwhile. 3.12 uses pidfds by default; here they are used where pidfd_open works
-    (Linux 5.3+, and not refused by a seccomp filter). Call from within the running loop; uvloop
-    has no use for a child watcher.
-    """
-    if sys.version_info >= (3, 12) or not pidfds():
-        return False
-    if not isinstance(asyncio.get_running_loop(), asyncio.BaseEventLoop):  # uvloop: libuv reaps them
-        return False
-    watcher = asyncio.PidfdChildWatcher()
-    watcher.attach_loop(asyncio.get_running_loop())
-    asyncio.set_child_watcher(watcher)
-    return True
 
 
 def spawn_options(argv: list[str]) -> tuple[list[str], dict[str, Any]]:

@@ -4,8 +4,10 @@ Python's subprocess starts a child with vfork (without a ``preexec_fn``): 0.4 ms
 the daemon's size, measured. uvloop's ``subprocess_exec`` forks the whole process instead:
 4.5 ms there, and in the daemon 6 ms more CPU and 12 ms more wall time per model switch
 (load, stop, one request). So runners are started here, on either event loop, and their
-exit comes to the loop as their pidfd turning readable (Linux 5.3+). Where pidfds cannot
-be had, the loop's own ``subprocess_exec`` starts them.
+exit comes to the loop as their pidfd turning readable (Linux 5.3+): no thread per child,
+where Python 3.11's default child watcher starts one for each and waits for it to run (11% of
+the daemon's busy samples in a load of a small model, py-spy, the loop blocked meanwhile).
+Where pidfds cannot be had, the loop's own ``subprocess_exec`` starts them.
 """
 
 from __future__ import annotations

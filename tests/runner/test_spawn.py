@@ -7,6 +7,7 @@ import asyncio
 import os
 import signal
 import sys
+import threading
 
 import pytest
 
@@ -51,3 +52,13 @@ async def test_a_signalled_child_and_many_waiters(how: str) -> None:
 async def test_a_missing_binary_is_an_oserror(how: str, tmp_path: os.PathLike[str]) -> None:
     with pytest.raises(FileNotFoundError):
         await spawn([os.path.join(tmp_path, "nope")], stdout=1, env={})
+
+
+async def test_children_are_reaped_from_pidfds_without_a_thread_each() -> None:
+    """Python 3.11's default child watcher starts a thread per child; through a pidfd none is started."""
+    if not spawn_mod.pidfds():
+        pytest.skip("no pidfds on this kernel")
+    before = threading.active_count()
+    proc = await spawn(["sleep", "0.2"], stdout=1, env=dict(os.environ))
+    assert threading.active_count() == before
+    assert await asyncio.wait_for(proc.wait(), 5) == 0

@@ -34,25 +34,3 @@ async def test_a_runner_that_stops_at_once_gets_one_sigterm(models_dir: Path, tm
         await runner.stop()
         assert time.monotonic() - t0 < SECOND_TERM_AFTER
     assert runner.proc is not None and runner.proc.returncode == -15
-
-
-async def test_children_are_reaped_from_pidfds_without_a_thread_each() -> None:
-    """Python 3.11's default watcher starts a thread per child; with pidfds none is started."""
-    import asyncio
-    import sys
-    import threading
-
-    from ollamad.runner.child import reap_without_threads
-
-    if sys.version_info >= (3, 12):  # pidfds are the default there
-        assert not reap_without_threads()
-        return
-    default = asyncio.get_child_watcher()
-    try:
-        assert reap_without_threads()
-        before = threading.active_count()
-        proc = await asyncio.create_subprocess_exec("sleep", "0.2")
-        assert threading.active_count() == before
-        assert await asyncio.wait_for(proc.wait(), 5) == 0
-    finally:  # the other tests' loops keep the default
-        asyncio.set_child_watcher(default)
