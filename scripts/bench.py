@@ -42,6 +42,7 @@ from benchlib import (
     pct,
     rss,
     run_clients,
+    runner_http_threads,
     spawned,
     stream_direct,
     stream_ollama,
@@ -49,7 +50,6 @@ from benchlib import (
 )
 from benchpeers import peers, render_peers, swap_router
 
-from ollamad.models.plan import http_threads
 from ollamad.models.testmodels import BIG, SMALL, write_llama
 from ollamad.runner.binary import find_llama_server, patches
 from ollamad.settings import load_settings
@@ -171,7 +171,7 @@ async def scaling(binary: Path, mdir: Path, tmp: Path, quick: bool) -> dict[str,
             # (max(parallel + 2, cores - 1): 3 threads at 1 slot) 8 kept-alive clients waited for
             # one another's connections, 54-62 tok/s at 1 slot against 82-105 with 24 threads
             srv = await stack.enter_async_context(bare_server(binary, big, tmp, np_, 1024, extra=(
-                "--threads-http", str(http_threads(np_, 1)))))
+                "--threads-http", str(runner_http_threads(np_)))))
             urls[f"direct_np{np_}"] = srv.url
 
         def one(key: str, n: int, seed0: int) -> Any:

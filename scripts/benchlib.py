@@ -20,6 +20,9 @@ from typing import Any
 import aiohttp
 import psutil
 
+from ollamad.models.plan import http_threads
+from ollamad.settings import Settings
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -104,6 +107,13 @@ async def ollamad(binary: Path, models: Path, logdir: Path, src: Path | None = N
         finally:
             spy.send_signal(signal.SIGINT)
             spy.wait(30)
+
+
+def runner_http_threads(slots: int) -> int:
+    """The --threads-http ollamad gives a runner of ``slots`` slots (OLLAMAD_SEND_AHEAD at its
+    default), for a llama-server yardstick with more clients than its default pool has threads:
+    each connection holds a thread of the pool for its life."""
+    return http_threads(slots, Settings.model_fields["send_ahead"].default)
 
 
 @contextlib.asynccontextmanager

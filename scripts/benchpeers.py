@@ -12,11 +12,23 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from benchlib import OLLAMA_SAMPLING, Proc, Run, ask, bare_server, cpu_seconds, ollamad, pct, router, run_clients
+from benchlib import (
+    OLLAMA_SAMPLING,
+    Proc,
+    Run,
+    ask,
+    bare_server,
+    cpu_seconds,
+    ollamad,
+    pct,
+    router,
+    run_clients,
+    runner_http_threads,
+)
 
 from ollamad.models.facts import facts_from_gguf
 from ollamad.models.ggufmeta import read_gguf
-from ollamad.models.plan import PROMPT_ONLY_TEMPLATE, http_threads
+from ollamad.models.plan import PROMPT_ONLY_TEMPLATE
 
 REAL = Path(os.environ.get("OLLAMAD_MODELS_CACHE", Path.home() / ".cache" / "ollamad" / "models")) \
     / "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -99,17 +111,18 @@ BLOCKS = {"fast": (6, 6), "smollm2": (4, 1)}
 
 
 THREADS = 1  # the same for all three: with 2 cores shared, llama-server's threads stall on each other
+SLOTS, CTX, CLIENTS, TOKENS = 4, 2048, 4, 96  # per path: slots, context per slot; clients; tokens per request
 
 
 async def _peers(binary: Path, model: Path, tmp: Path, blocks: int, rounds: int, per_client: int) -> dict[str, Any]:
-    np_, ctx, clients, n = 4, 2048, 4, 96
+    mfolder = folder(m=model)
     runs: dict[tuple[str, bool, bool, str], Run] = {}
     per_round: dict[tuple[str, bool, bool, str], list[float]] = {}  # tokens/s of each round
     # a model without a chat template: ollamad renders chats as Ollama does ({{ .Prompt }}), llama-server
     # by itself with chatml; the same template on all three paths keeps the prompts alike
     extra = () if facts_from_gguf(read_gguf(model)).chat_template else ("--chat-template", PROMPT_ONLY_TEMPLATE)
     for block in range(blocks):
-        await _peers_block(binary, model, tmp, block, rounds, per_client, extra, runs, per_round)
+        await _peers_block(binary, model, mfolder, tmp, block, rounds, per_client, extra, runs, per_round)
     rows: dict[str, Any] = {}
     for route, stream, seeded in ROWS:
         row: dict[str, Any] = {"route": route, "stream": stream, "seeded": seeded}
@@ -131,23 +144,21 @@ async def _peers(binary: Path, model: Path, tmp: Path, blocks: int, rounds: int,
             [x / y for x, y in zip(per_round[(route, stream, seeded, "ollamad")],
                                    per_round[(route, stream, seeded, "router")], strict=True)], blocks)
         rows[f"{route}_{'stream' if stream else 'whole'}{'_seeded' if seeded else ''}"] = row
-    return {"rows": rows, "rounds": blocks * rounds, "blocks": blocks, "clients": clients, "per_client": per_client,
-            "slots": np_, "ctx_per_slot": ctx, "tokens_per_request": n, "threads": THREADS}
+    return {"rows": rows, "rounds": blocks * rounds, "blocks": blocks, "clients": CLIENTS, "per_client": per_client,
+            "slots": SLOTS, "ctx_per_slot": CTX, "tokens_per_request": TOKENS, "threads": THREADS}
 
 
-async def _peers_block(binary: Path, model: Path, tmp: Path, block: int, rounds: int, per_client: int,
+async def _peers_block(binary: Path, model: Path, mfolder: Path, tmp: Path, block: int, rounds: int, per_client: int,
                        extra: tuple[str, ...], runs: dict[tuple[str, bool, bool, str], Run],
                        per_round: dict[tuple[str, bool, bool, str], list[float]]) -> None:
     """``rounds`` rounds on three paths started afresh (round numbers, so seeds, go on from the last block's)."""
-    np_, ctx, clients, n = 4, 2048, 4, 96
-    mfolder = folder(m=model)
-    async with (bare_server(binary, model, tmp, np_, ctx, THREADS, extra) as srv,
-                ollamad(binary, mfolder, tmp, OLLAMA_NUM_PARALLEL=str(np_), OLLAMA_CONTEXT_LENGTH=str(ctx),
+    async with (bare_server(binary, model, tmp, SLOTS, CTX, THREADS, extra) as srv,
+                ollamad(binary, mfolder, tmp, OLLAMA_NUM_PARALLEL=str(SLOTS), OLLAMA_CONTEXT_LENGTH=str(CTX),
                         OLLAMA_KEEP_ALIVE="1h", OLLAMAD_THREADS=str(THREADS)) as d,
-                router(binary, mfolder, tmp, np_, ctx, threads=THREADS, extra=extra) as rt):
+                router(binary, mfolder, tmp, SLOTS, CTX, threads=THREADS, extra=extra) as rt):
         urls = {"direct": srv.url, "ollamad": d.url, "router": rt.url}
 
-        def call(path: str, route: str, stream: bool, seeded: bool, rnd: int, tokens: int = n) -> Any:
+        def call(path: str, route: str, stream: bool, seeded: bool, rnd: int, tokens: int = TOKENS) -> Any:
             async def one(s: aiohttp.ClientSession, c: int, i: int) -> Any:
                 r = route if path == "ollamad" else UPSTREAM[route]
                 sampling = dict(OLLAMA_SAMPLING)
@@ -165,7 +176,7 @@ async def _peers_block(binary: Path, model: Path, tmp: Path, block: int, rounds:
                 order = _paths(route, stream, seeded)
                 shift = (rnd + k) % len(order)
                 for path in order[shift:] + order[:shift]:
-                    run = await run_clients(clients, per_client, call(path, route, stream, seeded, rnd))
+                    run = await run_clients(CLIENTS, per_client, call(path, route, stream, seeded, rnd))
                     runs.setdefault((route, stream, seeded, path), Run()).add(run)
                     per_round.setdefault((route, stream, seeded, path), []).append(run.tokens_per_s())
 
@@ -184,7 +195,7 @@ async def swap_router(binary: Path, mdir: Path, tmp: Path, quick: bool) -> dict[
     # as in the peers rows: the same sampling and template for both; no seed, so both keep the prompt cache.
     # The router gets the HTTP threads ollamad gives its runners: its default pool, max(parallel + 2,
     # cores - 1) = 4 threads, is fewer than the 8 clients, and each connection holds a thread for its life
-    extra = ("--chat-template", PROMPT_ONLY_TEMPLATE, "--threads-http", str(http_threads(2, 1)))
+    extra = ("--chat-template", PROMPT_ONLY_TEMPLATE, "--threads-http", str(runner_http_threads(2)))
     sampling = {**OLLAMA_SAMPLING, "ignore_eos": True}
     runs: dict[str, list[dict[str, Any]]] = {"ollamad": [], "router": []}
     for rnd in range(rounds):
