@@ -37,7 +37,7 @@ async def test_a_request_granted_at_once_does_not_yield_to_the_requests_that_cam
         async with anyio.create_task_group() as burst:
             burst.start_soon(granted, "first")
             burst.start_soon(other)
-        # a request that has to wait still does: all 4 slots held, a 5th waits for a release
+        # a request that has to wait still does: 4 slots held and 4 sent ahead, a 9th waits for a release
         leases = [await scheduler.acquire(model) for _ in range(4 + settings.send_ahead * 4)]
         async with anyio.create_task_group() as burst:
             burst.start_soon(granted, "waited")

@@ -24,6 +24,7 @@ from ollamad.models.testmodels import write_llama
 from ollamad.service.logs import configure
 from ollamad.service.notify import Notifier
 from tests.conftest import HERE, Daemon
+from tests.streams import wait_for
 
 
 class NotifySocket:
@@ -146,8 +147,7 @@ def test_sigterm_drains_streaming_request_then_exits_zero(daemon_factory: Any, t
     d.proc.send_signal(signal.SIGTERM)
     # new requests are refused while the running one finishes (one that comes as the signal does
     # may still be taken: ask once the daemon says it is shutting down)
-    while "shutting down" not in d.log():
-        time.sleep(0.01)
+    wait_for(lambda: "shutting down" in d.log(), timeout=10, step=0.01)
     deadline = time.monotonic() + 10
     while True:
         status, body = d.post("/api/generate", {"model": "tiny", "prompt": "x"})
@@ -223,8 +223,7 @@ def test_second_sigterm_cuts_the_drain_short(daemon_factory: Any, tmp_path: Path
     kids = d.children()
     assert d.proc is not None
     d.proc.send_signal(signal.SIGTERM)
-    while "shutting down" not in d.log():
-        time.sleep(0.05)
+    wait_for(lambda: "shutting down" in d.log(), timeout=10, step=0.05)
     d.proc.send_signal(signal.SIGTERM)
     assert d.proc.wait(timeout=30) == 0
     d.stop()
