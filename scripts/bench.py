@@ -613,10 +613,11 @@ async def main() -> None:
         saved = json.loads((out / "benchmarks.json").read_text())
         (out / "BENCHMARKS.md").write_text(render(saved["results"], saved["meta"]) + "\n" + kept(out))
         return
+    merged: dict[str, Any] | None = None  # the results kept (--merge), read before the run
     if args.merge and (out / "benchmarks.json").exists():
-        saved = json.loads((out / "benchmarks.json").read_text())
-        if "earlier" in saved["meta"]:  # a merge already: what its own run measured must be measured again
-            last = [k for k in saved["results"] if k not in saved["meta"]["earlier"]["kept"]
+        merged = json.loads((out / "benchmarks.json").read_text())
+        if "earlier" in merged["meta"]:  # a merge already: what its own run measured must be measured again
+            last = [k for k in merged["results"] if k not in merged["meta"]["earlier"]["kept"]
                     and k not in args.only.split(",")]
             if last:
                 raise SystemExit(f"benchmarks.json holds two runs already; --only must include {','.join(last)}")
@@ -638,12 +639,11 @@ async def main() -> None:
             "llama_server_patches": sorted(patches(binary)),
             "command": "scripts/bench.py" + (" --quick" if args.quick else ""), "seconds": time.monotonic() - t0,
             "load_average_start_end": [load0, os.getloadavg()[0]]}
-    if args.merge and (out / "benchmarks.json").exists():
-        saved = json.loads((out / "benchmarks.json").read_text())
-        earlier = saved["meta"].get("earlier", saved["meta"])
-        meta["earlier"] = {**earlier, "kept": [k for k in saved["results"] if k not in results]}
+    if merged is not None:
+        earlier = merged["meta"].get("earlier", merged["meta"])
+        meta["earlier"] = {**earlier, "kept": [k for k in merged["results"] if k not in results]}
         meta["command"] += f" --only {args.only} --merge"
-        results = {**{k: v for k, v in saved["results"].items() if k not in results}, **results}
+        results = {**{k: v for k, v in merged["results"].items() if k not in results}, **results}
     (out / "benchmarks.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
     (out / "BENCHMARKS.md").write_text(render(results, meta) + "\n" + kept(out))
     shutil.rmtree(tmp, ignore_errors=True)
