@@ -8,6 +8,7 @@ import os
 import statistics
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -118,11 +119,12 @@ async def _peers(binary: Path, model: Path, tmp: Path, blocks: int, rounds: int,
     mfolder = folder(m=model)
     runs: dict[tuple[str, bool, bool, str], Run] = {}
     per_round: dict[tuple[str, bool, bool, str], list[float]] = {}  # tokens/s of each round
+    firsts: dict[int, Counter[str]] = {}  # per row: how often each path went first
     # a model without a chat template: ollamad renders chats as Ollama does ({{ .Prompt }}), llama-server
     # by itself with chatml; the same template on all three paths keeps the prompts alike
     extra = () if facts_from_gguf(read_gguf(model)).chat_template else ("--chat-template", PROMPT_ONLY_TEMPLATE)
     for block in range(blocks):
-        await _peers_block(binary, model, mfolder, tmp, block, rounds, per_client, extra, runs, per_round)
+        await _peers_block(binary, model, mfolder, tmp, block, rounds, per_client, extra, runs, per_round, firsts)
     rows: dict[str, Any] = {}
     for route, stream, seeded in ROWS:
         row: dict[str, Any] = {"route": route, "stream": stream, "seeded": seeded}
@@ -150,7 +152,8 @@ async def _peers(binary: Path, model: Path, tmp: Path, blocks: int, rounds: int,
 
 async def _peers_block(binary: Path, model: Path, mfolder: Path, tmp: Path, block: int, rounds: int, per_client: int,
                        extra: tuple[str, ...], runs: dict[tuple[str, bool, bool, str], Run],
-                       per_round: dict[tuple[str, bool, bool, str], list[float]]) -> None:
+                       per_round: dict[tuple[str, bool, bool, str], list[float]],
+                       firsts: dict[int, Counter[str]]) -> None:
     """``rounds`` rounds on three paths started afresh (round numbers, so seeds, go on from the last block's)."""
     async with (bare_server(binary, model, tmp, SLOTS, CTX, THREADS, extra) as srv,
                 ollamad(binary, mfolder, tmp, OLLAMA_NUM_PARALLEL=str(SLOTS), OLLAMA_CONTEXT_LENGTH=str(CTX),
@@ -171,18 +174,41 @@ async def _peers_block(binary: Path, model: Path, mfolder: Path, tmp: Path, bloc
         for path in PATHS:  # warm-up: loads ollamad's runner and the router's child, one token per row
             for route, stream, seeded in ROWS:
                 await run_clients(1, 1, call(path, route, stream, seeded, 99_999, 1))
+        last = PATHS[-1]
         for rnd in range(block * rounds, (block + 1) * rounds):
             for k, (route, stream, seeded) in enumerate(ROWS):
-                order = _paths(route, stream, seeded)
-                shift = (rnd + k) % len(order)
-                for path in order[shift:] + order[:shift]:
+                order = round_order(_paths(route, stream, seeded), rnd + k, last, firsts.setdefault(k, Counter()))
+                last = order[-1]
+                for path in order:
                     run = await run_clients(CLIENTS, per_client, call(path, route, stream, seeded, rnd))
                     runs.setdefault((route, stream, seeded, path), Run()).add(run)
                     per_round.setdefault((route, stream, seeded, path), []).append(run.tokens_per_s())
 
 
 def _paths(route: str, stream: bool, seeded: bool) -> tuple[str, ...]:
-    return (*PATHS, "direct_cached") if (route, stream, seeded) == ("chat", True, True) else PATHS
+    # direct_cached is direct's server: never beside it in any rotation
+    return ("direct", "ollamad", "direct_cached", "router") if (route, stream, seeded) == ("chat", True, True) \
+        else PATHS
+
+
+def round_order(paths: tuple[str, ...], nominal: int, last: str, firsts: Counter[str]) -> tuple[str, ...]:
+    """A row's paths in this round's order: a rotation of ``paths`` that does not start on the
+    llama-server that ran last (``direct_cached`` is direct's), its caches still warm; of those, the
+    one whose first path has gone first least often in this row (``firsts``, updated), then the
+    nominal one, ``nominal`` rotations on. A server run right after itself was 1.1% (-1.3 to 3.6%)
+    faster than one run after another (150 rounds, an experiment beside this benchmark); rotating
+    by ``nominal`` alone, direct followed direct_cached, or itself, in 30 of the seeded chat stream
+    row's 36 rounds."""
+    n = len(paths)
+    rotations = [paths[s:] + paths[:s] for s in range(n)]
+    allowed = [r for r in rotations if _server(r[0]) != _server(last)]
+    order = min(allowed, key=lambda r: (firsts[r[0]], (rotations.index(r) - nominal) % n))
+    firsts[order[0]] += 1
+    return order
+
+
+def _server(path: str) -> str:
+    return path.removesuffix("_cached")
 
 
 async def swap_router(binary: Path, mdir: Path, tmp: Path, quick: bool) -> dict[str, Any]:
@@ -299,7 +325,10 @@ def render_peers(res: dict[str, Any], heading: str = PEERS_HEADING, intro: str |
                   "llama-server, through ollamad and through llama-server's own multi-model proxy "
                   "(`--models-dir DIR --models-max 1`, same binary), each llama-server on one thread (on 2 "
                   "shared cores, llama-server's threads stall on each other when others run). Rounds interleave "
-                  "the paths, rotating which goes first. Straight and through the router, /api/chat goes as the "
+                  "the paths, rotating which goes first, and no path runs right after one on the same llama-server "
+                  "(whose caches would still be warm: such a server was 1.1% faster, -1.3 to 3.6%, in an experiment "
+                  "beside this benchmark; the measurement with llama-server's prompt cache uses the direct path's "
+                  "server). Straight and through the router, /api/chat goes as the "
                   "/v1/chat/completions request it becomes and /api/generate (raw) as /completion. "
                   "Requests carry seeds (all paths generate the same tokens) except in the row marked no seed. "
                   "Targets: ollamad >= 0.98 x direct and >= the router's ratio.",
