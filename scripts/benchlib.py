@@ -250,6 +250,26 @@ def paired_median_ms(a: list[Result], b: list[Result]) -> float:
     return 1000 * statistics.median(diffs) if diffs else float("nan")
 
 
+def rank_paired_median_ms(a: list[Result], b: list[Result], wave: dict[int, Any]) -> float:
+    """Median of b's TTFT minus a's, pairing within each wave (``wave``: seed -> the requests sent
+    at the same time) the fastest with the fastest, the second with the second, and so on.
+
+    llama-server evaluates the first of several simultaneous requests alone and batches the rest
+    after it, so which request of a wave gets its first token early is a race, on either path: paired
+    by seed, a request that won on one path and lost on the other counts that race. Paired by rank,
+    a constant delay added to every request reads as itself, and so does a wave that fares worse."""
+    def by_wave(rs: list[Result]) -> dict[Any, list[float]]:
+        out: dict[Any, list[float]] = {}
+        for r in rs:
+            if r.seed in wave:
+                out.setdefault(wave[r.seed], []).append(r.ttft)
+        return {k: sorted(v) for k, v in out.items()}
+    first, second = by_wave(a), by_wave(b)
+    diffs = [y - x for k, ys in second.items() if len(first.get(k, ())) == len(ys)
+             for x, y in zip(first[k], ys, strict=True)]
+    return 1000 * statistics.median(diffs) if diffs else float("nan")
+
+
 async def run_clients(clients: int, per_client: int, one: Any) -> Run:
     """``clients`` concurrent loops of ``per_client`` calls of ``one(session, client, i)``."""
     run = Run()
