@@ -49,7 +49,7 @@ from benchlib import (
     stream_ollama,
     text_seeds,
 )
-from benchpeers import geomean_ci, peers, render_peers, swap_router
+from benchpeers import ci_text, geomean_ci, peers, render_peers, swap_router
 
 from ollamad.models.testmodels import BIG, SMALL, write_llama
 from ollamad.runner.binary import find_llama_server, patches
@@ -108,6 +108,11 @@ async def _overhead(binary: Path, mdir: Path, tmp: Path, np_: int, rounds: int, 
     extra = {"OLLAMAD_THREADS": str(threads)} if threads else {}
     per_round = clients * per_client
     seeds: list[int] = []
+
+    def seed_of(rnd: int, c: int, i: int) -> int:
+        """The seed of round ``rnd``'s ``i``-th request of client ``c``, the same on both paths."""
+        return seeds[rnd * per_round + c * per_client + i]
+
     direct, proxied = Run(), Run()
     async with (bare_server(binary, mdir / "big.gguf", tmp, np_, ctx, threads) as srv,
                 ollamad(binary, only(mdir, "big"), tmp, OLLAMA_NUM_PARALLEL=str(np_),
@@ -116,7 +121,7 @@ async def _overhead(binary: Path, mdir: Path, tmp: Path, np_: int, rounds: int, 
 
         def one(path: str, rnd: int) -> Any:
             async def call(s: aiohttp.ClientSession, c: int, i: int) -> Result:
-                seed = seeds[rnd * per_round + c * per_client + i]
+                seed = seed_of(rnd, c, i)
                 if path == "direct":
                     return await stream_direct(s, srv.url, PROMPT, n_tok, seed)
                 return await stream_ollama(s, d.url, "big", PROMPT, n_tok, seed)
@@ -148,15 +153,8 @@ async def _overhead(binary: Path, mdir: Path, tmp: Path, np_: int, rounds: int, 
         "ttft_added_paired_median_ms": paired_median_ms(direct.ok, proxied.ok),  # the same requests
         # pairs by rank among the requests sent at once (a round's i-th request of every client)
         "ttft_added_rank_paired_median_ms": rank_paired_median_ms(direct.ok, proxied.ok, {
-            seeds[rnd * per_round + c * per_client + i]: (rnd, i)
-            for rnd in range(rounds) for c in range(clients) for i in range(per_client)}),
+            seed_of(rnd, c, i): (rnd, i) for rnd in range(rounds) for c in range(clients) for i in range(per_client)}),
     }
-
-
-def _ci(res: dict[str, Any], mean: str, ci: str) -> str:
-    """``res[mean]`` and its interval ``res[ci]``, as the peers tables write them."""
-    lo, hi = res[ci]
-    return f"{res[mean]:.3f} ({lo:.3f} to {hi:.3f})"
 
 
 async def scaling(binary: Path, mdir: Path, tmp: Path, quick: bool) -> dict[str, Any]:
@@ -470,12 +468,12 @@ def render(res: dict[str, Any], meta: dict[str, Any]) -> str:
                      else ""), ""]
         if "scaling_vs_direct" in s:
             lines += [f"Round by round (geometric mean, 95% interval): through ollamad "
-                      f"{_ci(s, 'ratio_4_vs_1_mean', 'ratio_4_vs_1_ci')}x, straight to llama-server "
-                      f"{_ci(s, 'direct_ratio_4_vs_1_mean', 'direct_ratio_4_vs_1_ci')}x; ollamad's 4 vs 1 over "
+                      f"{ci_text(s['ratio_4_vs_1_mean'], s['ratio_4_vs_1_ci'])}x, straight to llama-server "
+                      f"{ci_text(s['direct_ratio_4_vs_1_mean'], s['direct_ratio_4_vs_1_ci'])}x; ollamad's 4 vs 1 over "
                       "llama-server's own in the same round: "
-                      f"**{_ci(s, 'scaling_vs_direct', 'scaling_vs_direct_ci')}**. llama-server by itself is what "
-                      "this machine gives: its own 4 vs 1 read 2.00x, 1.90x and 1.88x in three runs of this section "
-                      "on 2026-11-25 (4 rounds each), ollamad's 1.84x, 2.08x and 1.90x.", ""]
+                      f"**{ci_text(s['scaling_vs_direct'], s['scaling_vs_direct_ci'])}**. llama-server by itself "
+                      "is what this machine gives: its own 4 vs 1 read 2.00x, 1.90x and 1.88x in three runs of this "
+                      "section on 2026-11-25 (4 rounds each), ollamad's 1.84x, 2.08x and 1.90x.", ""]
     if "relay" in res:
         r = res["relay"]
         before = r.get("before", {})

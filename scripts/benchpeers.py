@@ -9,6 +9,7 @@ import statistics
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -170,21 +171,29 @@ async def _peers_block(binary: Path, model: Path, mfolder: Path, tmp: Path, bloc
                 if seeded and path in ("direct", "router"):  # not direct_cached
                     sampling["cache_prompt"] = False
                 seed = 1000 * rnd + 10 * c + i if seeded else None
-                return await ask(s, urls[path.removesuffix("_cached")], r, "m", STORY, tokens, seed, stream, sampling)
+                return await ask(s, urls[_server(path)], r, "m", STORY, tokens, seed, stream, sampling)
             return one
 
         for path in PATHS:  # warm-up: loads ollamad's runner and the router's child, one token per row
             for route, stream, seeded in ROWS:
                 await run_clients(1, 1, call(path, route, stream, seeded, 99_999, 1))
-        last = PATHS[-1]
-        for rnd in range(block * rounds, (block + 1) * rounds):
-            for k, (route, stream, seeded) in enumerate(ROWS):
-                order = round_order(_paths(route, stream, seeded), rnd + k, last, firsts.setdefault(k, Counter()))
-                last = order[-1]
-                for path in order:
-                    run = await run_clients(CLIENTS, per_client, call(path, route, stream, seeded, rnd))
-                    runs.setdefault((route, stream, seeded, path), Run()).add(run)
-                    per_round.setdefault((route, stream, seeded, path), []).append(run.tokens_per_s())
+        for rnd, (route, stream, seeded), order in block_schedule(block, rounds, firsts):
+            for path in order:
+                run = await run_clients(CLIENTS, per_client, call(path, route, stream, seeded, rnd))
+                runs.setdefault((route, stream, seeded, path), Run()).add(run)
+                per_round.setdefault((route, stream, seeded, path), []).append(run.tokens_per_s())
+
+
+def block_schedule(block: int, rounds: int, firsts: dict[int, Counter[str]],
+                   ) -> Iterator[tuple[int, tuple[str, bool, bool], tuple[str, ...]]]:
+    """A block's rounds: (round, row, the row's paths in order), after the warm-up, which ends on
+    the router. ``firsts``: per row, how often each path went first (kept across blocks)."""
+    last = PATHS[-1]
+    for rnd in range(block * rounds, (block + 1) * rounds):
+        for k, row in enumerate(ROWS):
+            order = round_order(_paths(*row), rnd + k, last, firsts.setdefault(k, Counter()))
+            last = order[-1]
+            yield rnd, row, order
 
 
 def _paths(route: str, stream: bool, seeded: bool) -> tuple[str, ...]:
@@ -288,7 +297,8 @@ def _loads(p: Proc, path: str) -> int:
     return text.count('"loading model"') if path == "ollamad" else text.count("spawning server instance with name")
 
 
-def _ci(m: float, ci: list[float]) -> str:
+def ci_text(m: float, ci: list[float]) -> str:
+    """A geometric mean and its interval, as the tables write them."""
     return f"{m:.3f} ({ci[0]:.3f} to {ci[1]:.3f})"
 
 
@@ -359,9 +369,9 @@ def render_peers(res: dict[str, Any], heading: str = PEERS_HEADING, intro: str |
                 tail = (f"{row['direct']['tokens']} / {row['ollamad']['tokens']} / {row['router']['tokens']}"
                         + (f" ({errs} errors)" if errs else "") + " |")
                 if fine:
-                    lines.append(head + f"**{_ci(row['ollamad_ratio_mean'], row['ollamad_ratio_ci'])}** | "
-                                 f"{_ci(row['router_ratio_mean'], row['router_ratio_ci'])} | "
-                                 f"{_ci(row['ollamad_vs_router'], row['ollamad_vs_router_ci'])} | " + tail)
+                    lines.append(head + f"**{ci_text(row['ollamad_ratio_mean'], row['ollamad_ratio_ci'])}** | "
+                                 f"{ci_text(row['router_ratio_mean'], row['router_ratio_ci'])} | "
+                                 f"{ci_text(row['ollamad_vs_router'], row['ollamad_vs_router_ci'])} | " + tail)
                 else:
                     lines.append(head + f"**{f(row.get('ollamad_ratio_paired', row['ollamad_ratio']), 3)}** | "
                                  f"{f(row.get('router_ratio_paired', row['router_ratio']), 3)} | "
@@ -408,7 +418,8 @@ def render_peers(res: dict[str, Any], heading: str = PEERS_HEADING, intro: str |
                          f"{f(v.get('serve_ms', 0))} | {f(v['handoff_ms']) if 'handoff_ms' in v else '-'} | "
                          f"{f(v['proxy_cpu_s'], 3) if 'proxy_cpu_s' in v else '-'} |")
         if "total_ratio" in s:
-            lines += ["", f"Total time, ollamad / router, paired by run: {_ci(s['total_ratio'], s['total_ratio_ci'])} "
+            lines += ["", "Total time, ollamad / router, paired by run: "
+                      f"{ci_text(s['total_ratio'], s['total_ratio_ci'])} "
                       "(geometric mean of the runs' ratios, 95% confidence interval)."]
         lines += ["", "Switch: from one model's last reply to the next model's first token (stop, load, first "
                   "token), mean per switch. Serve: from a model's first token to its last reply (8 requests on 2 "

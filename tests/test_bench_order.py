@@ -15,22 +15,13 @@ import benchpeers
 def _schedule(blocks: int, rounds: int) -> list[list[tuple[str, ...]]]:
     """Every block's sequence of row orders, as _peers_block runs them."""
     firsts: dict[int, Counter[str]] = {}
-    out = []
-    for block in range(blocks):
-        last, seq = benchpeers.PATHS[-1], []
-        for rnd in range(block * rounds, (block + 1) * rounds):
-            for k, row in enumerate(benchpeers.ROWS):
-                order = benchpeers.round_order(benchpeers._paths(*row), rnd + k, last, firsts.setdefault(k, Counter()))
-                seq.append(order)
-                last = order[-1]
-        out.append(seq)
-    return out
+    return [[order for _, _, order in benchpeers.block_schedule(block, rounds, firsts)] for block in range(blocks)]
 
 
 def test_no_path_runs_right_after_its_own_llama_server() -> None:
     for seq in _schedule(6, 6):
         paths = [benchpeers.PATHS[-1]] + [p for order in seq for p in order]  # the warm-up ends on the router
-        servers = [p.removesuffix("_cached") for p in paths]
+        servers = [benchpeers._server(p) for p in paths]
         assert all(a != b for a, b in pairwise(servers))
 
 
