@@ -144,9 +144,15 @@ def test_daemon_sigkilled_children_exit_and_are_recorded(daemon_factory: Any, ll
     records = ChildRecords.for_port(Path(d.env["OLLAMAD_STATE_DIR"]), d.port).read()
     assert [(r.pid, r.model) for r in records] == [(child.pid, "tiny:latest")]
     assert abs(records[0].create_time - child.create_time()) < 0.05
+    argv = child.cmdline()
+    key_file = Path(argv[argv.index("--api-key-file") + 1])
+    assert records[0].key_file == str(key_file)
     d.stop(signal.SIGKILL)
     _, alive = psutil.wait_procs([child], timeout=2)
     assert not alive
+    assert key_file.exists()  # nobody left to remove it: the daemon's next start does (as here)
+    ChildRecords.for_port(Path(d.env["OLLAMAD_STATE_DIR"]), d.port).clean_up()
+    assert not key_file.exists()
 
 
 def _sleeper() -> subprocess.Popen[bytes]:
@@ -159,9 +165,13 @@ def test_restarted_daemon_ends_only_its_own_leftovers(fake_server: Path, models_
         d = Daemon(fake_server, models_dir)
         state = tmp_path / "state"
         d.env["OLLAMAD_STATE_DIR"] = str(state)
-        own = ChildRecord(leftover.pid, psutil.Process(leftover.pid).create_time(), "tiny:latest")
+        key_file = tmp_path / "ollamad-runner-x1.key"  # the killed daemon's runner's key file
+        key_file.write_text("k\n")
+        other = tmp_path / "other.key"  # not named as runner key files are: left alone
+        other.write_text("k\n")
+        own = ChildRecord(leftover.pid, psutil.Process(leftover.pid).create_time(), "tiny:latest", str(key_file))
         # same pid, other start time: the pid now belongs to someone else
-        reused = ChildRecord(foreign.pid, psutil.Process(foreign.pid).create_time() - 100, "tiny:latest")
+        reused = ChildRecord(foreign.pid, psutil.Process(foreign.pid).create_time() - 100, "tiny:latest", str(other))
         state.mkdir()
         (state / f"runners-{d.port}.json").write_text(json.dumps(
             {"children": [own.__dict__, reused.__dict__]}))
@@ -170,6 +180,7 @@ def test_restarted_daemon_ends_only_its_own_leftovers(fake_server: Path, models_
             assert leftover.wait(5) == -signal.SIGKILL
             assert foreign.poll() is None
             assert ChildRecords.for_port(state, d.port).read() == []
+            assert not key_file.exists() and other.exists()
         finally:
             d.stop()
     finally:

@@ -34,6 +34,7 @@ import structlog
 
 from ollamad.models.plan import RunnerPlan
 from ollamad.procs import descendants
+from ollamad.runner.leftovers import KEY_FILE
 from ollamad.runner.output import OutputPipe
 from ollamad.runner.spawn import Process, spawn
 
@@ -173,7 +174,7 @@ class Runner:
 
     def _write_key(self) -> None:
         """The key in a new file only this user can read (mkstemp makes it 0600)."""
-        fd, path = tempfile.mkstemp(prefix="ollamad-runner-", suffix=".key")
+        fd, path = tempfile.mkstemp(prefix=KEY_FILE[0], suffix=KEY_FILE[1])
         with os.fdopen(fd, "w") as f:
             f.write(self.api_key + "\n")
         self.key_file = path

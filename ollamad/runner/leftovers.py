@@ -3,7 +3,9 @@
 The parent-death signal normally takes children down with the daemon; this covers what it
 cannot (a child that blocked it, a kernel that lost it). A record is a pid plus the
 process's start time, so a pid reused by some other process is never touched. One file per
-listening port: two daemons on one machine never see each other's children.
+listening port: two daemons on one machine never see each other's children. A record also
+names the runner's key file: a daemon that was killed could not remove it, so the restarted
+one does.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import structlog
 
 log = structlog.get_logger("ollamad.leftovers")
 START_TIME_SLACK = 0.05  # seconds; create_time is rounded differently across reads
+KEY_FILE = ("ollamad-runner-", ".key")  # what runner/child.py names them: nothing else is removed
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,7 @@ class ChildRecord:
     pid: int
     create_time: float
     model: str
+    key_file: str = ""
 
 
 def is_same_process(rec: ChildRecord) -> psutil.Process | None:
@@ -53,12 +57,12 @@ class ChildRecords:
     def for_port(cls, state_dir: Path, port: int) -> ChildRecords:
         return cls(state_dir / f"runners-{port}.json")
 
-    def add(self, pid: int, model: str) -> None:
+    def add(self, pid: int, model: str, key_file: str | None = None) -> None:
         try:
             created = psutil.Process(pid).create_time()
         except psutil.Error:
-            return  # already gone: nothing to clean up later
-        self._live[pid] = ChildRecord(pid, created, model)
+            return  # already gone: nothing to clean up later (its key file goes with it)
+        self._live[pid] = ChildRecord(pid, created, model, key_file or "")
         self._write()
 
     def remove(self, pid: int | None) -> None:
@@ -68,15 +72,17 @@ class ChildRecords:
     def read(self) -> list[ChildRecord]:
         try:
             data = json.loads(self.path.read_text())
-            return [ChildRecord(int(d["pid"]), float(d["create_time"]), str(d.get("model", "")))
-                    for d in data.get("children", [])]
+            return [ChildRecord(int(d["pid"]), float(d["create_time"]), str(d.get("model", "")),
+                                str(d.get("key_file", ""))) for d in data.get("children", [])]
         except (OSError, ValueError, TypeError, KeyError, AttributeError):
             return []
 
     def clean_up(self) -> list[ChildRecord]:
-        """SIGKILL every recorded child still alive (and its group); returns those ended."""
+        """SIGKILL every recorded child still alive (and its group); returns those ended.
+        Every recorded key file is removed."""
         ended = []
         for rec in self.read():
+            _remove_key_file(rec.key_file)
             proc = is_same_process(rec)
             if proc is None:
                 continue
@@ -103,3 +109,10 @@ class ChildRecords:
             os.replace(tmp, self.path)
         except OSError as e:
             log.warning("cannot record runner pids", path=str(self.path), error=str(e))
+
+
+def _remove_key_file(path: str) -> None:
+    name = os.path.basename(path)
+    if name.startswith(KEY_FILE[0]) and name.endswith(KEY_FILE[1]):
+        with contextlib.suppress(OSError):
+            os.unlink(path)

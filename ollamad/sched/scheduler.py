@@ -362,7 +362,7 @@ class Scheduler:
 
     def _record(self, runner: Runner) -> None:
         if self.records is not None and runner.pid is not None:
-            self.records.add(runner.pid, runner.plan.model)
+            self.records.add(runner.pid, runner.plan.model, runner.key_file)
 
     async def _watchdog(self, rid: int, runner: Runner) -> None:
         """Kill a ready runner that stops answering /health; its requests then fail and it is replaced."""
