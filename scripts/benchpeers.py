@@ -302,6 +302,21 @@ def ci_text(m: float, ci: list[float]) -> str:
     return f"{m:.3f} ({ci[0]:.3f} to {ci[1]:.3f})"
 
 
+def pooled(rows: list[dict[str, Any]], blocks: int, num: str, den: str = "direct") -> tuple[float, list[float]]:
+    """``num`` over ``den`` over all ``rows`` together: each block's mean log ratio over the rows and
+    their rounds, then the geometric mean of the blocks' and its 95% interval (over the blocks, whose
+    processes differ; the rows of a block share them, so are not counted as independent)."""
+    def logs(row: dict[str, Any]) -> list[float]:
+        a = row[f"{num}_ratio_rounds"]
+        b = row[f"{den}_ratio_rounds"] if den != "direct" else [1.0] * len(a)
+        return [math.log(x / y) for x, y in zip(a, b, strict=True)]
+    each = [logs(r) for r in rows]
+    n = max(blocks, 1)
+    size = len(each[0]) // n
+    means = [statistics.fmean(v for row in each for v in row[b * size:(b + 1) * size]) for b in range(n)]
+    return geomean_ci([math.exp(m) for m in means])
+
+
 def _verdict(rows: list[dict[str, Any]], blocks: int = 0) -> str:
     """What the seeded rows tell, read against the targets with the rounds' spread."""
     name = [f"{r['route']} {'stream' if r['stream'] else 'stream:false'}" for r in rows]
@@ -319,7 +334,14 @@ def _verdict(rows: list[dict[str, Any]], blocks: int = 0) -> str:
                "for as long as the processes lived" if blocks > 1 else "")
             + "); the targets are read from it. Rows whose whole interval of "
             f"ollamad / direct is below 0.98: {', '.join(below) or 'none'}. Rows whose whole interval of "
-            f"ollamad / router is below 1: {', '.join(behind) or 'none'}.")
+            f"ollamad / router is below 1: {', '.join(behind) or 'none'}. "
+            + (f"All {len(rows)} rows together (each block's mean over its rows and rounds; the interval over the "
+               f"blocks): ollamad / direct {ci_text(*pooled(rows, blocks, 'ollamad'))}, router / direct "
+               f"{ci_text(*pooled(rows, blocks, 'router'))}, ollamad / router "
+               f"{ci_text(*pooled(rows, blocks, 'ollamad', 'router'))}. With {len(rows)} rows, each a 95% interval, "
+               f"a path exactly at parity would show at least one row wholly below it in about "
+               f"{100 * (1 - 0.975 ** len(rows)):.0f}% of runs if the rows were independent."
+               if blocks > 1 else ""))
 
 
 PEERS_HEADING = "## 7. Peers: llama-server alone, ollamad, llama.cpp's router mode"
