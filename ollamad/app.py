@@ -38,6 +38,10 @@ CUT_AFTER_DRAIN = 1.0  # seconds aiohttp gives handlers still running after the 
 STATUS_EVERY = 2.0  # seconds between STATUS= updates to systemd (sent only when changed)
 
 
+class CannotListen(Exception):
+    """The daemon's address is taken (another daemon?) or not its to bind."""
+
+
 def ensure_default_models(settings: Settings) -> list[Path]:
     """First run with the default models folder: the real default models plus ``tiny``.
 
@@ -82,7 +86,7 @@ async def serve(settings: Settings, *, on_ready: Callable[[AppContext], None] | 
                             reserve=settings.memory_reserve, spread=settings.sched_spread)
     host, port = settings.bind
     records = ChildRecords.for_port(settings.state_dir, port)
-    records.clean_up()
+    leftovers = records.read()  # ended once the port is ours (below)
     workers = WorkerPool(settings.rpc_workers, interval=settings.rpc_check_interval,
                          reserve=settings.memory_reserve) if settings.rpc_workers else None
     scheduler = Scheduler(settings, catalog, str(binary), accountant=accountant, records=records,
@@ -101,7 +105,14 @@ async def serve(settings: Settings, *, on_ready: Callable[[AppContext], None] | 
             max_connections = settings.max_connections or auto_max_connections(fd_limit)
             site = CappedSite(runner, host, port, max_connections)
             with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-                await site.start()
+                try:
+                    await site.start()
+                except OSError as e:  # said as such, not as the task group's traceback
+                    raise CannotListen(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+                # only once the port is ours: a second daemon started on it by mistake fails to listen
+                # and must not end the first one's runners (read before this one could start any)
+                if records.clean_up(leftovers):
+                    accountant.poke()  # their memory is free now
                 log.info("listening", host=host, port=port, version=__version__, event_loop=event_loop_name(),
                          llama_server=str(binary),
                          llama_server_version=binary_version, llama_server_patches=sorted(fixes),

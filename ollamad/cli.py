@@ -75,7 +75,7 @@ def serve_command() -> None:
 
     import anyio
 
-    from ollamad.app import serve
+    from ollamad.app import CannotListen, serve
     from ollamad.models.config import ModelConfigError
     from ollamad.runner.binary import BinaryNotFound
     from ollamad.service.logs import configure
@@ -91,10 +91,23 @@ def serve_command() -> None:
         anyio.run(serve, settings, backend_options={"use_uvloop": settings.event_loop == "uvloop"})
     except (BinaryNotFound, ModelConfigError) as e:
         _config_error(str(e))
-    except OSError as e:
+    except BaseExceptionGroup as group:  # raised in the daemon's task group
+        taken, rest = group.split(CannotListen)
+        if taken is None or rest is not None:
+            raise
         from ollamad.service.logs import priority_prefix
 
-        sys.exit(f"{priority_prefix('error')}ollamad: cannot listen on {settings.host}: {e.strerror or e}")
+        sys.exit(f"{priority_prefix('error')}ollamad: {_first(taken)}")
+    except OSError as e:  # e.g. a models folder it cannot write
+        from ollamad.service.logs import priority_prefix
+
+        sys.exit(f"{priority_prefix('error')}ollamad: {e}")
+
+
+def _first(group: BaseExceptionGroup[Exception]) -> BaseException:
+    """The first exception in ``group``, however deeply grouped."""
+    first = group.exceptions[0]
+    return _first(first) if isinstance(first, BaseExceptionGroup) else first
 
 
 EX_CONFIG = 78  # sysexits.h; the unit's RestartPreventExitStatus= stops restarting on it

@@ -155,6 +155,25 @@ def test_daemon_sigkilled_children_exit_and_are_recorded(daemon_factory: Any, ll
     assert not key_file.exists()
 
 
+def test_a_second_daemon_on_a_taken_port_leaves_the_first_ones_runners(
+        daemon_factory: Any, llama_server: Path, models_dir: Path, tmp_path: Path) -> None:
+    """`ollamad serve` run again by mistake (same user, state and port) fails to listen, and must not
+    end the runners the records list: they are the first daemon's, alive and busy."""
+    first = daemon_factory(llama_server, models_dir)
+    assert _generate(first)[0] == 200
+    (child,) = runners(first)
+    second = Daemon(llama_server, models_dir)
+    second.port, second.url = first.port, first.url
+    second.env.update({"OLLAMA_HOST": first.env["OLLAMA_HOST"], "OLLAMAD_STATE_DIR": first.env["OLLAMAD_STATE_DIR"]})
+    second.start(tmp_path / "second.log")  # returns at once: the first one answers on the port
+    assert second.proc is not None and second.proc.wait(30) != 0
+    second.stop()
+    assert "cannot listen" in second.log()
+    assert child.is_running() and runners(first) == [child]
+    assert _generate(first)[0] == 200  # on the same runner, no reload
+    assert "loading model" not in first.log().split("runner ready", 1)[1]
+
+
 def _sleeper() -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True)
 

@@ -77,11 +77,12 @@ class ChildRecords:
         except (OSError, ValueError, TypeError, KeyError, AttributeError):
             return []
 
-    def clean_up(self) -> list[ChildRecord]:
+    def clean_up(self, found: list[ChildRecord] | None = None) -> list[ChildRecord]:
         """SIGKILL every recorded child still alive (and its group); returns those ended.
-        Every recorded key file is removed."""
+        Every recorded key file is removed. ``found``: the records as read earlier (before this
+        daemon could start runners of its own), rather than the file as it is now."""
         ended = []
-        for rec in self.read():
+        for rec in self.read() if found is None else found:
             _remove_key_file(rec.key_file)
             proc = is_same_process(rec)
             if proc is None:
@@ -97,8 +98,7 @@ class ChildRecords:
                         child.kill()
                 proc.wait(5)
             ended.append(rec)
-        self._live.clear()
-        self._write()
+        self._write()  # this daemon's own runners, if any
         return ended
 
     def _write(self) -> None:
