@@ -110,8 +110,10 @@ async def peers(binary: Path, mdir: Path, tmp: Path, quick: bool) -> dict[str, A
 # paired over 48 rounds, differed by 4.6% (1.9 to 7.4%) in one of four runs (/work/exp/aa3.py), a
 # difference that lasts a process's life; a run of one set of processes carries it into every round.
 # The fast model's rounds are short (about 0.7 s for a row's paths): 12 blocks, as on 2026-11-25 the
-# rounds' sd(log) was 0.13 to 0.19 (0.09 to 0.12 the day before) and 6 blocks gave intervals of +-7%
-BLOCKS = {"fast": (12, 6), "smollm2": (4, 1)}
+# rounds' sd(log) was 0.13 to 0.19 (0.09 to 0.12 the day before) and 6 blocks gave intervals of +-7%.
+# SmolLM2's rounds take about 5 s a path: with 4 blocks its intervals were +-4% (all six rows read
+# together, +-4.5%); 8 blocks gave +-1.6% together on 2026-11-25 (12 minutes)
+BLOCKS = {"fast": (12, 6), "smollm2": (8, 1)}
 
 
 THREADS = 1  # the same for all three: with 2 cores shared, llama-server's threads stall on each other
