@@ -628,7 +628,28 @@ def render(res: dict[str, Any], meta: dict[str, Any]) -> str:
               "own server: direct ran right after its own server in 30 of 36 rounds, with its caches warm (a "
               "server right after itself was 1.1% faster, -1.3 to 3.6%). That row read 3% faster straight to "
               "llama-server than the identical /v1 row, and lowest for both ollamad (0.948) and the router "
-              "(0.938). No path now runs right after one on the same llama-server.", ""]
+              "(0.938). No path now runs right after one on the same llama-server.", "",
+              "## Tried and not kept", "",
+              "A/B tests beside this benchmark (`geomean (95% interval)`, blocks of fresh processes as in section "
+              "7); none moved a figure beyond its noise, so none is in the product.", "",
+              "- **Runners reached over a Unix socket.** llama-server listens on loopback TCP and on a socket at "
+              "once (`--host 127.0.0.1,PATH.sock`); streams and one-answer requests went over the socket. "
+              "Through ollamad, socket / TCP, fast model, 8 blocks x 8 rounds: /v1 chat stream 1.009 (0.986 to "
+              "1.032), generate stream 1.000 (0.985 to 1.016). Straight to llama-server the socket read 1.019 over "
+              "six blocks on one thread (block means 0.967 to 1.058), 0.992 (0.932 to 1.055) on two threads and "
+              "0.996 (0.986 to 1.006) on SmolLM2.",
+              "- **Runners at `--poll 0`** (worker threads sleep at once instead of spinning for the next graph). "
+              "Section 1's 4-slot workload, 3 blocks x 6 rounds: llama-server itself 1.002 (0.949 to 1.059), "
+              "through ollamad 0.999 (0.934 to 1.069). The big model's decode step (about 24 ms) leaves "
+              "spinning little to matter.",
+              "- **Generate's `/tokenize` (for `context`) sent at the first token** rather than beside the "
+              "request, so that it does not compete with the prompt's evaluation. Section 1's 4-slot workload, "
+              "two runs of 18 rounds: TTFT added by rank 4.65 -> 1.30 ms and 3.37 -> 4.97 ms; tokens/s, after "
+              "/ before, 0.986 (0.947 to 1.026) and 0.961 (0.932 to 0.990).",
+              "- **SCHED_BATCH for the daemon** (its wakeups then do not preempt a compute thread). Peers "
+              "workload, llama-server on one thread: 1.022 (0.990 to 1.056) over plain; section 1's 4-slot "
+              "workload (llama-server on both cores): 0.952 and 0.961 of direct against 0.996 and 1.055 plain.",
+              ""]
     return "\n".join(lines)
 
 
