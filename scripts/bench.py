@@ -642,6 +642,9 @@ def render(res: dict[str, Any], meta: dict[str, Any]) -> str:
               "Section 1's 4-slot workload, 3 blocks x 6 rounds: llama-server itself 1.002 (0.949 to 1.059), "
               "through ollamad 0.999 (0.934 to 1.069). The big model's decode step (about 24 ms) leaves "
               "spinning little to matter.",
+              "- **Runners at `--prio -1`** (llama-server at nice 5, so that the daemon's forwarding and "
+              "relaying get a core sooner). Section 1's 4-slot workload, 18 rounds: tokens/s 0.998 (0.966 to "
+              "1.031) of plain; TTFT added by rank 7.84 ms against 1.56 ms plain.",
               "- **Generate's `/tokenize` (for `context`) sent at the first token** rather than beside the "
               "request, so that it does not compete with the prompt's evaluation. Section 1's 4-slot workload, "
               "two runs of 18 rounds: TTFT added by rank 4.65 -> 1.30 ms and 3.37 -> 4.97 ms; tokens/s, after "
