@@ -312,11 +312,9 @@ def pooled(rows: list[dict[str, Any]], blocks: int, num: str, den: str = "direct
         a = row[f"{num}_ratio_rounds"]
         b = row[f"{den}_ratio_rounds"] if den != "direct" else [1.0] * len(a)
         return [math.log(x / y) for x, y in zip(a, b, strict=True)]
-    each = [logs(r) for r in rows]
-    n = max(blocks, 1)
-    size = len(each[0]) // n
-    means = [statistics.fmean(v for row in each for v in row[b * size:(b + 1) * size]) for b in range(n)]
-    return geomean_ci([math.exp(m) for m in means])
+    # each round's mean over the rows; geomean_ci then takes each block's mean of those
+    rounds = [math.exp(statistics.fmean(r)) for r in zip(*(logs(row) for row in rows), strict=True)]
+    return geomean_ci(rounds, blocks)
 
 
 def _verdict(rows: list[dict[str, Any]], blocks: int = 0) -> str:
