@@ -22,11 +22,15 @@ BASE = "gemma3:270m-base"
 CAT, KITTEN, STOCKS = ("The cat sat on the mat.", "A kitten is resting on the rug.",
                        "The stock market fell sharply after the earnings report.")
 
-# SmolLM2-135M (Q4_1) at temperature 0 answers this question with "The capital of France is Paris."
-# with a system message; with none (the GGUF template then adds "You are a helpful AI assistant named
-# SmolLM...") it answers in broken French, the same straight from llama-server.
+# SmolLM2-135M (Q4_1) at temperature 0 answers FRANCE with "The capital of France is Paris..." with
+# a system message; with none (the GGUF template then adds "You are a helpful AI assistant named
+# SmolLM...") it answers in broken French, the same straight from llama-server. Asked "What is the
+# capital of France?" its first token is nearly a tie ("The" 0.19, "La" 0.17): without flash
+# attention on an AVX2-only CPU (AMD Zen 3) "La" won and the answer had no "Paris". Asked this way,
+# the greedy token beats the next by 5x or more at every step up to "Paris", with flash attention on
+# or off.
 SYSTEM = "You are a helpful assistant."
-FRANCE = "What is the capital of France?"
+FRANCE = "Name the capital of France."
 
 # litellm reads its model price map from the network at import unless told not to
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
