@@ -9,7 +9,9 @@ FAKE_FINAL_PAD (a "prompt" of that many bytes in the final /completion event),
 FAKE_TOKEN_BYTES (each token that many bytes long),
 FAKE_DROP_REUSED (close a kept-alive connection, unread, when a second completion comes on
 it: what llama-server's unannounced closes look like to a client; counted as "dropped"),
-FAKE_SCHEMA_DELAY (s before answering a request with a JSON schema: grammar compilation).
+FAKE_SCHEMA_DELAY (s before answering a request with a JSON schema: grammar compilation),
+FAKE_SLOTS_DELAY (s before /slots answers, with the slots' state at that moment: llama-server
+answers it from its own loop, late on a loaded machine).
 Like llama-server it runs at most --parallel completions at once and queues the rest in arrival
 order; a stream's headers go out once it has a slot. It counts completions sent (running or
 queued) and running; GET /fake/stats reports both peaks ("peak_sent", "peak"), so tests can check
@@ -104,6 +106,7 @@ async def props(request: web.Request) -> web.Response:
 
 async def slots(request: web.Request) -> web.Response:
     check_key(request)
+    await asyncio.sleep(env_float("FAKE_SLOTS_DELAY", 0.0))
     per = ARGS.ctx_size // ARGS.parallel
     busy = state["in_flight"]
     return web.json_response([{"id": i, "n_ctx": per, "is_processing": i < busy} for i in range(ARGS.parallel)])

@@ -10,6 +10,7 @@ import errno
 import json
 import math
 import re
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -319,6 +320,9 @@ def iso_time(ts: float) -> str:
 
 
 LOOPBACK = "127.0.0.1"  # where runners listen (runner/child.py)
+# seconds /slots may take before a runner is judged stuck (``accepted``): llama-server answers it
+# from its own loop, and on a loaded machine that took 1.8 s and 4.6 s in 2 of 15 test runs
+SLOTS_PATIENCE = 10.0
 
 
 @contextlib.asynccontextmanager
@@ -347,28 +351,36 @@ async def accepted(ctx: AppContext, lease: Lease, limit: float, headers: asyncio
     OLLAMAD_ACCEPT_TIMEOUT for that, and a runner stuck there (while /health still says ok) is
     replaced. But a request may wait in llama-server's own queue until a slot frees (sent ahead
     of one, OLLAMAD_SEND_AHEAD, or taken over by one sent after it): past the timeout the runner
-    is asked for /slots, and while every slot is busy the request gets another timeout's wait."""
+    is asked for /slots, and while every slot is busy the request gets another timeout's wait.
+    A reply that began while /slots was asked wins over its answer (the request may have taken
+    the freed slot, and ended, by then), and /slots has at least SLOTS_PATIENCE to answer."""
     if math.isinf(limit):
         return await headers
     while not headers.done():
         await asyncio.wait((headers,), timeout=limit)
-        if not headers.done() and not await _every_slot_busy(ctx, lease, limit):
+        if (not headers.done() and not await _every_slot_busy(ctx, lease, max(limit, SLOTS_PATIENCE))
+                and not headers.done()):
             raise _not_accepted(lease, limit)
     return headers.result()
 
 
 async def _every_slot_busy(ctx: AppContext, lease: Lease, limit: float) -> bool:
     assert ctx.session is not None
+    t0 = time.monotonic()
+    seen: dict[str, Any] = {}
     try:
         async with ctx.session.get(f"{lease.runner.url}/slots", headers=lease.runner.headers,
                                    timeout=aiohttp.ClientTimeout(total=limit)) as r:
             slots = await r.json() if r.status == 200 else []
-        busy = bool(slots) and all(isinstance(s, dict) and s.get("is_processing") for s in slots)
-    except (aiohttp.ClientError, TimeoutError, ValueError):
+        seen["slots"] = len(slots)
+        seen["busy_slots"] = sum(1 for s in slots if isinstance(s, dict) and s.get("is_processing"))
+        busy = bool(slots) and seen["busy_slots"] == len(slots)
+    except (aiohttp.ClientError, TimeoutError, ValueError) as e:
+        seen["error"] = str(e) or type(e).__name__
         busy = False
     log.info("a streamed request waits past OLLAMAD_ACCEPT_TIMEOUT; "
              + ("every slot is busy: it waits on" if busy else "a slot is free, or /slots did not answer"),
-             runner_id=lease.runner_id)
+             runner_id=lease.runner_id, seconds=round(time.monotonic() - t0, 3), **seen)
     return busy
 
 

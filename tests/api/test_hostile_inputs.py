@@ -199,12 +199,14 @@ def test_a_runner_stuck_compiling_a_grammar_is_replaced(daemon_factory: Any, fol
     assert d.log().count('"runner starting"') == 2  # the stuck one was replaced
 
 
+@pytest.mark.parametrize("slots_delay", ["0", "1.5"])
 def test_a_stream_waiting_behind_another_outlasts_the_accept_timeout(daemon_factory: Any, folder: Path,
-                                                                      tmp_path: Path) -> None:
+                                                                      tmp_path: Path, slots_delay: str) -> None:
     """The second stream waits in llama-server's queue (OLLAMAD_SEND_AHEAD) for 3 s, longer than the
-    1 s accept timeout: every slot is busy meanwhile (/slots), so the runner is not stuck."""
-    d = daemon_factory(fake_with(tmp_path, FAKE_TOKEN_DELAY="0.1", FAKE_TOKENS="30"), folder,
-                       OLLAMA_NUM_PARALLEL="1", OLLAMAD_ACCEPT_TIMEOUT="1s")
+    1 s accept timeout: every slot is busy meanwhile (/slots), so the runner is not stuck. Also when
+    /slots takes longer than the accept timeout to answer, as llama-server on a loaded machine."""
+    d = daemon_factory(fake_with(tmp_path, FAKE_TOKEN_DELAY="0.1", FAKE_TOKENS="30", FAKE_SLOTS_DELAY=slots_delay),
+                       folder, OLLAMA_NUM_PARALLEL="1", OLLAMAD_ACCEPT_TIMEOUT="1s")
     assert d.post("/api/generate", {"model": "tiny", "prompt": ""})[0] == 200  # loaded
 
     def stream(prompt: str) -> Any:
@@ -219,6 +221,23 @@ def test_a_stream_waiting_behind_another_outlasts_the_accept_timeout(daemon_fact
     assert d.log().count('"runner starting"') == 1
     (child,) = runner_children(d)
     assert child_get(child, "/fake/stats")["peak_sent"] == 2  # the second was sent ahead
+
+
+def test_a_stream_accepted_while_slots_is_asked_is_kept(daemon_factory: Any, folder: Path, tmp_path: Path) -> None:
+    """Past the accept timeout /slots is asked, and answers late (2 s): meanwhile the first stream
+    ends, the second takes the slot, and ends too. /slots then says a slot is free, but the
+    second's reply began: it is answered, and the runner is kept."""
+    d = daemon_factory(fake_with(tmp_path, FAKE_TOKEN_DELAY="0.1", FAKE_SLOTS_DELAY="2"), folder,
+                       OLLAMA_NUM_PARALLEL="1", OLLAMAD_ACCEPT_TIMEOUT="1s")
+    assert d.post("/api/generate", {"model": "tiny", "prompt": ""})[0] == 200  # loaded
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        first = pool.submit(d.post, "/api/generate", {"model": "tiny", "prompt": "one", "options": {"num_predict": 20}})
+        time.sleep(0.2)  # /slots asked at 1.2 s, answered at 3.2 s; first ends at 2 s, second at 2.1 s
+        second = pool.submit(d.post, "/api/generate", {"model": "tiny", "prompt": "two", "options": {"num_predict": 1}})
+        results = [first.result(30), second.result(30)]
+    assert [(status, body[-1].get("done")) for status, body in results] == [(200, True), (200, True)], results
+    assert '"every slot is busy' not in d.log() and '"busy_slots": 0' in d.log()  # /slots said free
+    assert d.log().count('"runner starting"') == 1
 
 
 @pytest.mark.real
