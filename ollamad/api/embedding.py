@@ -18,9 +18,10 @@ import anyio
 import structlog
 from aiohttp import web
 
-from ollamad.api.common import ApiError, AppContext, runner_json
+from ollamad.api.common import ApiError, AppContext
 from ollamad.api.limits import check_prompt
 from ollamad.api.reqlog import RequestRecord, record_of
+from ollamad.api.runner_calls import runner_json
 from ollamad.models.catalog import Model
 from ollamad.models.options import Options
 from ollamad.runner.events import UpstreamError, error_of

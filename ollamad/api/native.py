@@ -16,7 +16,6 @@ from ollamad.api.common import (
     CTX,
     ApiError,
     AppContext,
-    apply_template,
     check_capable,
     iso_time,
     model_facts,
@@ -30,6 +29,7 @@ from ollamad.api.common import (
 from ollamad.api.limits import check_prompt, check_schemas
 from ollamad.api.relay import relay
 from ollamad.api.reqlog import record_of
+from ollamad.api.runner_calls import apply_template
 from ollamad.api.translate import (
     ChatRequest,
     GenerateRequest,

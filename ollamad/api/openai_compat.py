@@ -18,7 +18,6 @@ from ollamad.api.common import (
     check_capable,
     dumps,
     model_facts,
-    one_reply,
     read_json,
     reply,
     resolve,
@@ -28,6 +27,7 @@ from ollamad.api.embedding import check_count, shorten, stream_embeddings
 from ollamad.api.limits import check_prompt, check_schemas, openai_texts
 from ollamad.api.relay import forward_pushed
 from ollamad.api.reqlog import record_of
+from ollamad.api.runner_calls import one_reply
 from ollamad.api.translate import cap_predict, check_tools, tool_choice
 from ollamad.api.truncate import fit_openai, too_long
 from ollamad.models.catalog import Model

@@ -28,20 +28,9 @@ import structlog
 from aiohttp import web
 
 from ollamad.api.chunks import Shape, encode
-from ollamad.api.common import (
-    CUT_BY_SHUTDOWN,
-    NDJSON,
-    AppContext,
-    cuttable,
-    dumps,
-    error_reply,
-    not_answering,
-    one_reply,
-    pushed,
-    reply,
-    upstream,
-)
+from ollamad.api.common import CUT_BY_SHUTDOWN, NDJSON, AppContext, cuttable, dumps, reply
 from ollamad.api.reqlog import RequestRecord, record_of
+from ollamad.api.runner_calls import error_reply, not_answering, one_reply, pushed, upstream
 from ollamad.api.stream import StreamRelay
 from ollamad.runner.events import UpstreamError, data_of, error_of, sse_data
 from ollamad.sched.lease import Lease

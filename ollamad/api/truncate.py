@@ -13,7 +13,8 @@ from typing import Any
 
 import structlog
 
-from ollamad.api.common import ApiError, AppContext, runner_json
+from ollamad.api.common import ApiError, AppContext
+from ollamad.api.runner_calls import runner_json
 from ollamad.models.catalog import Model
 from ollamad.runner.events import UpstreamError
 from ollamad.sched.lease import Lease
