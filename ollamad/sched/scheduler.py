@@ -346,8 +346,9 @@ class Scheduler:
                 self.state.early_deaths.pop(plan.model, None)
         finally:
             with anyio.CancelScope(shield=True):
-                if runner.proc is not None and runner.proc.returncode is None:
-                    await runner.stop()
+                # also once it has exited: an unload's stop (or runner.wait) cut by the shutdown
+                # has not removed its key file yet; stop() does, and reads its last output
+                await runner.stop()
             if self.records is not None:
                 self.records.remove(runner.pid)
             self.state.runner_exited(rid)
