@@ -144,8 +144,7 @@ def test_daemon_sigkilled_children_exit_and_are_recorded(daemon_factory: Any, ll
     records = ChildRecords.for_port(Path(d.env["OLLAMAD_STATE_DIR"]), d.port).read()
     assert [(r.pid, r.model) for r in records] == [(child.pid, "tiny:latest")]
     assert abs(records[0].create_time - child.create_time()) < 0.05
-    argv = child.cmdline()
-    key_file = Path(argv[argv.index("--api-key-file") + 1])
+    key_file = Path(flag(child, "--api-key-file"))
     assert records[0].key_file == str(key_file)
     d.stop(signal.SIGKILL)
     _, alive = psutil.wait_procs([child], timeout=2)
@@ -168,8 +167,7 @@ def test_a_runner_unloading_as_the_daemon_stops_leaves_no_key_file(daemon_factor
         d = daemon_factory(fake_server, folder)
         assert _generate(d)[0] == 200
         (child,) = runners(d)
-        argv = child.cmdline()
-        key_file = Path(argv[argv.index("--api-key-file") + 1])
+        key_file = Path(flag(child, "--api-key-file"))
         assert d.request("DELETE", "/api/delete", {"model": "tiny"})[0] == 200  # unloads it
         assert d.stop() == 0
         _, alive = psutil.wait_procs([child], timeout=5)

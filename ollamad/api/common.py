@@ -41,7 +41,6 @@ NDJSON = "application/x-ndjson"
 _SURROGATE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 _Req = TypeVar("_Req", GenerateRequest, ChatRequest)
 _Body = TypeVar("_Body", bound=BaseModel)
-_T = TypeVar("_T")
 
 
 @dataclass
